@@ -1,0 +1,10 @@
+"""Pure-PyTorch ground truth: every architecture of the design document and a reference for every op.
+
+``ARCHITECTURES`` maps each name to its builder; ``build(name, size)`` makes the model and
+``example_inputs(name)`` a batch that ``model(**inputs)`` accepts.
+"""
+
+from .registry import ARCHITECTURES, build, example_inputs  # noqa: F401
+from . import ops  # noqa: F401
+
+__all__ = ["ARCHITECTURES", "build", "example_inputs", "ops"]

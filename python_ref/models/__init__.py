@@ -1,0 +1,1 @@
+"""One file per architecture; each registers itself in python_ref.registry."""

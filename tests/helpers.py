@@ -1,0 +1,51 @@
+"""Per-dtype tolerances and a verbose closeness assertion shared by the parity tests."""
+
+from __future__ import annotations
+
+import torch
+
+# (atol, rtol) per dtype of the tensor under test, against a float64/float32 reference.
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+
+
+def tol(dtype: torch.dtype) -> tuple[float, float]:
+    return TOL.get(dtype, (0.0, 0.0))
+
+
+def assert_close(actual, expected, *, atol=None, rtol=None, dtype=None, max_print=5, msg=""):
+    """Like torch.testing.assert_close, but reports the mismatch count, max abs/rel error and the
+    first mismatching indices with both values. NaN must match NaN; integers must match exactly."""
+    actual = torch.as_tensor(actual)
+    expected = torch.as_tensor(expected)
+    assert actual.shape == expected.shape, f"{msg} shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if not (actual.is_floating_point() or expected.is_floating_point()):
+        atol, rtol = 0.0, 0.0
+    else:
+        d_atol, d_rtol = tol(dtype or actual.dtype)
+        atol = d_atol if atol is None else atol
+        rtol = d_rtol if rtol is None else rtol
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    nan_mismatch = torch.isnan(a) ^ torch.isnan(e)
+    both_finite = torch.isfinite(a) & torch.isfinite(e)
+    inf_mismatch = ~torch.isnan(a) & ~torch.isnan(e) & ~both_finite & (a != e)
+    diff = torch.where(both_finite, (a - e).abs(), torch.zeros_like(a))
+    bad = nan_mismatch | inf_mismatch | (both_finite & (diff > atol + rtol * e.abs()))
+    n_bad = int(bad.sum())
+    if n_bad == 0:
+        return
+    rel = diff / e.abs().clamp_min(1e-30)
+    idx = bad.nonzero()[:max_print].tolist()
+    lines = [
+        f"{msg} {n_bad}/{a.numel()} elements differ (atol={atol}, rtol={rtol}); "
+        f"max abs err {float(diff.max()):.3e}, max rel err {float(rel[both_finite].max() if both_finite.any() else 0):.3e}"
+    ]
+    for i in idx:
+        t = tuple(i)
+        lines.append(f"  at {t}: actual {float(a[t])!r} expected {float(e[t])!r}")
+    raise AssertionError("\n".join(lines))
