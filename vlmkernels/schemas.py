@@ -34,4 +34,18 @@ SCHEMAS: dict[str, tuple[str, str]] = {
         "(Tensor scores, Tensor tokens, int k, str backend=\"auto\") -> (Tensor, Tensor)",
     ),
     # --- AnyRes tile-and-encode ---------------------------------------------------------------
+    # patch conv as a GEMM; epilogue: bias, class token row, position embeddings, optional LayerNorm
+    # over D (applied when ln_eps is given; ln_weight/ln_bias are its optional affine).
+    "patch_embed": (
+        "anyres",
+        "(Tensor pixels, Tensor weight, Tensor? bias=None, Tensor? class_embedding=None, "
+        "Tensor? position_embedding=None, Tensor? ln_weight=None, Tensor? ln_bias=None, "
+        "float? ln_eps=None, str backend=\"auto\") -> Tensor",
+    ),
+    # HF pack_image_features as one gather: plan is the int64 [num_images, 12] table built by
+    # vlmkernels.anyres.pack.pack_plan; returns the packed rows of all images, [total_rows, C].
+    "anyres_pack": (
+        "anyres",
+        "(Tensor features, Tensor plan, Tensor? newline, int total_rows, str backend=\"auto\") -> Tensor",
+    ),
 }

@@ -1,0 +1,1 @@
+"""Microbenchmarks for vlmkernels: ``python -m bench`` (``make bench``). See bench/harness.py."""

@@ -1,0 +1,263 @@
+"""``anyres_pack``: HF ``pack_image_features`` (LLaVA-NeXT / LLaVA-OneVision) as one fused gather.
+
+The host turns ``image_sizes`` into an int64 plan table (:func:`pack_plan`; it needs the sizes as
+Python ints, exactly as HF's own ``pack_image_features`` does), and the op
+``torch.ops.vlmkernels.anyres_pack(features, plan, newline, total_rows)`` writes every packed row
+of the batch in one launch: base tile, unpadded grid rows (``round(., 7)`` rule), one newline per
+row, and OneVision's ``anyres_max_N`` bilinear downsample.
+
+Backends: ``triton`` (CUDA; CPU under ``TRITON_INTERPRET=1``) and ``reference`` (torch slicing +
+``F.interpolate`` per image, bit-identical to HF). Autograd: the backward re-runs the reference
+under autograd (a linear map, so its vjp is exact).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import library, registry
+
+__all__ = ["anyres_pack", "pack_plan"]
+
+OP = "anyres_pack"
+PLAN_COLUMNS = (
+    "feat_start", "n_tiles", "nph", "npw", "row0", "nrows", "col0", "ncols",
+    "out_h", "out_w", "out_start", "n_rows",
+)
+
+
+def _select_best_resolution(hw: tuple[int, int], pinpoints) -> tuple[int, int]:
+    # HF select_best_resolution (pinpoints are (height, width); ties keep the first, then least waste)
+    oh, ow = hw
+    best, best_eff, best_waste = None, -1, float("inf")
+    for ch, cw in pinpoints:
+        scale = min(cw / ow, ch / oh)
+        eff = min(int(ow * scale) * int(oh * scale), ow * oh)
+        waste = ch * cw - eff
+        if eff > best_eff or (eff == best_eff and waste < best_waste):
+            best, best_eff, best_waste = (int(ch), int(cw)), eff, waste
+    return best
+
+
+def _best_hw(hw: tuple[int, int], pinpoints, tile_size: int) -> tuple[int, int]:
+    try:  # the family's planner, when it has landed, is the single source of truth
+        from .plan import anyres_plan
+    except ImportError:
+        return _select_best_resolution(hw, pinpoints)
+    return tuple(int(v) for v in anyres_plan(hw, pinpoints, tile_size).best_hw)
+
+
+def _unpad(orig: tuple[int, int], cur: tuple[int, int]) -> tuple[int, int, int, int]:
+    # HF unpad_image, including its round(., 7) fix for float mismatches (transformers#34522)
+    oh, ow = orig
+    ch, cw = cur
+    if ow / oh > cw / ch:
+        new_h = int(round(oh * (cw / ow), 7))
+        pad = (ch - new_h) // 2
+        return pad, ch - 2 * pad, 0, cw
+    new_w = int(round(ow * (ch / oh), 7))
+    pad = (cw - new_w) // 2
+    return 0, ch, pad, cw - 2 * pad
+
+
+def _sizes_list(image_sizes) -> list[tuple[int, int]]:
+    if torch.is_tensor(image_sizes):
+        if image_sizes.dim() != 2 or image_sizes.shape[-1] != 2:
+            raise ValueError(f"image_sizes must be [num_images, 2] (H, W), got shape {tuple(image_sizes.shape)}")
+        if image_sizes.is_floating_point() or image_sizes.is_complex():
+            raise TypeError(f"image_sizes must hold integers, got {image_sizes.dtype}")
+        image_sizes = image_sizes.tolist()
+    sizes = []
+    for s in image_sizes:
+        s = tuple(s.tolist() if torch.is_tensor(s) else s)
+        if len(s) != 2 or not all(isinstance(v, int) or (hasattr(v, "__index__")) for v in s):
+            raise ValueError(f"each image size must be (H, W) integers, got {s!r}")
+        h, w = int(s[0]), int(s[1])
+        if h <= 0 or w <= 0:
+            raise ValueError(f"image sizes must be positive, got (H, W) = ({h}, {w})")
+        sizes.append((h, w))
+    return sizes
+
+
+def pack_plan(
+    image_sizes,
+    grid_pinpoints,
+    tile_size: int,
+    side: int,
+    *,
+    max_area_tiles: int | None = None,
+    tiles_per_image: Sequence[int] | None = None,
+    newline: bool = True,
+) -> tuple[torch.Tensor, list[int]]:
+    """The int64 ``[num_images, 12]`` plan (columns :data:`PLAN_COLUMNS`) and each image's row count.
+
+    ``side`` is the token grid side of one tile (P = side²); ``tiles_per_image`` defaults to
+    grid + 1 (base tile) per image, like HF ``image_size_to_num_patches``.
+    """
+    if not isinstance(tile_size, int) or tile_size <= 0:
+        raise ValueError(f"tile_size must be a positive int, got {tile_size!r}")
+    if max_area_tiles is not None and (not isinstance(max_area_tiles, int) or max_area_tiles <= 0):
+        raise ValueError(f"max_area_tiles must be a positive int or None, got {max_area_tiles!r}")
+    pins = [tuple(int(v) for v in p) for p in grid_pinpoints]
+    if not pins or any(len(p) != 2 or p[0] < tile_size or p[1] < tile_size for p in pins):
+        raise ValueError(f"grid_pinpoints must be (height, width) pairs of at least tile_size={tile_size}, got {grid_pinpoints!r}")
+    sizes = _sizes_list(image_sizes)
+    if tiles_per_image is not None and len(tiles_per_image) != len(sizes):
+        raise ValueError(f"tiles_per_image has {len(tiles_per_image)} entries for {len(sizes)} images")
+    P = side * side
+    nl = 1 if newline else 0
+    rows, lens = [], []
+    feat_start = out_start = 0
+    for i, hw in enumerate(sizes):
+        bh, bw = _best_hw(hw, pins, tile_size)
+        nph, npw = bh // tile_size, bw // tile_size
+        n_tiles = nph * npw + 1 if tiles_per_image is None else int(tiles_per_image[i])
+        if n_tiles == 1:
+            row = [feat_start, 1, 0, 0, 0, 0, 0, 0, 0, 0, out_start, P + nl]
+        else:
+            if n_tiles != nph * npw + 1:
+                raise ValueError(
+                    f"image {i} of size {hw} has a {nph}x{npw} grid (+1 base tile) but tiles_per_image says {n_tiles}"
+                )
+            r0, nr, c0, nc = _unpad(hw, (nph * side, npw * side))
+            oh, ow = nr, nc
+            if max_area_tiles is not None:
+                ratio = math.sqrt(nr * nc / (max_area_tiles * side**2))
+                if ratio > 1.1:
+                    oh, ow = int(nr // ratio), int(nc // ratio)
+            row = [feat_start, n_tiles, nph, npw, r0, nr, c0, nc, oh, ow, out_start, P + oh * (ow + nl)]
+        rows.append(row)
+        lens.append(row[-1])
+        feat_start += n_tiles
+        out_start += row[-1]
+    plan = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), len(PLAN_COLUMNS))
+    return plan, lens
+
+
+# ---- implementations ----------------------------------------------------------------------------
+
+def _pack_torch(features, plan, newline, total_rows):
+    """Plan-driven torch implementation (HF's slicing and interpolate; differentiable)."""
+    t, p, c = features.shape
+    side = math.isqrt(p)
+    pieces = []
+    for (fs, nt, nph, npw, r0, nr, c0, nc, oh, ow, _, _) in plan.tolist():
+        if nt == 1:
+            pieces.append(features[fs])
+            if newline is not None:
+                pieces.append(newline[None])
+            continue
+        x = features[fs + 1 : fs + nt].reshape(nph, npw, side, side, c)
+        x = x.permute(4, 0, 2, 1, 3).reshape(c, nph * side, npw * side)[:, r0 : r0 + nr, c0 : c0 + nc]
+        if (oh, ow) != (nr, nc):
+            x = F.interpolate(x[None], [oh, ow], mode="bilinear")[0]
+        if newline is not None:
+            x = torch.cat([x, newline[:, None, None].expand(c, oh, 1)], dim=-1)
+        pieces += [features[fs], x.flatten(1, 2).t()]
+    if not pieces:
+        return features.new_empty(0, c)
+    out = torch.cat(pieces, dim=0)
+    assert out.shape[0] == total_rows, "plan row counts disagree with total_rows"
+    return out
+
+
+def _pack_reference(features, plan, newline, total_rows):
+    return _pack_torch(features, plan.cpu(), newline, total_rows).contiguous()
+
+
+def _pack_triton(features, plan, newline, total_rows):
+    from ..triton.anyres_pack import anyres_pack as kernel
+
+    return kernel(features.contiguous(), plan.to(features.device).contiguous(),
+                  None if newline is None else newline.contiguous(), total_rows)
+
+
+registry.register(OP, "reference", _pack_reference, devices=("cpu", "cuda"))
+registry.register(OP, "triton", _pack_triton, devices=("cpu", "cuda"))
+# no C++ kernel: on CPU tensors the torch reference is the fast path, on CUDA the Triton gather
+registry.set_preference(OP, "cuda", ("triton", "reference"))
+
+
+@library.register_fake(OP)
+def _fake(features, plan, newline, total_rows, backend="auto"):
+    return features.new_empty(total_rows, features.shape[-1])
+
+
+def _setup_context(ctx, inputs, output):
+    features, plan, newline, total_rows, _ = inputs
+    ctx.save_for_backward(features, plan, newline)
+    ctx.total_rows = total_rows
+
+
+def _backward(ctx, grad):
+    features, plan, newline = ctx.saved_tensors
+    f = features.detach().requires_grad_(True)
+    nl = None if newline is None else newline.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = _pack_torch(f, plan.cpu(), nl, ctx.total_rows)
+        wrt = [f] + ([nl] if nl is not None else [])
+        grads = torch.autograd.grad(out, wrt, grad, allow_unused=True)
+    g_nl = grads[1] if nl is not None else None
+    return grads[0], None, g_nl, None, None
+
+
+library.register_autograd(OP, _backward, _setup_context)
+
+
+# ---- functional ---------------------------------------------------------------------------------
+
+def _check_inputs(features, newline):
+    if not torch.is_tensor(features):
+        raise TypeError(f"features must be a tensor, got {type(features).__name__}")
+    if features.dim() != 3:
+        raise ValueError(f"features must be [sum_tiles, P, C], got shape {tuple(features.shape)}")
+    if not features.is_floating_point():
+        raise TypeError(f"features must be floating point, got {features.dtype}")
+    side = math.isqrt(features.shape[1])
+    if features.shape[1] == 0 or side * side != features.shape[1]:
+        raise ValueError(
+            f"features.shape[1] = {features.shape[1]} tokens per tile is not a square grid "
+            "(drop the CLS token first, as vision_feature_select_strategy='default' does)"
+        )
+    if newline is not None:
+        if not torch.is_tensor(newline) or newline.shape != (features.shape[-1],):
+            raise ValueError(
+                f"newline must be a [C={features.shape[-1]}] tensor, got "
+                f"{tuple(newline.shape) if torch.is_tensor(newline) else type(newline).__name__}"
+            )
+        if newline.device != features.device:
+            raise ValueError(f"newline is on {newline.device} but features are on {features.device}")
+    return side
+
+
+def pack_rows(features, image_sizes, grid_pinpoints, tile_size, newline, *, max_area_tiles=None,
+              tiles_per_image=None, backend="auto") -> tuple[torch.Tensor, list[int]]:
+    """Like :func:`anyres_pack` but returns the concatenated rows ``[sum n_i, C]`` and the ``n_i``."""
+    side = _check_inputs(features, newline)
+    plan, lens = pack_plan(image_sizes, grid_pinpoints, tile_size, side, max_area_tiles=max_area_tiles,
+                           tiles_per_image=tiles_per_image, newline=newline is not None)
+    need = int(plan[-1, 0] + plan[-1, 1]) if len(lens) else 0
+    if need != features.shape[0]:
+        raise ValueError(f"features has {features.shape[0]} tiles but image_sizes need {need}")
+    if newline is not None:
+        newline = newline.to(features.dtype)
+    out = library.op(OP)(features, plan.to(features.device), newline, sum(lens), backend)
+    return out, lens
+
+
+def anyres_pack(features, image_sizes, grid_pinpoints, tile_size, newline, *, max_area_tiles=None,
+                tiles_per_image=None, backend="auto") -> list[torch.Tensor]:
+    """HF ``pack_image_features``: ``features [sum_tiles, P, C]`` -> one ``[n_i, C]`` per image.
+
+    ``image_sizes``: original (H, W) per image (tensor ``[B, 2]`` or pairs). ``grid_pinpoints``:
+    (height, width) candidates; ``tile_size``: the vision tower's image size. ``newline``: ``[C]``
+    or None. ``max_area_tiles=N`` enables OneVision's ``anyres_max_N`` downsample.
+    ``tiles_per_image`` overrides grid+1 (OneVision multi-image samples use 1 tile per image).
+    """
+    out, lens = pack_rows(features, image_sizes, grid_pinpoints, tile_size, newline,
+                          max_area_tiles=max_area_tiles, tiles_per_image=tiles_per_image, backend=backend)
+    return list(torch.split(out, lens, dim=0))
