@@ -2,7 +2,7 @@
 transformers blocks, the output type, the prefix-LM helper and example-batch helpers.
 
 Sizes:
-- ``"tiny"``: CPU tests (forward + backward in about a second): 1 layer, hidden 32, vocab 128,
+- ``"tiny"``: CPU tests (forward + backward in about a second): 1-2 layers, hidden 32, vocab 128,
   28-px images with 14-px patches (4 patches + CLS).
 - ``"small"``: CPU benches: 2 layers, hidden 64-128, 56-112-px images.
 - ``"base"``: the published dimensions (CLIP ViT-L/14-336, SigLIP-so400m/14-384, Vicuna-7B,
@@ -32,6 +32,8 @@ from transformers import (
     LlamaForCausalLM,
     OPTConfig,
     OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     SiglipVisionConfig,
     SiglipVisionModel,
     T5Config,
@@ -48,7 +50,8 @@ DEFAULT_ATTN = "sdpa"  # "eager" also works everywhere; sdpa is what HF picks by
 # ---------------------------------------------------------------------------------------------
 
 CLIP_VISION = {
-    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+    # 2 layers so that LLaVA's penultimate-layer feature (vision_feature_layer=-2) is a real layer
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                  image_size=28, patch_size=14, projection_dim=32, attention_dropout=0.0),
     "small": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                   image_size=112, patch_size=14, projection_dim=128, attention_dropout=0.0),
@@ -82,6 +85,19 @@ LLAMA = {
                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                  rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                  tie_word_embeddings=False),
+}
+
+QWEN2 = {
+    "tiny": dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                 rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "small": dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False),
+    # Qwen/Qwen2-7B-Instruct (the LLM of llava-onevision-qwen2-7b)
+    "base": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                 num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                 rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False),
 }
 
 OPT = {
@@ -128,7 +144,7 @@ NUM_QUERY_TOKENS = {"tiny": 4, "small": 8, "base": 32}
 # Text lengths used by the example batches (prompt + answer tokens).
 TEXT_LEN = {"tiny": 7, "small": 32, "base": 64}
 
-PRESETS = {"clip": CLIP_VISION, "siglip": SIGLIP_VISION, "llama": LLAMA, "opt": OPT, "t5": T5,
+PRESETS = {"clip": CLIP_VISION, "siglip": SIGLIP_VISION, "llama": LLAMA, "qwen2": QWEN2, "opt": OPT, "t5": T5,
            "qformer": QFORMER}
 
 
@@ -157,9 +173,9 @@ def vision_config(size: str = "tiny", kind: str = "clip", **overrides):
 
 
 def llm_config(size: str = "tiny", kind: str = "llama", **overrides):
-    cls = {"llama": LlamaConfig, "opt": OPTConfig, "t5": T5Config}.get(kind)
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "opt": OPTConfig, "t5": T5Config}.get(kind)
     if cls is None:
-        raise ValueError(f"LLM kind must be 'llama', 'opt' or 't5', got {kind!r}")
+        raise ValueError(f"LLM kind must be 'llama', 'qwen2', 'opt' or 't5', got {kind!r}")
     return cls(**preset(kind, size, **overrides))
 
 
@@ -184,9 +200,11 @@ def build_vision_tower(size: str = "tiny", kind: str = "clip", attn_implementati
 
 def build_llm(size: str = "tiny", kind: str = "llama", attn_implementation: Optional[str] = None,
               **overrides) -> nn.Module:
-    """``LlamaForCausalLM``, ``OPTForCausalLM`` or ``T5ForConditionalGeneration`` with random weights."""
+    """``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``OPTForCausalLM`` or ``T5ForConditionalGeneration``
+    with random weights."""
     cfg = _set_attn(llm_config(size, kind, **overrides), attn_implementation)
-    cls = {"llama": LlamaForCausalLM, "opt": OPTForCausalLM, "t5": T5ForConditionalGeneration}[kind]
+    cls = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "opt": OPTForCausalLM,
+           "t5": T5ForConditionalGeneration}[kind]
     return cls(cfg)
 
 

@@ -28,9 +28,30 @@ def _first_tensor_device(args) -> str:
     return "cpu"
 
 
+def _with_defaults(name: str, args: tuple) -> tuple:
+    """The dispatcher drops trailing arguments equal to their schema default: put them back."""
+    schema_args = op(name).default._schema.arguments
+    if len(args) >= len(schema_args):
+        return args
+    return tuple(args) + tuple(_default(a) for a in schema_args[len(args):])
+
+
+# c10::ScalarType codes of the dtypes a schema default can name (defaults come back as ints)
+_SCALAR_TYPE_CODES = {5: torch.float16, 6: torch.float32, 7: torch.float64, 15: torch.bfloat16,
+                      3: torch.int32, 4: torch.int64, 11: torch.bool}
+
+
+def _default(arg):
+    value = arg.default_value
+    # a ScalarType argument reports its type as int: recognise it by the (default) dtype annotation
+    if isinstance(value, int) and not isinstance(value, bool) and "ScalarType" in str(arg):
+        return _SCALAR_TYPE_CODES[value]
+    return value
+
+
 def _dispatcher(name: str):
     def run(*args):
-        *op_args, backend = args
+        *op_args, backend = _with_defaults(name, args)
         _, fn = registry.select(name, backend, _first_tensor_device(op_args))
         return fn(*op_args)
 

@@ -71,6 +71,7 @@ def _moe_gemm_kernel(
     ACTIVATION: tl.constexpr,
     MUL_ROUTED_WEIGHT: tl.constexpr,  # GEMM2: scale rows by their routing weight
     DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,       # interpreter only: its bf16 tl.dot is wrong (triton 3.8)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # grouped ordering: consecutive programs share B tiles of one expert in L2
@@ -112,9 +113,14 @@ def _moe_gemm_kernel(
         k_ok = offs_k < K - k0 * BLOCK_K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if DOT_UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if GATED:
             b_up = tl.load(b_ptrs + up_offset * stride_bn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if DOT_UPCAST:
+                b_up = b_up.to(tl.float32)
             acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -175,14 +181,17 @@ def _launch(a, b, c, w, sorted_ids, expert_ids, num_post_pad, *, N, K, num_valid
     if EM == 0:
         return
     grid = (triton.cdiv(EM, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    precision = "ieee" if a.dtype == torch.float32 else "tf32"  # fp32 stays exact like torch.matmul
+    # fp32 stays full precision like torch.matmul (no tf32); the interpreter (CPU tensors) gets its
+    # bf16 products in fp32, which is exact for bf16 inputs
+    upcast = a.device.type == "cpu" and a.dtype == torch.bfloat16
+    precision = "ieee" if (a.dtype == torch.float32 or upcast) else "tf32"
     _moe_gemm_kernel[grid](
         a, b, c, w if w is not None else c,
         sorted_ids, expert_ids, num_post_pad,
         N, K, EM, num_valid, b.shape[0], up_offset,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
         A_ROW_DIV=a_row_div, GATED=gated, ACTIVATION=ACTIVATION_CODES[activation],
-        MUL_ROUTED_WEIGHT=mul_weight, DOT_PRECISION=precision,
+        MUL_ROUTED_WEIGHT=mul_weight, DOT_PRECISION=precision, DOT_UPCAST=upcast,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

@@ -1,0 +1,121 @@
+"""Triton patch embedding: the stride-p patch conv as an im2col-free GEMM with a fused epilogue.
+
+Kernel 1 computes ``out[n, t, d] = sum_k A[n, m, k] W[d, k] + bias + pos`` where the A tile
+(patch ``m`` of image ``n``, ``k = (c, ky, kx)``) is loaded straight from the strided pixels: no
+unfold copy. The program holding the first patch block also writes the class-token row
+(``cls + pos[0]``). With a pre-LayerNorm the epilogue writes fp32 rows and kernel 2 normalizes
+each row over D (a row is too wide for one GEMM tile's registers), so the LN sees unrounded
+values.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _patch_gemm_kernel(
+    px_ptr, w_ptr, b_ptr, cls_ptr, pos_ptr, out_ptr,
+    P, GW, D, K,
+    s_n, s_c, s_h, s_w,
+    ROWS,  # output rows per image: P (+1 with a class token)
+    PATCH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CLS: tl.constexpr, HAS_POS: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_d = tl.program_id(2)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mmask = m < P
+    dmask = d < D
+    gy = m // GW
+    gx = m % GW
+    # pixel offset of each patch's top-left corner
+    row_base = n.to(tl.int64) * s_n + (gy * PATCH).to(tl.int64) * s_h + (gx * PATCH).to(tl.int64) * s_w
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < K
+        c = k // (PATCH * PATCH)
+        ky = (k // PATCH) % PATCH
+        kx = k % PATCH
+        k_off = c.to(tl.int64) * s_c + ky.to(tl.int64) * s_h + kx.to(tl.int64) * s_w
+        a = tl.load(px_ptr + row_base[:, None] + k_off[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        # HF casts pixels to the weight dtype before the conv
+        a = a.to(w_ptr.dtype.element_ty)
+        wt = tl.load(w_ptr + d[None, :].to(tl.int64) * K + k[:, None], mask=kmask[:, None] & dmask[None, :], other=0.0)
+        if IEEE:
+            acc += tl.dot(a, wt, input_precision="ieee")
+        else:
+            acc += tl.dot(a, wt)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    t = m + (1 if HAS_CLS else 0)  # output row of each patch
+    if HAS_POS:
+        pos = tl.load(pos_ptr + t[:, None].to(tl.int64) * D + d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
+        acc += pos.to(tl.float32)
+    out_rows = n.to(tl.int64) * ROWS + t
+    tl.store(out_ptr + out_rows[:, None] * D + d[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mmask[:, None] & dmask[None, :])
+    if HAS_CLS:
+        if pid_m == 0:
+            v = tl.load(cls_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+            if HAS_POS:
+                v += tl.load(pos_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + n.to(tl.int64) * ROWS * D + d, v.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _row_layernorm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, D, eps,
+                          HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    x = tl.load(x_ptr + row * D + d, mask=dmask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / D
+    xc = tl.where(dmask, x - mean, 0.0)
+    var = tl.sum(xc * xc, axis=0) / D
+    y = xc * (1.0 / tl.sqrt(var + eps))
+    if HAS_W:
+        y = y * tl.load(w_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+    if HAS_B:
+        y = y + tl.load(b_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * D + d, y.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+def patch_embed(pixels, weight, bias, class_embedding, position_embedding, ln_weight, ln_bias, ln_eps):
+    """Shapes validated by the caller; ``weight`` [D, 3, p, p] contiguous; pixels any strides."""
+    n, _, h, w = pixels.shape
+    d, c, p, _ = weight.shape
+    gh, gw = h // p, w // p
+    P = gh * gw
+    rows = P + (1 if class_embedding is not None else 0)
+    K = c * p * p
+    out = torch.empty(n, rows, d, dtype=weight.dtype, device=pixels.device)
+    if out.numel() == 0:
+        return out
+    staged = out if ln_eps is None else torch.empty(n, rows, d, dtype=torch.float32, device=pixels.device)
+    block_m = 32 if P >= 32 else max(16, triton.next_power_of_2(P))
+    block_d = 64 if d >= 64 else max(16, triton.next_power_of_2(d))
+    block_k = 32
+    dummy = weight
+    grid = (n, triton.cdiv(P, block_m), triton.cdiv(d, block_d))
+    _patch_gemm_kernel[grid](
+        pixels, weight, bias if bias is not None else dummy,
+        class_embedding if class_embedding is not None else dummy,
+        position_embedding if position_embedding is not None else dummy, staged,
+        P, gw, d, K, *pixels.stride(), rows,
+        PATCH=p, HAS_BIAS=bias is not None, HAS_CLS=class_embedding is not None,
+        HAS_POS=position_embedding is not None, IEEE=weight.dtype in (torch.float32, torch.float64),
+        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=block_k,
+    )
+    if ln_eps is not None:
+        _row_layernorm_kernel[(n * rows,)](
+            staged, ln_weight if ln_weight is not None else dummy, ln_bias if ln_bias is not None else dummy,
+            out, d, float(ln_eps), HAS_W=ln_weight is not None, HAS_B=ln_bias is not None,
+            BLOCK_D=triton.next_power_of_2(d),
+        )
+    return out
