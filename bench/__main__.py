@@ -53,6 +53,8 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=2,
                     help="CPU threads for torch and our CPU kernels (default 2, the issue's CPU setting)")
     ap.add_argument("--budget", type=float, default=None, help="seconds of measuring per provider")
+    ap.add_argument("--time-limit", type=float, default=None,
+                    help="start no new case after this many seconds; what ran is still written")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--no-readme", action="store_true", help="do not regenerate README's table")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
@@ -89,12 +91,19 @@ def main(argv=None) -> int:
     log(f"bench: {len(cases)} cases on {info.device_name} ({'full' if args.full else 'quick'} mode), "
         f"commit {info.commit}, torch {info.versions['torch']}, triton {info.versions['triton']}")
     t0 = time.perf_counter()
-    ceilings = timing.measure_ceilings(device)
-    log(f"ceilings: copy bandwidth {ceilings.bandwidth / 1e9:.1f} GB/s, matmul {ceilings.matmul / 1e12:.2f} TFLOP/s")
-    cfg = harness.RunConfig(device=device, full=args.full, budget_s=args.budget, log=log)
+    ceilings = None
+    if device == "cuda":  # a shared, loaded CPU gives no stable ceiling: rooflines are GPU-only
+        ceilings = timing.measure_ceilings(device)
+        log(f"ceilings: copy bandwidth {ceilings.bandwidth / 1e9:.0f} GB/s (read+write), "
+            f"bf16 matmul {ceilings.matmul / 1e12:.0f} TFLOP/s")
+    cfg = harness.RunConfig(device=device, full=args.full, budget_s=args.budget, time_limit_s=args.time_limit, log=log)
     res = harness.run_cases(cases, cfg, ceilings)
     csv_path = results.write_csv(res, info, out_dir)
     print(harness.format_table(res))
+    if cfg.failures:
+        print(f"\n{len(cfg.failures)} provider runs failed:")
+        for f in cfg.failures:
+            print(f"  {f}")
     print(f"\nresults: {csv_path}")
     if not args.no_plots:
         prefix = os.path.basename(csv_path).rsplit("_", 1)[0]

@@ -13,7 +13,6 @@ rotated across several sets on the GPU so repeated calls do not read them from L
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,16 +37,19 @@ class Inputs:
     how many sets the harness keeps so that the sets together exceed the L2 cache.
     """
 
-    def __init__(self, make: Callable[[int], Any], nbytes: int = 0):
+    def __init__(self, make: Callable[[int], Any], nbytes: int = 0, uses: int = 1):
         self.make = make
         self.nbytes = int(nbytes)
         self.count = 1
+        self.uses = uses  # cases sharing these inputs (e.g. a model timed fwd, then fwd+bwd)
         self._sets: list | None = None
         self._i = 0
 
     def configure(self, count: int) -> None:
-        self.count = max(1, int(count))
-        self._sets = None
+        count = max(1, int(count))
+        if count != self.count:
+            self.count = count
+            self._sets = None
         self._i = 0
 
     def __call__(self):
@@ -64,7 +66,10 @@ class Inputs:
         return self._sets[0]
 
     def release(self) -> None:
-        self._sets = None
+        """Called after each case that uses these inputs; frees them after the last one."""
+        self.uses -= 1
+        if self.uses <= 0:
+            self._sets = None
 
 
 @dataclass
@@ -117,7 +122,9 @@ class RunConfig:
     device: str
     full: bool = False
     budget_s: float | None = None       # measuring time per provider
+    time_limit_s: float | None = None   # start no new case after this many seconds (results kept)
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)
+    failures: list[str] = field(default_factory=list)   # "case provider: error" of this run
 
     def provider_budget(self) -> float:
         if self.budget_s is not None:
@@ -206,7 +213,9 @@ def run_case(case: Case, cfg: RunConfig, ceilings: timing.Ceilings | None) -> li
     results = []
     for name, s in samples.items():
         if isinstance(s, Exception):
-            cfg.log(f"    {name}: FAILED {type(s).__name__}: {str(s).splitlines()[0][:160] if str(s) else ''}")
+            msg = f"{type(s).__name__}: {str(s).splitlines()[0][:160] if str(s) else ''}"
+            cfg.log(f"    {name}: FAILED {msg}")
+            cfg.failures.append(f"{case.op} {case.shape_str} {case.mode} {name}: {msg}")
             continue
         r = Result(case, name, "time", s.p50, s.p20, s.p80, s.rounds, s.method)
         if base_t is not None:
@@ -224,6 +233,9 @@ def run_cases(cases: list[Case], cfg: RunConfig, ceilings: timing.Ceilings | Non
     t_start = time.perf_counter()
     for i, case in enumerate(cases, 1):
         elapsed = time.perf_counter() - t_start
+        if cfg.time_limit_s is not None and elapsed > cfg.time_limit_s:
+            cfg.log(f"time limit of {cfg.time_limit_s:.0f} s reached: {len(cases) - i + 1} cases not run")
+            break
         cfg.log(f"[{i}/{len(cases)} {elapsed:6.1f}s] {case.family}/{case.op} {case.shape_str} {case.dtype} {case.mode}")
         rs = run_case(case, cfg, ceilings)
         for r in rs:
@@ -237,9 +249,10 @@ def run_cases(cases: list[Case], cfg: RunConfig, ceilings: timing.Ceilings | Non
 
 
 def filter_cases(cases: list[Case], ops: list[str] | None) -> list[Case]:
+    """Cases whose op is in ``ops``; ``moe_topk_route`` also selects its ``[grouped]`` variant."""
     if not ops:
         return cases
-    return [c for c in cases if c.op in ops]
+    return [c for c in cases if c.op in ops or c.op.split("[", 1)[0] in ops]
 
 
 def format_table(results: list[Result]) -> str:
@@ -268,6 +281,3 @@ def format_table(results: list[Result]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
-
-def env_threads() -> int:
-    return int(os.environ.get("BENCH_THREADS", "0") or 0)

@@ -73,9 +73,12 @@ def render(results_dir: str = RESULTS_DIR) -> str:
     return "\n\n".join(parts)
 
 
-def update_readme(readme: str = README, results_dir: str = RESULTS_DIR) -> str:
+def update_readme(readme: str = README, results_dir: str = RESULTS_DIR) -> str | None:
+    """Rewrite the block between the markers (appending them if absent); None if there is no README."""
+    if not os.path.exists(readme):
+        return None
     block = f"{START}\n{render(results_dir)}\n{END}"
-    text = open(readme).read() if os.path.exists(readme) else ""
+    text = open(readme).read()
     if START in text and END in text and text.index(START) < text.index(END):
         before = text[: text.index(START)]
         after = text[text.index(END) + len(END):]
@@ -96,7 +99,8 @@ def main(argv=None) -> None:
     if args.print:
         print(render(args.results))
     else:
-        print(f"updated {update_readme(args.readme, args.results)}")
+        path = update_readme(args.readme, args.results)
+        print(f"updated {path}" if path else f"no README at {args.readme}; nothing written")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def timer_precision() -> float:
     return _PRECISION
 
 
-def time_cpu(fn: Callable[[], Any], *, budget_s: float, warmup: int = 2, min_rounds: int = 5,
+def time_cpu(fn: Callable[[], Any], *, budget_s: float, warmup: int = 2, min_rounds: int = 3,
              max_rounds: int = 200) -> Sample:
     """Median of rounds of ``fn()``; each round loops ``fn`` enough times to dwarf timer precision."""
     try:
@@ -61,7 +61,10 @@ def time_cpu(fn: Callable[[], Any], *, budget_s: float, warmup: int = 2, min_rou
         from pytest_benchmark.timers import default_timer as clock
     except Exception:
         Stats, clock = None, time.perf_counter
-    for _ in range(warmup):
+    t0 = clock()
+    fn()  # first call: compiles, allocates, warms caches
+    first = clock() - t0
+    for _ in range(warmup - 1 if first < 0.1 else 0):
         fn()
     # calibrate the inner loop like pytest-benchmark: a round must last >= 100x the timer precision
     min_round = max(100 * timer_precision(), 20e-6)
@@ -74,28 +77,28 @@ def time_cpu(fn: Callable[[], Any], *, budget_s: float, warmup: int = 2, min_rou
         if dt >= min_round or loops >= 1 << 16:
             break
         loops *= 2 if dt <= 0 else max(2, min(10, int(min_round / dt) + 1))
-    per_call = max(dt / loops, 1e-9)
-    rounds = int(min(max_rounds, max(min_rounds, budget_s / (per_call * loops))))
+    per_round = max(dt, 1e-9)
+    rounds = int(min(max_rounds, max(min_rounds, budget_s / per_round)))
     stats = Stats() if Stats else None
-    values = []
+    values = [dt / loops]  # the calibration round counts: on a slow call it is a full sample
     gc_was = gc.isenabled()
     gc.disable()  # pytest-benchmark also runs rounds with the collector off
     try:
-        for _ in range(rounds):
+        for _ in range(rounds - 1):
             t0 = clock()
             for _ in range(loops):
                 fn()
-            v = (clock() - t0) / loops
-            values.append(v)
-            if stats is not None:
-                stats.update(v)
+            values.append((clock() - t0) / loops)
     finally:
         if gc_was:
             gc.enable()
+    if stats is not None:
+        for v in values:
+            stats.update(v)
     p50, p20, p80 = _quantiles(values)
     if stats is not None:
         p50 = stats.median
-    return Sample(p50, p20, p80, rounds, "pytest-benchmark" if Stats else "perf_counter")
+    return Sample(p50, p20, p80, len(values), "pytest-benchmark" if Stats else "perf_counter")
 
 
 # ---- CUDA ---------------------------------------------------------------------------------------

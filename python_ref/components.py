@@ -9,6 +9,10 @@ Sizes:
   OPT-2.7B, Flan-T5-XL, BLIP-2 Q-Former). Build these on the meta device for shape checks:
   ``with torch.device("meta"): python_ref.build(name, "base")``.
 
+Every architecture builder takes ``seed=0`` (weights drawn under ``torch.random.fork_rng``, so the
+caller's RNG is untouched; ``seed=None`` draws from the global RNG) and ``attn_implementation``
+(default ``"sdpa"``).
+
 Everything is built from configs with random weights: no network, no checkpoints. Tiny and small
 presets set every dropout to 0 so that a seeded forward is deterministic in train mode; base keeps
 the published dropout values.

@@ -35,6 +35,11 @@ __all__ = [
 ]
 
 
+def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half types (the kernels accumulate in fp32), the input's own dtype for fp32/fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _check_float(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -126,10 +131,11 @@ class ExpertRouter(nn.Module):
     def forward(self, features: torch.Tensor, image_type: torch.Tensor | None = None) -> torch.Tensor:
         logits = self.compute_logits(features)
         if self.top_k is None:
-            weights = torch.softmax(logits.float(), dim=-1)
+            weights = torch.softmax(logits.to(_accum_dtype(logits.dtype)), dim=-1)
         else:
-            vals, ids = moe_topk_route(logits, self.top_k, scoring="softmax", renormalize=True)
-            weights = torch.zeros_like(logits, dtype=torch.float32).scatter(1, ids.long(), vals.float())
+            acc = _accum_dtype(logits.dtype)
+            vals, ids = moe_topk_route(logits, self.top_k, scoring="softmax", renormalize=True, weights_dtype=acc)
+            weights = torch.zeros_like(logits, dtype=acc).scatter(1, ids.long(), vals)
         if image_type is not None:
             image_type = self._check_image_type(image_type, features.shape[0])
             forced = F.one_hot(image_type.clamp_min(0), self.num_experts).to(weights.dtype)
@@ -176,7 +182,8 @@ class ExpertMix(nn.Module):
             raise ValueError(f"expert_feats must be E tensors [B, N, D] or one [B, E, N, D], got {tuple(feats.shape)}")
         if weights.shape != feats.shape[:2]:
             raise ValueError(f"weights must be [B, E] = {list(feats.shape[:2])}, got {list(weights.shape)}")
-        out = (feats.float() * weights.float()[:, :, None, None]).sum(dim=1)
+        acc = _accum_dtype(feats.dtype)
+        out = (feats.to(acc) * weights.to(acc)[:, :, None, None]).sum(dim=1)
         return out.to(feats.dtype)
 
 

@@ -43,8 +43,8 @@ _SCALAR_TYPE_CODES = {5: torch.float16, 6: torch.float32, 7: torch.float64, 15: 
 
 def _default(arg):
     value = arg.default_value
-    # a ScalarType argument reports its type as int: recognise it by the (default) dtype annotation
-    if isinstance(value, int) and not isinstance(value, bool) and "ScalarType" in str(arg):
+    # a ScalarType argument's ``type`` is int; its ``real_type`` says ScalarType
+    if isinstance(value, int) and str(getattr(arg, "real_type", "")) == "ScalarType":
         return _SCALAR_TYPE_CODES[value]
     return value
 

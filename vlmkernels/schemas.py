@@ -29,11 +29,31 @@ SCHEMAS: dict[str, tuple[str, str]] = {
         "(Tensor hidden, Tensor gate_up_proj, Tensor down_proj, Tensor weights, Tensor ids, "
         "str activation=\"silu\", str backend=\"auto\") -> Tensor",
     ),
+    # vjp of fused_moe: (grad hidden, grad gate_up_proj, grad down_proj, grad weights)
+    "fused_moe_backward": (
+        "moe",
+        "(Tensor grad, Tensor hidden, Tensor gate_up_proj, Tensor down_proj, Tensor weights, Tensor ids, "
+        "str activation=\"silu\", str backend=\"auto\") -> (Tensor, Tensor, Tensor, Tensor)",
+    ),
     "topk_select_tokens": (
         "moe",
         "(Tensor scores, Tensor tokens, int k, str backend=\"auto\") -> (Tensor, Tensor)",
     ),
     # --- AnyRes tile-and-encode ---------------------------------------------------------------
+    # uint8 images -> normalized tiles. images: uint8 [H, W, C] views (any strides, C in 1/3/4);
+    # plan: CPU int64 [num_images, 7] table (resized_h, resized_w, pad_top, pad_left, rows, cols,
+    # first output tile) built by vlmkernels.anyres.tile.tile_plan; returns [num_tiles, 3, S, S].
+    "anyres_tile": (
+        "anyres",
+        "(Tensor[] images, Tensor plan, int num_tiles, int tile_size, float[] mean, float[] std, "
+        "bool global_view=True, ScalarType out_dtype=float32, str backend=\"auto\") -> Tensor",
+    ),
+    # LLaVA grid choice for many images: sizes int64 [n, 2] (H, W), pinpoints int64 [m, 2] (H, W);
+    # returns int64 [n, 10]: best_h, best_w, resized_h, resized_w, pad l, t, r, b, rows, cols.
+    "anyres_plan_llava": (
+        "anyres",
+        "(Tensor sizes, Tensor pinpoints, int tile_size, str backend=\"auto\") -> Tensor",
+    ),
     # patch conv as a GEMM; epilogue: bias, class token row, position embeddings, optional LayerNorm
     # over D (applied when ln_eps is given; ln_weight/ln_bias are its optional affine).
     "patch_embed": (
@@ -47,5 +67,10 @@ SCHEMAS: dict[str, tuple[str, str]] = {
     "anyres_pack": (
         "anyres",
         "(Tensor features, Tensor plan, Tensor? newline, int total_rows, str backend=\"auto\") -> Tensor",
+    ),
+    # its vjp: (grad of features [T, P, C], grad of newline [C]; zeros when newline was None)
+    "anyres_pack_backward": (
+        "anyres",
+        "(Tensor grad, Tensor features, Tensor plan, Tensor? newline, str backend=\"auto\") -> (Tensor, Tensor)",
     ),
 }

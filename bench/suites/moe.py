@@ -91,40 +91,45 @@ def _add_ours(providers: dict, op: str, device: str, call) -> None:
         providers[f"ours-{b}"] = (lambda b=b: call(b))
 
 
-def route_cases(full: bool, device: str) -> list[Case]:
+def route_cases(full: bool, device: str, plain=None, grouped=None, compile: bool = True) -> list[Case]:
     route = functional("moe_topk_route")
     if route is None:
         return []
     ref = reference("moe_topk_route")
     dname = _logits_dtype(device)
     dtype = DTYPES[dname]
-    plain, grouped = _route_shapes(full, device)
-    cases = []
-    for (T, E, k) in plain:
-        inp = Inputs(lambda i, T=T, E=E: randn((T, E), dtype, device, seed=i), nbytes=T * E * dtype.itemsize)
+    if plain is None or grouped is None:
+        plain, grouped = _route_shapes(full, device)
+    modes = compile_modes(full, device) if compile else []
+
+    # one function per case, so that every provider closes over its own case's inputs
+    def softmax_case(T, E, k):
+        inp = Inputs(lambda i: randn((T, E), dtype, device, seed=i), nbytes=T * E * dtype.itemsize)
         providers = {"hf-eager": lambda: hf_softmax_router(inp(), k)}
-        for mode in compile_modes(full, device):
+        for mode in modes:
             c = compiled(hf_softmax_router, mode)
             providers[compile_provider_name(mode)] = lambda c=c: c(inp(), k)
         if ref is not None:
             providers["python_ref"] = lambda: ref(inp(), k)
         _add_ours(providers, "moe_topk_route", device, lambda b: route(inp(), k, backend=b))
-        cases.append(Case("moe_topk_route", FAMILY, {"T": T, "E": E, "k": k}, dname, providers, "hf-eager",
-                          x="T", nbytes=T * E * dtype.itemsize + T * k * 8, inputs=[inp]))
-    for (T, E, k, G, TG) in grouped:
+        return Case("moe_topk_route", FAMILY, {"T": T, "E": E, "k": k}, dname, providers, "hf-eager",
+                    x="T", nbytes=T * E * dtype.itemsize + T * k * 8, inputs=[inp])
+
+    def grouped_case(T, E, k, G, TG):
         bias = randn((E,), torch.float32, device, seed=99, scale=0.1)
-        inp = Inputs(lambda i, T=T, E=E: randn((T, E), torch.float32, device, seed=i), nbytes=T * E * 4)
+        inp = Inputs(lambda i: randn((T, E), torch.float32, device, seed=i), nbytes=T * E * 4)
         kw = dict(scoring="sigmoid", bias=bias, num_groups=G, topk_groups=TG, scaling_factor=2.5)
         providers = {"hf-eager": lambda: hf_deepseek_v3_router(inp(), bias, k, G, TG)}
-        for mode in compile_modes(full, device):
+        for mode in modes:
             c = compiled(hf_deepseek_v3_router, mode)
             providers[compile_provider_name(mode)] = lambda c=c: c(inp(), bias, k, G, TG)
         if ref is not None:
             providers["python_ref"] = lambda: ref(inp(), k, **kw)
         _add_ours(providers, "moe_topk_route", device, lambda b: route(inp(), k, backend=b, **kw))
-        cases.append(Case("moe_topk_route[grouped]", FAMILY, {"T": T, "E": E, "k": k, "groups": G, "topk_groups": TG},
-                          "float32", providers, "hf-eager", x="T", nbytes=T * E * 4 + T * k * 8, inputs=[inp]))
-    return cases
+        return Case("moe_topk_route[grouped]", FAMILY, {"T": T, "E": E, "k": k, "groups": G, "topk_groups": TG},
+                    "float32", providers, "hf-eager", x="T", nbytes=T * E * 4 + T * k * 8, inputs=[inp])
+
+    return [softmax_case(*s) for s in plain] + [grouped_case(*s) for s in grouped]
 
 
 def align_cases(full: bool, device: str) -> list[Case]:
@@ -137,21 +142,23 @@ def align_cases(full: bool, device: str) -> list[Case]:
             [(t, k, e, 64) for (e, k) in ((8, 2), (128, 8), (256, 8)) for t in (1, 16, 256, 1024, 4096, 16384)]
     else:
         shapes = [(4096, 8, 64, 64)] if not full else [(t, 8, 64, 64) for t in (16, 256, 4096, 16384)]
-    cases = []
-    for (T, k, E, B) in shapes:
-        inp = Inputs(lambda i, T=T, k=k, E=E: torch.randint(0, E, (T, k), device=device, dtype=torch.int32,
-                                                            generator=torch.Generator(device=device).manual_seed(i)),
-                     nbytes=T * k * 4)
-        providers = {"hf-sort-histc": lambda E=E: hf_expert_grouping(inp(), E)}
-        if ref is not None:
-            providers["python_ref"] = lambda E=E, B=B: ref(inp(), E, B)
-        _add_ours(providers, "moe_align_block_size", device, lambda b, E=E, B=B: align(inp(), E, B, backend=b))
-        out_bytes = (T * k + E * (B - 1)) * 4
+
+    def one(T, k, E, B):
+        def make(i):
+            g = torch.Generator(device=device).manual_seed(i)
+            return torch.randint(0, E, (T, k), device=device, dtype=torch.int32, generator=g)
+        inp = Inputs(make, nbytes=T * k * 4)
         # baseline: the sort/histc/cumsum HF's grouped_mm path runs to group entries by expert
-        cases.append(Case("moe_align_block_size", FAMILY, {"T": T, "k": k, "E": E, "block": B}, "int32", providers,
-                          "hf-sort-histc", x="T", nbytes=T * k * 4 + out_bytes, inputs=[inp],
-                          note="python_ref is the vLLM-layout reference; hf-sort-histc is HF's grouping"))
-    return cases
+        providers = {"hf-sort-histc": lambda: hf_expert_grouping(inp(), E)}
+        if ref is not None:
+            providers["python_ref"] = lambda: ref(inp(), E, B)
+        _add_ours(providers, "moe_align_block_size", device, lambda b: align(inp(), E, B, backend=b))
+        out_bytes = (T * k + E * (B - 1)) * 4
+        return Case("moe_align_block_size", FAMILY, {"T": T, "k": k, "E": E, "block": B}, "int32", providers,
+                    "hf-sort-histc", x="T", nbytes=T * k * 4 + out_bytes, inputs=[inp],
+                    note="python_ref is the vLLM-layout reference; hf-sort-histc is HF's grouping")
+
+    return [one(*s) for s in shapes]
 
 
 def route_align_cases(full: bool, device: str) -> list[Case]:
@@ -222,6 +229,35 @@ def fused_moe_cases(full: bool, device: str) -> list[Case]:
         tokens = (16, 256) if full else (64,)
         dname = "float32"
     dtype = DTYPES[dname]
+    def one(experts, cfg, wg, wd, model, E, H, I, k, T):
+        def make(i):
+            g = torch.Generator(device=device).manual_seed(100 + i)
+            x = randn((T, H), dtype, device, seed=i)
+            ids = torch.argsort(torch.rand((T, E), generator=g, device=device), dim=-1)[:, :k]
+            w = torch.softmax(torch.rand((T, k), generator=g, device=device), -1)
+            return x, ids, w
+        inp = Inputs(make, nbytes=T * H * dtype.itemsize * 2 + T * k * 16)
+        providers = {}
+        if experts is not None:
+            for impl in ("grouped_mm", "batched_mm", "eager"):
+                if impl == "batched_mm" and T * k * 3 * H * I * dtype.itemsize > (16 << 30):
+                    continue  # batched_mm copies the weights per (token, slot)
+                if impl == "eager" and device == "cuda" and T > 256 and not full:
+                    continue  # a Python loop over experts: minutes at prefill sizes
+                call = _hf_experts_call(experts, cfg, impl)
+                providers[f"hf-{impl}"] = lambda call=call: call(*inp())
+        if ref is not None:
+            providers["python_ref"] = lambda: (lambda x, ids, w: ref(x, wg, wd, w, ids))(*inp())
+        _add_ours(providers, "fused_moe", device,
+                  lambda b: (lambda x, ids, w: fused(x, wg, wd, w, ids, backend=b))(*inp()))
+        if not providers:
+            return None
+        base = "hf-grouped_mm" if "hf-grouped_mm" in providers else next(iter(providers))
+        hit = min(E, T * k)  # experts whose weights must be read at least once
+        return Case("fused_moe", FAMILY, {"model": model, "T": T, "E": E, "H": H, "I": I, "k": k}, dname,
+                    providers, base, x="T", inputs=[inp], timing="events",
+                    nbytes=nbytes(wg, wd) * hit / E + 2 * T * H * dtype.itemsize, flops=2 * T * k * 3 * H * I)
+
     cases = []
     for model, (E, H, I, k) in models.items():
         if hf_ok:
@@ -231,34 +267,10 @@ def fused_moe_cases(full: bool, device: str) -> list[Case]:
             experts = cfg = None
             wg = randn((E, 2 * I, H), dtype, device, seed=1, scale=H ** -0.5)
             wd = randn((E, H, I), dtype, device, seed=2, scale=I ** -0.5)
-        w_bytes = nbytes(wg, wd)
         for T in tokens:
-            def make(i, T=T, E=E, k=k, H=H):
-                g = torch.Generator(device=device).manual_seed(100 + i)
-                x = randn((T, H), dtype, device, seed=i)
-                ids = torch.argsort(torch.rand((T, E), generator=g, device=device), dim=-1)[:, :k]
-                w = torch.softmax(torch.rand((T, k), generator=g, device=device), -1)
-                return x, ids, w
-            inp = Inputs(make, nbytes=T * H * dtype.itemsize * 2 + T * k * 16)
-            providers = {}
-            if hf_ok:
-                providers["hf-grouped_mm"] = lambda e=experts, c=cfg: _hf_experts_call(e, c, "grouped_mm")(*inp())
-                if T * k * 3 * H * I * dtype.itemsize <= (16 << 30):  # batched_mm copies weights per (token, slot)
-                    providers["hf-batched_mm"] = lambda e=experts, c=cfg: _hf_experts_call(e, c, "batched_mm")(*inp())
-                if device == "cpu" or T <= 256 or full:
-                    providers["hf-eager"] = lambda e=experts, c=cfg: _hf_experts_call(e, c, "eager")(*inp())
-            if ref is not None:
-                providers["python_ref"] = lambda wg=wg, wd=wd: (lambda x, ids, w: ref(x, wg, wd, w, ids))(*inp())
-            _add_ours(providers, "fused_moe", device,
-                      lambda b, wg=wg, wd=wd: (lambda x, ids, w: fused(x, wg, wd, w, ids, backend=b))(*inp()))
-            if not providers:
-                continue
-            base = "hf-grouped_mm" if "hf-grouped_mm" in providers else next(iter(providers))
-            hit = min(E, T * k)
-            cases.append(Case("fused_moe", FAMILY, {"model": model, "T": T, "E": E, "H": H, "I": I, "k": k}, dname,
-                              providers, base, x="T", inputs=[inp], timing="events",
-                              nbytes=w_bytes * hit / E + 2 * T * H * dtype.itemsize,
-                              flops=2 * T * k * 3 * H * I))
+            case = one(experts, cfg, wg, wd, model, E, H, I, k, T)
+            if case is not None:
+                cases.append(case)
     return cases
 
 
@@ -279,38 +291,42 @@ def select_cases(full: bool, device: str) -> list[Case]:
         idx = torch.topk(scores, k, dim=1).indices
         return tokens.gather(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])), idx
 
-    cases = []
-    for (B, N, D, k) in shapes:
-        for mode in ("fwd", "fwd+bwd"):
-            def make(i, B=B, N=N, D=D, mode=mode):
-                tokens = randn((B, N, D), dtype, device, seed=i).requires_grad_(mode != "fwd")
-                return randn((B, N), torch.float32, device, seed=1000 + i), tokens
+    def one(B, N, D, k, mode):
+        def make(i):
+            tokens = randn((B, N, D), dtype, device, seed=i).requires_grad_(mode != "fwd")
+            return randn((B, N), torch.float32, device, seed=1000 + i), tokens
 
-            inp = Inputs(make, nbytes=B * N * D * dtype.itemsize)
+        inp = Inputs(make, nbytes=B * N * D * dtype.itemsize)
 
-            def wrap(fn, mode=mode):
-                if mode == "fwd":
-                    def run():
-                        with torch.no_grad():
-                            return fn(*inp())
-                    return run
+        def wrap(fn):
+            if mode == "fwd":
+                def run():
+                    with torch.no_grad():
+                        return fn(*inp())
+                return run
 
-                def run_bwd():
-                    sel, _ = fn(*inp())
-                    sel.sum().backward()
-                return run_bwd
+            def run_bwd():
+                sel, _ = fn(*inp())
+                sel.sum().backward()
+            return run_bwd
 
-            providers = {"torch-topk-gather": wrap(lambda s, t, k=k: eager(s, t, k))}
-            if ref is not None:
-                providers["python_ref"] = wrap(lambda s, t, k=k: ref(s, t, k))
-            for b in our_backends("topk_select_tokens", device):
-                providers[f"ours-{b}"] = wrap(lambda s, t, k=k, b=b: select(s, t, k, backend=b))
-            moved = B * N * 4 + 2 * B * k * D * dtype.itemsize
-            cases.append(Case("topk_select_tokens", FAMILY, {"B": B, "N": N, "D": D, "k": k}, dname, providers,
-                              "torch-topk-gather", mode=mode, x="B", inputs=[inp],
-                              nbytes=moved if mode == "fwd" else 2 * moved + B * N * D * dtype.itemsize,
-                              timing="auto" if mode == "fwd" else "events"))
-    return cases
+        providers = {"torch-topk-gather": wrap(lambda s, t: eager(s, t, k))}
+        if ref is not None:
+            providers["python_ref"] = wrap(lambda s, t: ref(s, t, k))
+        for b in our_backends("topk_select_tokens", device):
+            providers[f"ours-{b}"] = wrap(lambda s, t, b=b: select(s, t, k, backend=b))
+        moved = B * N * 4 + 2 * B * k * D * dtype.itemsize
+        return Case("topk_select_tokens", FAMILY, {"B": B, "N": N, "D": D, "k": k}, dname, providers,
+                    "torch-topk-gather", mode=mode, x="B", inputs=[inp],
+                    nbytes=moved if mode == "fwd" else 2 * moved + B * N * D * dtype.itemsize,
+                    timing="auto" if mode == "fwd" else "events")
+
+    return [one(*shape, mode) for shape in shapes for mode in ("fwd", "fwd+bwd")]
+
+
+def smoke_cases(device: str = "cpu") -> list[Case]:
+    """One tiny case (for tests/test_bench_smoke.py): grouped routing, no compile."""
+    return route_cases(False, device, plain=[], grouped=[(8, 16, 2, 4, 2)], compile=False)
 
 
 def cases(full: bool, device: str) -> list[Case]:

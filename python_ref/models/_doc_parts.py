@@ -109,3 +109,49 @@ def example_batch(model: Optional[DocVLM], builder, batch_size: int, seed: int, 
         batch["pixel_values"] = (C.random_uint8_images(gen, *shape) if uint8
                                  else C.random_pixel_values(gen, *shape))
     return batch
+
+
+class TiledVLM(DocVLM):
+    """uint8 images -> ``tiler`` (its own submodule, so ``patch()`` can swap it) -> one shared vision tower
+    over every tile -> per-tile-kind embedding -> MLP projector -> LLM prefix."""
+
+    PARTS = {"vision": ("vision_tower.",), "fusion": ("tile_embeddings", "projection."), "llm": ("language_model.",)}
+
+    def __init__(self, size: str, tiler: nn.Module, tile_kinds: list[int], vision_overrides=None,
+                 llm_overrides=None):
+        super().__init__(size, llm_overrides)
+        self.tiler = tiler
+        self.vision_tower = vision_expert(size, "clip", image_size=tiler.tile_size, **(vision_overrides or {}))
+        d = self.vision_tower.config.hidden_size
+        # [T] kind id of each tile slot (a scale, or a grid position)
+        self.register_buffer("tile_kinds", torch.tensor(tile_kinds, dtype=torch.long), persistent=False)
+        self.tile_embeddings = nn.Parameter(torch.randn(max(tile_kinds) + 1, d) * 0.02)
+        self.projection = nn.Sequential(nn.Linear(d, self.llm_hidden), nn.GELU(), nn.Linear(self.llm_hidden, self.llm_hidden))
+
+    @property
+    def tiles_per_image(self) -> int:
+        return self.tile_kinds.numel()
+
+    def encode_images(self, images) -> torch.Tensor:
+        tiles = self.tiler(images)                                    # [B, T, 3, S, S] normalized
+        b, t = tiles.shape[:2]
+        feats = patch_tokens(self.vision_tower, tiles.flatten(0, 1).to(self.tile_embeddings.dtype))
+        feats = feats.view(b, t, feats.shape[1], -1) + self.tile_embeddings[self.tile_kinds][None, :, None]
+        return self.projection(feats.flatten(1, 2))                   # [B, T * P, H]
+
+    def forward(self, images, input_ids, attention_mask=None, labels=None):
+        return self.run_llm(self.encode_images(images), input_ids, attention_mask, labels)
+
+
+def as_image_list(images) -> list:
+    """uint8 [B, 3, H, W] or a list of uint8 [3, H, W] (any sizes) -> list of images."""
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4:
+            raise ValueError(f"images must be uint8 [B, 3, H, W] or a list of [3, H, W], got {tuple(images.shape)}")
+        images = list(images.unbind(0))
+    if not images:
+        raise ValueError("images is empty")
+    for i, im in enumerate(images):
+        if not isinstance(im, torch.Tensor) or im.dtype != torch.uint8:
+            raise TypeError(f"images[{i}] must be a uint8 tensor (raw pixels; the tiler normalizes)")
+    return images

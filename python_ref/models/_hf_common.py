@@ -4,6 +4,7 @@ carry the image placeholder tokens the HF forward scatters visual features into.
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional, Sequence
 
 import torch
@@ -19,6 +20,17 @@ def pop_common(overrides: dict) -> tuple[Optional[int], Optional[str], dict, dic
     vision = dict(overrides.pop("vision_config", None) or {})
     text = dict(overrides.pop("text_config", None) or {})
     return seed, attn, vision, text
+
+
+def check_config_keys(config_cls, overrides: dict, arch: str) -> dict:
+    """Reject overrides that are not fields of ``config_cls``: HF configs store unknown kwargs
+    silently, so a typo would otherwise build the default model."""
+    params = inspect.signature(config_cls.__init__).parameters
+    named = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {"self"}
+    unknown = sorted(k for k in overrides if k not in named and not hasattr(config_cls, k))
+    if named and unknown:
+        raise TypeError(f"unknown {arch} overrides {unknown}: not fields of {config_cls.__name__}")
+    return overrides
 
 
 def construct(model_cls, config, attn: Optional[str], seed: Optional[int]):

@@ -20,13 +20,12 @@ sequence (encoder 1 at even positions, encoder 2 at odd positions).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import components as C
 from ..fusion import ExpertMix, ExpertRouter
 from ..registry import Architecture, register_architecture
 from ._doc_parts import DocVLM, check_pixels, example_batch, patch_tokens, resample_tokens, resize_images, vision_expert

@@ -27,7 +27,8 @@ class LinearProjector(nn.Module):
 
 
 def build(size: str = "tiny", **overrides):
-    overrides.pop("alignment_loss_weight", None)  # a LLaVA-1.5 option only
+    if "alignment_loss_weight" in overrides:
+        raise TypeError("alignment_loss_weight is a llava_v15 option; llava_v1 has no alignment loss")
     vision = dict(overrides.pop("vision_config", None) or {})
     if size == "base":
         vision.setdefault("image_size", 224)  # LLaVA-1.0 used CLIP ViT-L/14 at 224 px

@@ -19,7 +19,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from .. import components as C
 from ..registry import Architecture, register_architecture
-from ._hf_common import construct, placeholder_batch, pop_common
+from ._hf_common import check_config_keys, construct, placeholder_batch, pop_common
 
 # llava-hf/llava-1.5-7b-hf: vocab 32064, image token 32000, pad 32001
 BASE_TEXT = dict(vocab_size=32064, pad_token_id=32001)
@@ -36,7 +36,7 @@ def llava_config(size: str, vision: Optional[dict] = None, text: Optional[dict] 
     kw = dict(image_token_index=BASE_IMAGE_TOKEN if size == "base" else tcfg.vocab_size - 1,
               image_seq_length=C.num_patches(vcfg), projector_hidden_act="gelu",
               vision_feature_layer=-2, vision_feature_select_strategy="default")
-    kw.update(overrides)
+    kw.update(check_config_keys(LlavaConfig, overrides, "llava"))
     return LlavaConfig(vision_config=vcfg, text_config=tcfg, **kw)
 
 
@@ -68,10 +68,9 @@ class LlavaV15WithAlignment(LlavaForConditionalGeneration):
         self.model.multi_modal_projector.register_forward_hook(
             lambda mod, args, out: self._captured.append(out))
 
-    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, **kwargs):
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, *args, labels=None, **kwargs):
         self._captured.clear()
-        out = super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                              labels=labels, **kwargs)
+        out = super().forward(input_ids, pixel_values, attention_mask, *args, labels=labels, **kwargs)
         captured, self._captured = self._captured, []
         if labels is None or not captured or self.alignment_loss_weight == 0.0:
             return out

@@ -4,7 +4,8 @@ Ground truth for the fused ``anyres_tile`` kernels and the parity oracle against
 ``LlavaNextImageProcessorPil`` / ``LlavaOnevisionImageProcessorPil``.
 
 Resampling replicates Pillow's ``Image.resize(..., BICUBIC)`` for 8-bit images (``Resample.c``):
-separable, horizontal pass first, cubic kernel with a = -0.5 and support 2 scaled by the downscale
+separable (horizontal pass first, unless the height shrinks much more than the width: see
+:func:`vertical_first`), cubic kernel with a = -0.5 and support 2 scaled by the downscale
 factor (antialiasing), coefficients normalised to sum 1 and quantised to 22-bit fixed point, integer
 accumulation with a rounding bias, and clipping to uint8 after *each* pass. The integer arithmetic
 is carried out in float64 (exact: every partial sum is an integer below 2**53), so the result is
@@ -25,7 +26,10 @@ __all__ = [
     "anyres_tile",
     "image_to_rgb_chw",
     "pil_bicubic_coefficients",
+    "normalize_u8",
     "resize_bicubic_u8",
+    "tiles_from_plan",
+    "vertical_first",
 ]
 
 PRECISION_BITS = 22  # Pillow: 32 - 8 (uint8) - 2 (headroom)
@@ -216,7 +220,9 @@ def pil_bicubic_coefficients(in_size: int, out_size: int) -> tuple[torch.Tensor,
     valid = taps[None, :] < xmax[:, None]
     w = _bicubic((taps[None, :] + xmin[:, None] - center[:, None] + 0.5) * (1.0 / filterscale))
     w = torch.where(valid, w, torch.zeros_like(w))
-    total = w.sum(dim=1, keepdim=True)
+    total = torch.zeros(out_size, 1, dtype=torch.float64)
+    for t in range(ksize):  # sequential, in tap order, as Pillow sums (a tree sum could differ in the last bit)
+        total = total + w[:, t:t + 1]
     w = torch.where(total != 0, w / torch.where(total != 0, total, torch.ones_like(total)), w)
     fixed = w * float(1 << PRECISION_BITS)
     fixed = torch.where(fixed < 0, torch.trunc(fixed - 0.5), torch.trunc(fixed + 0.5))
@@ -245,11 +251,27 @@ def resize_bicubic_u8(image: torch.Tensor, out_h: int, out_w: int) -> torch.Tens
         raise TypeError(f"image must be a uint8 [C, H, W] tensor, got {image.dtype} {tuple(image.shape)}")
     c, h, w = image.shape
     x = image.to(torch.float64)
-    if out_w != w:  # Pillow skips an axis whose size does not change (the pass would be exact anyway)
-        x = _fixed_to_u8(x @ _pass_matrix(w, out_w).to(x.device).T)
-    if out_h != h:
-        x = _fixed_to_u8(_pass_matrix(h, out_h).to(x.device) @ x)
+
+    def horizontal(x):
+        return _fixed_to_u8(x @ _pass_matrix(w, out_w).to(x.device).T)
+
+    def vertical(x):
+        return _fixed_to_u8(_pass_matrix(h, out_h).to(x.device) @ x)
+
+    # Pillow skips an axis whose size does not change (that pass would be exact anyway)
+    passes = ([horizontal] if out_w != w else []) + ([vertical] if out_h != h else [])
+    if vertical_first(h, w, out_h, out_w):
+        passes.reverse()
+    for run in passes:
+        x = run(x)
     return x.to(torch.uint8)
+
+
+def vertical_first(in_h: int, in_w: int, out_h: int, out_w: int) -> bool:
+    """Pillow >= 13 (python-pillow/Pillow#9549) runs the vertical pass first when the height
+    shrinks by more than twice as many pixels as the width; older Pillow always went horizontal first.
+    The pass order changes the uint8 rounding between passes, so it matters for bit parity."""
+    return out_h < in_h and (in_h - out_h) > 2 * (in_w - out_w)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,19 +331,25 @@ def normalize_u8(x: torch.Tensor, mean, std, out_dtype=torch.float32) -> torch.T
     return ((scaled - mean) / std).to(out_dtype)
 
 
-def _tiles_of_one(img: torch.Tensor, pinpoints, tile: int, global_view: bool) -> list[torch.Tensor]:
-    h, w = img.shape[1:]
-    plan = _llava_plan((h, w), pinpoints, tile)
-    rh, rw = plan.resized_hw
-    left, top, _, _ = plan.padding
-    canvas = torch.zeros(3, *plan.best_hw, dtype=torch.uint8, device=img.device)
+def tiles_from_plan(img: torch.Tensor, resized_hw, pad_tl, grid, tile: int, global_view: bool) -> list[torch.Tensor]:
+    """uint8 RGB ``[3, H, W]`` -> uint8 tiles: [global view] + row-major tiles of the zero-padded canvas
+    holding the image resized to ``resized_hw`` at ``pad_tl`` = (top, left)."""
+    rh, rw = resized_hw
+    top, left = pad_tl
+    rows, cols = grid
+    canvas = torch.zeros(3, rows * tile, cols * tile, dtype=torch.uint8, device=img.device)
     canvas[:, top:top + rh, left:left + rw] = resize_bicubic_u8(img, rh, rw)
     tiles = [resize_bicubic_u8(img, tile, tile)] if global_view else []
-    rows, cols = plan.grid
     for r in range(rows):
         for c in range(cols):
             tiles.append(canvas[:, r * tile:(r + 1) * tile, c * tile:(c + 1) * tile])
     return tiles
+
+
+def _tiles_of_one(img: torch.Tensor, pinpoints, tile: int, global_view: bool) -> list[torch.Tensor]:
+    plan = _llava_plan(tuple(img.shape[1:]), pinpoints, tile)
+    left, top, _, _ = plan.padding
+    return tiles_from_plan(img, plan.resized_hw, (top, left), plan.grid, tile, global_view)
 
 
 def anyres_tile(

@@ -11,7 +11,8 @@ vLLM's ``w13``), ``down_proj [E, H, I]`` (vLLM's ``w2``). For every (token t, sl
 Both products accumulate in fp32 (float64 for float64 inputs); ``h`` is rounded to the activation
 dtype like every HF implementation (eager, ``grouped_mm``, ``batched_mm``) and vLLM's intermediate
 cache; the weighted sum over the k slots is done in fp32 and cast once, like HF's ``reshape+sum``.
-Plain torch ops only, so autograd works through it.
+Plain torch ops only, so autograd works through it; :func:`fused_moe_backward` is the same vjp
+written out by hand (usable where autograd cannot record, e.g. inside a custom op's kernel).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fused_moe", "moe_activation", "MOE_ACTIVATIONS"]
+__all__ = ["fused_moe", "fused_moe_backward", "moe_activation", "moe_activation_grad", "MOE_ACTIVATIONS"]
 
 # name -> HF ``hidden_act`` spellings that mean the same function
 MOE_ACTIVATIONS = {
@@ -38,6 +39,33 @@ def moe_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "gelu_tanh":
         return F.gelu(x, approximate="tanh")
     raise ValueError(f"activation must be one of {sorted(MOE_ACTIVATIONS)}, got {activation!r}")
+
+
+def moe_activation_grad(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """d act(x) / dx."""
+    if activation == "silu":
+        s = torch.sigmoid(x)
+        return s * (1 + x * (1 - s))
+    if activation == "gelu":
+        return 0.5 * (1 + torch.erf(x * 0.5**0.5)) + x * torch.exp(-0.5 * x * x) * (2 * torch.pi) ** -0.5
+    if activation == "gelu_tanh":
+        c = (2 / torch.pi) ** 0.5
+        t = torch.tanh(c * (x + 0.044715 * x**3))
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
+    raise ValueError(f"activation must be one of {sorted(MOE_ACTIVATIONS)}, got {activation!r}")
+
+
+def _slots_by_expert(ids: torch.Tensor, num_experts: int):
+    """Yields ``(expert, slot indices)`` for every expert that received slots (ids outside [0, E) skipped)."""
+    flat_ids = ids.reshape(-1).long()
+    order = torch.argsort(flat_ids, stable=True)
+    sorted_ids = flat_ids[order]
+    in_range = (sorted_ids >= 0) & (sorted_ids < num_experts)
+    start = int((sorted_ids < 0).sum())  # negative sentinels sort first
+    for e, n in enumerate(torch.bincount(sorted_ids[in_range], minlength=num_experts).tolist()):
+        if n:
+            yield e, order[start:start + n]
+            start += n
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -63,21 +91,12 @@ def fused_moe(
     inter = two_i // 2
     k = ids.shape[1]
     acc = _acc_dtype(hidden.dtype)
-    flat_ids = ids.reshape(-1).long()
     flat_w = weights.reshape(-1).to(acc)
     token_of_slot = torch.arange(T * k, device=hidden.device) // k
     contrib = hidden.new_zeros((T * k, H), dtype=acc)
     # Loop over the experts that received tokens: dense per-slot weight gathers would need
     # T*k*3*H*I memory. The .tolist() sync is fine for a reference.
-    order = torch.argsort(flat_ids, stable=True)
-    sorted_ids = flat_ids[order]
-    in_range = (sorted_ids >= 0) & (sorted_ids < E)
-    start = int((sorted_ids < 0).sum())  # negative sentinels sort first
-    for e, n in enumerate(torch.bincount(sorted_ids[in_range], minlength=E).tolist()):
-        if n == 0:
-            continue
-        slots = order[start:start + n]
-        start += n
+    for e, slots in _slots_by_expert(ids, E):
         x = hidden[token_of_slot[slots]].to(acc)
         gu = x @ gate_up_proj[e].to(acc).t()
         h = moe_activation(gu[:, :inter], activation) * gu[:, inter:]
@@ -86,3 +105,48 @@ def fused_moe(
     out = (contrib * flat_w[:, None]).view(T, k, H).sum(dim=1)
     return out.to(hidden.dtype)
 
+
+
+def fused_moe_backward(
+    grad: torch.Tensor,
+    hidden: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    activation: str = "silu",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """vjp of :func:`fused_moe` for ``grad [T, H]``: grads of hidden, gate_up_proj, down_proj, weights
+    (each in its input's dtype). The rounding of ``h`` is treated as identity (straight-through)."""
+    T, H = hidden.shape
+    E, two_i, _ = gate_up_proj.shape
+    inter = two_i // 2
+    k = ids.shape[1]
+    acc = _acc_dtype(hidden.dtype)
+    g_out = grad.to(acc)
+    flat_w = weights.reshape(-1).to(acc)
+    token_of_slot = torch.arange(T * k, device=hidden.device) // k
+    d_hidden = torch.zeros((T, H), dtype=acc, device=hidden.device)
+    d_gate_up = torch.zeros(gate_up_proj.shape, dtype=acc, device=hidden.device)
+    d_down = torch.zeros(down_proj.shape, dtype=acc, device=hidden.device)
+    d_w = torch.zeros(T * k, dtype=acc, device=hidden.device)
+    for e, slots in _slots_by_expert(ids, E):
+        tok = token_of_slot[slots]
+        x = hidden[tok].to(acc)
+        w_gu, w_dn = gate_up_proj[e].to(acc), down_proj[e].to(acc)
+        gu = x @ w_gu.t()
+        gate, up = gu[:, :inter], gu[:, inter:]
+        a = moe_activation(gate, activation)
+        h = (a * up).to(hidden.dtype).to(acc)
+        y = h @ w_dn.t()
+        g = g_out[tok]
+        d_w[slots] = (g * y).sum(-1)
+        dy = g * flat_w[slots, None]
+        d_down[e] = dy.t() @ h
+        dh = dy @ w_dn
+        d_gu = torch.cat([dh * up * moe_activation_grad(gate, activation), dh * a], dim=1)
+        d_gate_up[e] = d_gu.t() @ x
+        d_hidden.index_add_(0, tok, d_gu @ w_gu)
+    return (d_hidden.to(hidden.dtype), d_gate_up.to(gate_up_proj.dtype), d_down.to(down_proj.dtype),
+            d_w.view(T, k).to(weights.dtype))

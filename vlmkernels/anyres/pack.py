@@ -7,8 +7,8 @@ of the batch in one launch: base tile, unpadded grid rows (``round(., 7)`` rule)
 row, and OneVision's ``anyres_max_N`` bilinear downsample.
 
 Backends: ``triton`` (CUDA; CPU under ``TRITON_INTERPRET=1``) and ``reference`` (torch slicing +
-``F.interpolate`` per image, bit-identical to HF). Autograd: the backward re-runs the reference
-under autograd (a linear map, so its vjp is exact).
+``F.interpolate`` per image, bit-identical to HF). Autograd: ``anyres_pack_backward`` (reference only:
+autograd through the torch version; the pack is linear, so this vjp is exact).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from .. import library, registry
 __all__ = ["anyres_pack", "pack_plan"]
 
 OP = "anyres_pack"
+BWD = "anyres_pack_backward"
 PLAN_COLUMNS = (
     "feat_start", "n_tiles", "nph", "npw", "row0", "nrows", "col0", "ncols",
     "out_h", "out_w", "out_start", "n_rows",
@@ -187,22 +188,36 @@ def _fake(features, plan, newline, total_rows, backend="auto"):
     return features.new_empty(total_rows, features.shape[-1])
 
 
+def _pack_vjp(grad, features, plan, newline):
+    # the pack is linear in (features, newline): its vjp is autograd through the torch version
+    f = features.detach().requires_grad_(True)
+    nl = None if newline is None else newline.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = _pack_torch(f, plan.cpu(), nl, grad.shape[0])
+        wrt = [f] + ([nl] if nl is not None else [])
+        grads = torch.autograd.grad(out, wrt, grad, allow_unused=True)
+    g_f = grads[0] if grads[0] is not None else torch.zeros_like(features)
+    g_nl = grads[1] if nl is not None and grads[1] is not None else features.new_zeros(features.shape[-1])
+    return g_f, g_nl
+
+
+registry.register(BWD, "reference", _pack_vjp, devices=("cpu", "cuda"))
+
+
+@library.register_fake(BWD)
+def _fake_bwd(grad, features, plan, newline, backend="auto"):
+    return torch.empty_like(features), features.new_empty(features.shape[-1])
+
+
 def _setup_context(ctx, inputs, output):
-    features, plan, newline, total_rows, _ = inputs
+    features, plan, newline, _total_rows, _backend = inputs
     ctx.save_for_backward(features, plan, newline)
-    ctx.total_rows = total_rows
 
 
 def _backward(ctx, grad):
     features, plan, newline = ctx.saved_tensors
-    f = features.detach().requires_grad_(True)
-    nl = None if newline is None else newline.detach().requires_grad_(True)
-    with torch.enable_grad():
-        out = _pack_torch(f, plan.cpu(), nl, ctx.total_rows)
-        wrt = [f] + ([nl] if nl is not None else [])
-        grads = torch.autograd.grad(out, wrt, grad, allow_unused=True)
-    g_nl = grads[1] if nl is not None else None
-    return grads[0], None, g_nl, None, None
+    g_f, g_nl = library.op(BWD)(grad.contiguous(), features, plan, newline, "auto")
+    return g_f, None, (g_nl if newline is not None else None), None, None
 
 
 library.register_autograd(OP, _backward, _setup_context)

@@ -8,10 +8,12 @@ Backends: ``triton`` (CUDA, and CPU tensors under ``TRITON_INTERPRET=1``; the ke
 :mod:`vlmkernels.triton.fused_moe`) and ``reference`` (any device). ``auto`` picks triton on CUDA and
 the reference on CPU.
 
-Autograd: the op itself has no backward. When gradients are needed (grad mode on and any input
-requires grad), the functional :func:`fused_moe` runs the reference in plain, differentiable torch
-ops instead (so training works, at reference speed); calling ``torch.ops.vlmkernels.fused_moe``
-directly on such inputs raises autograd's "not implemented" error at backward time.
+Autograd: the forward always runs the selected backend; the backward is the op
+``fused_moe_backward`` (opaque to ``torch.compile``, so a compiled training step traces), which
+recomputes the layer's intermediates and applies the hand-written vjp of
+:func:`python_ref.ops.moe_experts.fused_moe_backward`: gradients for hidden, both expert weights and
+the routing weights, at reference speed (a loop over the experts that received tokens, one host
+sync). ``ids`` get no gradient.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import torch
 
 from .. import library, registry
 
-__all__ = ["fused_moe"]
+__all__ = ["fused_moe", "fused_moe_backward"]
 
 OP = "fused_moe"
+BWD = "fused_moe_backward"
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
@@ -89,10 +92,6 @@ def _may_sync(t: torch.Tensor) -> bool:
     return True
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 def fused_moe(
     hidden: torch.Tensor,
     gate_up_proj: torch.Tensor,
@@ -114,10 +113,6 @@ def fused_moe(
     _check(hidden, gate_up_proj, down_proj, weights, ids, activation)
     if check_ids and _may_sync(ids):
         _check_ids_range(ids, gate_up_proj.shape[0])
-    if _needs_grad(hidden, gate_up_proj, down_proj, weights):
-        from python_ref.ops.moe_experts import fused_moe as reference
-
-        return reference(hidden, gate_up_proj, down_proj, weights, ids, activation=activation)
     return library.op(OP)(hidden, gate_up_proj, down_proj, weights, ids, activation, backend)
 
 
@@ -148,3 +143,48 @@ registry.set_preference(OP, "cpu", ("reference",))
 def _fake(hidden, gate_up_proj, down_proj, weights, ids, activation="silu", backend="auto"):
     _check(hidden, gate_up_proj, down_proj, weights, ids, activation)
     return hidden.new_empty(hidden.shape)
+
+
+# ---- backward -----------------------------------------------------------------------------------
+
+def fused_moe_backward(grad, hidden, gate_up_proj, down_proj, weights, ids, *, activation="silu",
+                       backend="auto"):
+    """vjp of :func:`fused_moe`: ``(d hidden, d gate_up_proj, d down_proj, d weights)``."""
+    _check(hidden, gate_up_proj, down_proj, weights, ids, activation)
+    if grad.shape != hidden.shape:
+        raise ValueError(f"fused_moe_backward: grad must have hidden's shape {tuple(hidden.shape)}, got {tuple(grad.shape)}")
+    return library.op(BWD)(grad, hidden, gate_up_proj, down_proj, weights, ids, activation, backend)
+
+
+def _reference_backward(grad, hidden, gate_up_proj, down_proj, weights, ids, activation):
+    from python_ref.ops.moe_experts import fused_moe_backward as reference
+
+    _check(hidden, gate_up_proj, down_proj, weights, ids, activation)
+    with torch.no_grad():
+        return reference(grad, hidden, gate_up_proj, down_proj, weights, ids, activation=activation)
+
+
+registry.register(BWD, "reference", _reference_backward, devices=("cpu", "cuda"))
+registry.set_preference(BWD, "cuda", ("reference",))
+registry.set_preference(BWD, "cpu", ("reference",))
+
+
+@library.register_fake(BWD)
+def _fake_backward(grad, hidden, gate_up_proj, down_proj, weights, ids, activation="silu", backend="auto"):
+    return (torch.empty_like(hidden), torch.empty_like(gate_up_proj), torch.empty_like(down_proj),
+            torch.empty_like(weights))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, gate_up_proj, down_proj, weights, ids, activation, _backend = inputs
+    ctx.save_for_backward(hidden, gate_up_proj, down_proj, weights, ids)
+    ctx.activation = activation
+
+
+def _backward(ctx, grad):
+    hidden, gate_up_proj, down_proj, weights, ids = ctx.saved_tensors
+    grads = library.op(BWD)(grad, hidden, gate_up_proj, down_proj, weights, ids, ctx.activation, "auto")
+    return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:4])), None, None, None)
+
+
+library.register_autograd(OP, _backward, _setup_context)

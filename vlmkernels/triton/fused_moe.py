@@ -11,6 +11,9 @@ one expert.
   activation dtype, indexed by slot.
 * GEMM2 reads those rows, multiplies by ``down_proj[e]``, scales by the routing weight of the slot
   and stores fp32 rows of a ``[T*k, H]`` buffer (the scatter is fused into the store).
+* Decode: when ``T*k*4 <= E`` (vLLM's "naive block assignment") the align pass is skipped and
+  block ``b`` holds slot ``b`` alone (``expert_ids`` = the ids themselves): one launch fewer, and at
+  that size nearly every block would hold a single slot anyway.
 * Combine: ``buffer.view(T, k, H).sum(1)``. We use a per-slot buffer + sum rather than atomic adds
   into ``[T, H]`` because it is deterministic (batch-invariant, same bits run to run, the order of
   the k terms is fixed), needs no fp32 atomics or zero-initialised fp32 output plus a cast pass, and
@@ -38,6 +41,7 @@ log = logging.getLogger("vlmkernels")
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 CHUNK_TOKENS = 16 * 1024
+NAIVE_SLOTS_PER_EXPERT = 4  # naive blocks when T*k*4 <= E (vLLM's threshold)
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -72,6 +76,7 @@ def _moe_gemm_kernel(
     MUL_ROUTED_WEIGHT: tl.constexpr,  # GEMM2: scale rows by their routing weight
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,       # interpreter only: its bf16 tl.dot is wrong (triton 3.8)
+    NAIVE: tl.constexpr,            # decode: block b = slot b alone, expert_ids_ptr = ids, no align pass
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # grouped ordering: consecutive programs share B tiles of one expert in L2
@@ -84,11 +89,13 @@ def _moe_gemm_kernel(
     pid_m = first_m + (pid % group_size) % group_m
     pid_n = (pid % group_size) // group_m
 
-    if pid_m * BLOCK_M >= tl.load(num_post_pad_ptr):
-        return  # padding blocks past the last expert's segment
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slot = tl.load(sorted_ids_ptr + offs_m, mask=offs_m < EM, other=num_valid)
+    if NAIVE:
+        slot = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_valid)
+    else:
+        if pid_m * BLOCK_M >= tl.load(num_post_pad_ptr):
+            return  # padding blocks past the last expert's segment
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        slot = tl.load(sorted_ids_ptr + offs_m, mask=offs_m < EM, other=num_valid)
     row_ok = slot < num_valid
     slot64 = slot.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -176,8 +183,8 @@ def get_config(M: int, E: int, N: int, H: int, dtype: torch.dtype, device: torch
 # ---- launcher -------------------------------------------------------------------------------------
 
 def _launch(a, b, c, w, sorted_ids, expert_ids, num_post_pad, *, N, K, num_valid, up_offset,
-            a_row_div, gated, activation, mul_weight, cfg):
-    EM = sorted_ids.numel()
+            a_row_div, gated, activation, mul_weight, cfg, naive):
+    EM = num_valid * cfg["BLOCK_M"] if naive else sorted_ids.numel()
     if EM == 0:
         return
     grid = (triton.cdiv(EM, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
@@ -191,7 +198,7 @@ def _launch(a, b, c, w, sorted_ids, expert_ids, num_post_pad, *, N, K, num_valid
         N, K, EM, num_valid, b.shape[0], up_offset,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
         A_ROW_DIV=a_row_div, GATED=gated, ACTIVATION=ACTIVATION_CODES[activation],
-        MUL_ROUTED_WEIGHT=mul_weight, DOT_PRECISION=precision, DOT_UPCAST=upcast,
+        MUL_ROUTED_WEIGHT=mul_weight, DOT_PRECISION=precision, DOT_UPCAST=upcast, NAIVE=naive,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -200,10 +207,7 @@ def _launch(a, b, c, w, sorted_ids, expert_ids, num_post_pad, *, N, K, num_valid
 def _align(ids: torch.Tensor, num_experts: int, block_m: int):
     from .. import ops  # the align op lives in the moe family; imported lazily to avoid a cycle
 
-    align = getattr(ops, "moe_align_block_size", None)
-    if align is None:  # TEMPORARY until vlmkernels/moe/align.py lands
-        from python_ref.ops.moe import moe_align_block_size as align
-    return align(ids, num_experts, block_m)
+    return ops.moe_align_block_size(ids, num_experts, block_m)
 
 
 def fused_moe(hidden, gate_up_proj, down_proj, weights, ids, activation="silu", config=None):
@@ -212,9 +216,11 @@ def fused_moe(hidden, gate_up_proj, down_proj, weights, ids, activation="silu", 
     E, two_i, _ = gate_up_proj.shape
     inter = two_i // 2
     k = ids.shape[1]
-    out = torch.empty_like(hidden)
     if T == 0 or k == 0:
-        return out.zero_()
+        return torch.zeros_like(hidden)
+    if T <= CHUNK_TOKENS:
+        return _fused_moe_chunk(hidden, gate_up_proj, down_proj, weights, ids, activation, config)
+    out = torch.empty_like(hidden)
     for t0 in range(0, T, CHUNK_TOKENS):
         t1 = min(T, t0 + CHUNK_TOKENS)
         out[t0:t1] = _fused_moe_chunk(hidden[t0:t1], gate_up_proj, down_proj, weights[t0:t1],
@@ -228,13 +234,100 @@ def _fused_moe_chunk(hidden, gate_up_proj, down_proj, weights, ids, activation, 
     inter = two_i // 2
     k = ids.shape[1]
     cfg = config or get_config(T, E, inter, H, hidden.dtype, hidden.device)
-    sorted_ids, expert_ids, num_post_pad = _align(ids, E, cfg["BLOCK_M"])
+    # vLLM's naive block assignment: when there are several times more experts than slots, most
+    # blocks would hold one slot anyway, so skip the align launch and give each slot its own block
+    naive = cfg.get("NAIVE", T * k * NAIVE_SLOTS_PER_EXPERT <= E)
+    if naive:
+        flat_ids = ids.reshape(-1)
+        sorted_ids, expert_ids, num_post_pad = flat_ids, flat_ids, flat_ids
+    else:
+        sorted_ids, expert_ids, num_post_pad = _align(ids, E, cfg["BLOCK_M"])
     # slots the align drops (never happens for validated ids) must still read as zero in the sum
     act = torch.empty((T * k, inter), device=hidden.device, dtype=hidden.dtype)
     per_slot = torch.zeros((T * k, H), device=hidden.device, dtype=torch.float32)
-    common = dict(num_valid=T * k, activation=activation, cfg=cfg)
+    common = dict(num_valid=T * k, activation=activation, cfg=cfg, naive=naive)
     _launch(hidden, gate_up_proj, act, None, sorted_ids, expert_ids, num_post_pad,
             N=inter, K=H, up_offset=inter, a_row_div=k, gated=True, mul_weight=False, **common)
     _launch(act, down_proj, per_slot, weights.reshape(-1), sorted_ids, expert_ids, num_post_pad,
             N=H, K=inter, up_offset=0, a_row_div=1, gated=False, mul_weight=True, **common)
     return per_slot.view(T, k, H).sum(dim=1).to(hidden.dtype)
+
+
+# ---- ahead-of-time compile check and tuning ---------------------------------------------------------
+
+_CONSTEXPRS = ("A_ROW_DIV", "GATED", "ACTIVATION", "MUL_ROUTED_WEIGHT", "DOT_PRECISION", "DOT_UPCAST", "NAIVE",
+               "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+
+
+def aot_compile(dtype: str = "bf16", gated: bool = True, arch: int = 90, cfg: dict | None = None,
+                activation: str = "silu", naive: bool = False):
+    """Compile one kernel variant for ``sm_<arch>`` without a GPU (CI check that the kernel builds).
+
+    Needs a process without ``TRITON_INTERPRET=1`` (under it ``triton.jit`` returns an interpreter).
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cfg = cfg or default_config(4096, 8, 128, 128, torch.bfloat16, "cuda")
+    names = _moe_gemm_kernel.arg_names
+    sig = {}
+    for n in names:
+        if n in _CONSTEXPRS:
+            sig[n] = "constexpr"
+        elif n in ("a_ptr", "b_ptr"):
+            sig[n] = "*" + dtype
+        elif n == "c_ptr":
+            sig[n] = "*" + (dtype if gated else "fp32")
+        elif n == "w_ptr":
+            sig[n] = "*fp32"
+        elif n.endswith("_ptr"):
+            sig[n] = "*i32"
+        else:
+            sig[n] = "i32"
+    values = dict(A_ROW_DIV=2 if gated else 1, GATED=gated, ACTIVATION=ACTIVATION_CODES[activation],
+                  MUL_ROUTED_WEIGHT=not gated, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
+                  DOT_UPCAST=False, NAIVE=naive, **{k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")})
+    src = ASTSource(fn=_moe_gemm_kernel, signature=sig,
+                    constexprs={(names.index(n),): v for n, v in values.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+
+
+TUNE_SPACE = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=s)
+              for bm in (16, 32, 64, 128) for bn in (32, 64, 128) for bk in (32, 64, 128)
+              for g in (1, 8) for w in (4, 8) for s in (3, 4)
+              if not (bm == 128 and bn == 128 and bk == 128)]
+
+
+def tune(E: int, N: int, H: int, dtype: torch.dtype, top_k: int, Ms=(1, 16, 64, 256, 1024, 4096),
+         space=None, write: bool = True) -> dict[int, dict]:
+    """Time every config of ``space`` on the current GPU for each token count M and write the
+    fastest to ``configs/`` (the file :func:`get_config` reads). Run on the target GPU; minutes."""
+    from triton.testing import do_bench
+
+    dev = torch.device("cuda")
+    gate_up = torch.randn(E, 2 * N, H, device=dev, dtype=dtype) / H**0.5
+    down = torch.randn(E, H, N, device=dev, dtype=dtype) / N**0.5
+    best: dict[int, dict] = {}
+    for M in Ms:
+        hidden = torch.randn(M, H, device=dev, dtype=dtype)
+        ids = torch.stack([torch.randperm(E, device=dev)[:top_k] for _ in range(M)]).int()
+        weights = torch.rand(M, top_k, device=dev).softmax(-1)
+        timings = []
+        for cfg in space or TUNE_SPACE:
+            try:
+                ms = do_bench(lambda: fused_moe(hidden, gate_up, down, weights, ids, config=cfg), rep=20)
+            except Exception as e:  # out of shared memory / registers for this tile: skip it
+                log.debug("fused_moe tune: %s failed: %s", cfg, e)
+                continue
+            timings.append((ms, cfg))
+        best[M] = min(timings, key=lambda t: t[0])[1]
+        log.info("fused_moe tune E=%d N=%d H=%d M=%d: %s (%.1f us)", E, N, H, M, best[M],
+                 1e3 * min(t[0] for t in timings))
+    if write:
+        path = os.path.join(CONFIG_DIR, config_file_name(E, N, H, dtype, device_name(dev)))
+        os.makedirs(CONFIG_DIR, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"_triton_version": triton.__version__, **{str(m): c for m, c in best.items()}}, f, indent=1)
+        _load_configs.cache_clear()
+    return best

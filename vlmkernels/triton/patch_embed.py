@@ -10,6 +10,8 @@ values.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -22,7 +24,7 @@ def _patch_gemm_kernel(
     s_n, s_c, s_h, s_w,
     ROWS,  # output rows per image: P (+1 with a class token)
     PATCH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CLS: tl.constexpr, HAS_POS: tl.constexpr,
-    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -47,7 +49,9 @@ def _patch_gemm_kernel(
         # HF casts pixels to the weight dtype before the conv
         a = a.to(w_ptr.dtype.element_ty)
         wt = tl.load(w_ptr + d[None, :].to(tl.int64) * K + k[:, None], mask=kmask[:, None] & dmask[None, :], other=0.0)
-        if IEEE:
+        if UPCAST:
+            acc += tl.dot(a.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
+        elif IEEE:
             acc += tl.dot(a, wt, input_precision="ieee")
         else:
             acc += tl.dot(a, wt)
@@ -110,6 +114,8 @@ def patch_embed(pixels, weight, bias, class_embedding, position_embedding, ln_we
         P, gw, d, K, *pixels.stride(), rows,
         PATCH=p, HAS_BIAS=bias is not None, HAS_CLS=class_embedding is not None,
         HAS_POS=position_embedding is not None, IEEE=weight.dtype in (torch.float32, torch.float64),
+        # the interpreter's bf16 dot is unreliable (numpy has no bf16); bf16 products are exact in fp32
+        UPCAST=weight.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
         BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=block_k,
     )
     if ln_eps is not None:

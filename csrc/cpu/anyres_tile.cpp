@@ -1,0 +1,273 @@
+// C++ CPU anyres_tile: uint8 images -> normalized LLaVA-NeXT tiles, no PIL.
+//
+// Per image: (1) view the source as interleaved RGB rows (3-channel HWC views are used in place;
+// other layouts, grayscale and RGBA are converted once, as HF converts them); (2) Pillow-exact
+// separable bicubic resize to the planned size and to the S x S global view, each pass
+// multithreaded over rows with at::parallel_for; (3) write every canvas pixel (resized image or
+// zero padding) normalized through a 256-entry table straight into its tile. The per-element math
+// lives in common/anyres_resample.h and is shared with the CUDA kernel.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "bindings.h"
+#include "common/anyres_plan.h"
+#include "common/anyres_resample.h"
+#include "common/anyres_tile_args.h"
+#include "common/check.h"
+
+namespace vlmk {
+namespace {
+using namespace vlmk::anyres;
+
+using Bytes = std::unique_ptr<uint8_t[]>;
+Bytes bytes(int64_t n) { return Bytes(new uint8_t[n]); }  // uninitialised: every byte gets written
+
+// Fixed-point taps of one axis (Pillow's bounds + normalised coefficients).
+struct AxisTaps {
+  int in, out, ksize;
+  std::vector<int32_t> k;
+  std::vector<int> xmin, count;
+  AxisTaps(int in_size, int out_size) : in(in_size), out(out_size) {
+    const AxisScale s = axis_scale(in_size, out_size);
+    ksize = s.ksize;
+    k.resize(static_cast<size_t>(out_size) * ksize);
+    xmin.resize(out_size);
+    count.resize(out_size);
+    for (int i = 0; i < out_size; ++i) count[i] = tap_weights(s, in_size, i, &k[size_t(i) * ksize], &xmin[i]);
+  }
+};
+
+// A uint8 RGB image with interleaved channels and a row stride (in bytes).
+struct RgbRows {
+  const uint8_t* p;
+  int64_t h, w, stride;
+};
+
+constexpr int kBlock = 8;  // rows resampled together by the horizontal pass (one SIMD lane each)
+
+// Horizontal pass over up to kBlock rows: the rows are first staged column-major per channel so
+// that the tap loop runs over 8 independent rows with a broadcast weight (vectorises to int32 SIMD).
+__attribute__((target_clones("avx2", "default")))
+void hpass_block(const uint8_t* src, int64_t src_stride, int nrows, int in_w, const AxisTaps& ax,
+                 uint8_t* dst, int64_t dst_stride, uint8_t* stage) {
+  for (int c = 0; c < 3; ++c) {
+    uint8_t* sc = stage + int64_t(c) * in_w * kBlock;
+    for (int r = 0; r < kBlock; ++r) {
+      const uint8_t* row = src + int64_t(r < nrows ? r : nrows - 1) * src_stride + c;
+      for (int j = 0; j < in_w; ++j) sc[j * kBlock + r] = row[j * 3];
+    }
+  }
+  for (int c = 0; c < 3; ++c) {
+    const uint8_t* sc = stage + int64_t(c) * in_w * kBlock;
+    for (int x = 0; x < ax.out; ++x) {
+      int32_t acc[kBlock];
+      for (int r = 0; r < kBlock; ++r) acc[r] = kRoundBias;
+      const int32_t* k = &ax.k[size_t(x) * ax.ksize];
+      const uint8_t* col = sc + int64_t(ax.xmin[x]) * kBlock;
+      const int n = ax.count[x];
+      for (int t = 0; t < n; ++t) {
+        const int32_t w = k[t];
+        for (int r = 0; r < kBlock; ++r) acc[r] += int32_t(col[t * kBlock + r]) * w;
+      }
+      for (int r = 0; r < nrows; ++r) dst[r * dst_stride + x * 3 + c] = clip8(acc[r]);
+    }
+  }
+}
+
+// dst rows [0, rows) = horizontal resample of src rows [0, rows).
+void hpass(const RgbRows& src, int64_t rows, const AxisTaps& ax, uint8_t* dst, int64_t dst_stride) {
+  const int64_t blocks = (rows + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    Bytes stage = bytes(int64_t(3) * src.w * kBlock);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t y = b * kBlock;
+      const int nrows = int(std::min<int64_t>(kBlock, rows - y));
+      hpass_block(src.p + y * src.stride, src.stride, nrows, int(src.w), ax, dst + y * dst_stride, dst_stride,
+                  stage.get());
+    }
+  });
+}
+
+__attribute__((target_clones("avx2", "default")))
+void vpass_row(const uint8_t* src, int64_t src_stride, int64_t n, const int32_t* k, int count, int32_t* acc,
+               uint8_t* dst) {
+  for (int64_t i = 0; i < n; ++i) acc[i] = kRoundBias;
+  for (int t = 0; t < count; ++t) {
+    const uint8_t* row = src + t * src_stride;
+    const int32_t w = k[t];
+    for (int64_t i = 0; i < n; ++i) acc[i] += int32_t(row[i]) * w;
+  }
+  for (int64_t i = 0; i < n; ++i) dst[i] = clip8(acc[i]);
+}
+
+// Vertical resample; tap indices are relative to src row `row0` (the first row src holds).
+void vpass(const RgbRows& src, int64_t row0, const AxisTaps& ax, uint8_t* dst, int64_t dst_stride) {
+  const int64_t n = src.w * 3;
+  at::parallel_for(0, ax.out, 4, [&](int64_t y0, int64_t y1) {
+    std::vector<int32_t> acc(n);
+    for (int64_t y = y0; y < y1; ++y)
+      vpass_row(src.p + (ax.xmin[y] - row0) * src.stride, src.stride, n, &ax.k[size_t(y) * ax.ksize],
+                ax.count[y], acc.data(), dst + y * dst_stride);
+  });
+}
+
+// Pillow-exact bicubic resize of an interleaved RGB image to out_h x out_w (rows of out_w * 3).
+Bytes resize_rgb(const RgbRows& src, int64_t out_h, int64_t out_w) {
+  Bytes out = bytes(out_h * out_w * 3);
+  const bool need_h = out_w != src.w, need_v = out_h != src.h;
+  const int64_t out_stride = out_w * 3;
+  if (!need_h && !need_v) {
+    at::parallel_for(0, out_h, 16, [&](int64_t y0, int64_t y1) {
+      for (int64_t y = y0; y < y1; ++y) std::memcpy(out.get() + y * out_stride, src.p + y * src.stride, out_stride);
+    });
+    return out;
+  }
+  if (!need_v) {
+    hpass(src, src.h, AxisTaps(int(src.w), int(out_w)), out.get(), out_stride);
+    return out;
+  }
+  AxisTaps vt(int(src.h), int(out_h));
+  if (!need_h) {
+    vpass(src, 0, vt, out.get(), out_stride);
+    return out;
+  }
+  AxisTaps ht(int(src.w), int(out_w));
+  if (vertical_first(int(src.h), int(src.w), int(out_h), int(out_w))) {
+    Bytes tmp = bytes(out_h * src.w * 3);
+    vpass(src, 0, vt, tmp.get(), src.w * 3);
+    hpass(RgbRows{tmp.get(), out_h, src.w, src.w * 3}, out_h, ht, out.get(), out_stride);
+    return out;
+  }
+  // horizontal first, only over the source rows the vertical pass reads (as Pillow does)
+  const int64_t first = vt.xmin[0], last = vt.xmin[out_h - 1] + vt.count[out_h - 1];
+  Bytes tmp = bytes((last - first) * out_stride);
+  hpass(RgbRows{src.p + first * src.stride, last - first, src.w, src.stride}, last - first, ht, tmp.get(), out_stride);
+  vpass(RgbRows{tmp.get(), last - first, out_w, out_stride}, first, vt, out.get(), out_stride);
+  return out;
+}
+
+// Any uint8 [H, W, C] view -> interleaved RGB rows, converted as HF converts (gray -> RGB,
+// RGBA composited onto white). Contiguous 3-channel HWC rows are used in place.
+RgbRows as_rgb(const at::Tensor& im, Bytes& storage) {
+  const int64_t h = im.size(0), w = im.size(1), c = im.size(2);
+  const int64_t sh = im.stride(0), sw = im.stride(1), sc = im.stride(2);
+  const uint8_t* p = im.data_ptr<uint8_t>();
+  if (c == 3 && sc == 1 && sw == 3) return RgbRows{p, h, w, sh};
+  storage = bytes(h * w * 3);
+  uint8_t* q = storage.get();
+  at::parallel_for(0, h, 16, [&](int64_t y0, int64_t y1) {
+    for (int64_t y = y0; y < y1; ++y) {
+      for (int64_t x = 0; x < w; ++x) {
+        const uint8_t* s = p + y * sh + x * sw;
+        uint8_t* d = q + (y * w + x) * 3;
+        if (c == 1) {
+          d[0] = d[1] = d[2] = s[0];
+        } else if (c == 3) {
+          d[0] = s[0], d[1] = s[sc], d[2] = s[2 * sc];
+        } else {
+          const uint8_t a = s[3 * sc];
+          for (int k = 0; k < 3; ++k) d[k] = composite_white(s[k * sc], a);
+        }
+      }
+    }
+  });
+  return RgbRows{q, h, w, w * 3};
+}
+
+// Canvas (rows*S x cols*S) -> tiles [first, first + rows*cols), row-major; pixels outside the
+// resized image at (pad_t, pad_l) are zero (black) before normalization.
+template <typename out_t>
+void emit_tiles(const uint8_t* img, int64_t ih, int64_t iw, int64_t pad_t, int64_t pad_l, int64_t rows,
+                int64_t cols, int64_t S, const float (*lut)[256], out_t* out) {
+  const int64_t canvas_h = rows * S;
+  at::parallel_for(0, canvas_h, 8, [&](int64_t y0, int64_t y1) {
+    for (int64_t cy = y0; cy < y1; ++cy) {
+      const int64_t r = cy / S, yy = cy % S, sy = cy - pad_t;
+      const bool row_in = sy >= 0 && sy < ih;
+      const uint8_t* srow = row_in ? img + sy * iw * 3 : nullptr;
+      for (int64_t tc = 0; tc < cols; ++tc) {
+        for (int c = 0; c < 3; ++c) {
+          out_t* o = out + (((r * cols + tc) * 3 + c) * S + yy) * S;
+          const float* l = lut[c];
+          for (int64_t xx = 0; xx < S; ++xx) {
+            const int64_t sx = tc * S + xx - pad_l;
+            const uint8_t v = (row_in && sx >= 0 && sx < iw) ? srow[sx * 3 + c] : uint8_t(0);
+            o[xx] = static_cast<out_t>(l[v]);
+          }
+        }
+      }
+    }
+  });
+}
+
+void anyres_tile_cpu(const std::vector<at::Tensor>& images, const at::Tensor& plan, at::Tensor out,
+                     int64_t tile, const std::vector<double>& mean, const std::vector<double>& stdv,
+                     bool global_view) {
+  const TileArgs a = check_tile_args(images, plan, out, tile, mean, stdv, global_view);
+  VLMK_CHECK_ARG(out.device().is_cpu(), "out must be a CPU tensor for the cpu backend");
+  float lut[3][256];
+  for (int c = 0; c < 3; ++c)
+    for (int v = 0; v < 256; ++v) lut[c][v] = normalize_u8(uint8_t(v), a.mean[c], a.stdv[c]);
+  const int64_t* p = plan.data_ptr<int64_t>();
+  const int64_t tile_elems = 3 * tile * tile;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "anyres_tile_cpu", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < a.n; ++i) {
+      const int64_t* r = p + i * kPlanCols;
+      Bytes storage;
+      const RgbRows src = as_rgb(images[i], storage);
+      scalar_t* dst = o + r[kFirst] * tile_elems;
+      if (global_view) {
+        Bytes g = resize_rgb(src, tile, tile);
+        emit_tiles<scalar_t>(g.get(), tile, tile, 0, 0, 1, 1, tile, lut, dst);
+        dst += tile_elems;
+      }
+      Bytes res = resize_rgb(src, r[kResH], r[kResW]);
+      emit_tiles<scalar_t>(res.get(), r[kResH], r[kResW], r[kPadT], r[kPadL], r[kRows], r[kCols], tile, lut, dst);
+    }
+  });
+}
+
+// sizes [n, 2] (H, W), pins [m, 2] (H, W) -> int64 [n, 10] (see schemas.py anyres_plan_llava).
+at::Tensor anyres_plan_llava_cpu(const at::Tensor& sizes, const at::Tensor& pins, int64_t tile) {
+  VLMK_CHECK_TYPE(sizes.scalar_type() == at::kLong && pins.scalar_type() == at::kLong,
+                  "sizes and pinpoints must be int64");
+  VLMK_CHECK_ARG(sizes.dim() == 2 && sizes.size(1) == 2, "sizes must be [n, 2], got ", sizes.sizes());
+  VLMK_CHECK_ARG(pins.dim() == 2 && pins.size(1) == 2 && pins.size(0) > 0,
+                 "pinpoints must be a non-empty [m, 2], got ", pins.sizes());
+  VLMK_CHECK_ARG(tile > 0, "tile_size must be positive, got ", tile);
+  const at::Tensor s = sizes.cpu().contiguous(), q = pins.cpu().contiguous();
+  const int64_t n = s.size(0), m = q.size(0);
+  const int64_t* sp = s.data_ptr<int64_t>();
+  const int64_t* qp = q.data_ptr<int64_t>();
+  for (int64_t i = 0; i < m; ++i)
+    VLMK_CHECK_ARG(qp[2 * i] > 0 && qp[2 * i + 1] > 0, "pinpoints must be positive, got ", qp[2 * i], "x", qp[2 * i + 1]);
+  for (int64_t i = 0; i < n; ++i)
+    VLMK_CHECK_ARG(sp[2 * i] > 0 && sp[2 * i + 1] > 0, "image sizes must be positive, got ", sp[2 * i], "x", sp[2 * i + 1]);
+  at::Tensor out = at::empty({n, 10}, s.options());
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, n, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const LlavaPlan pl = llava_plan(sp[2 * i], sp[2 * i + 1], qp, m, tile);
+      const int64_t row[10] = {pl.best_h, pl.best_w, pl.resized_h, pl.resized_w, pl.pad_l,
+                               pl.pad_t,  pl.pad_r,  pl.pad_b,     pl.rows,     pl.cols};
+      std::memcpy(op + i * 10, row, sizeof(row));
+    }
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace vlmk
+
+VLMK_BINDINGS(anyres_tile_cpu) {
+  m.def("anyres_tile_cpu", &vlmk::anyres_tile_cpu, "uint8 images -> normalized AnyRes tiles (writes out)",
+        pybind11::arg("images"), pybind11::arg("plan"), pybind11::arg("out"), pybind11::arg("tile_size"),
+        pybind11::arg("mean"), pybind11::arg("std"), pybind11::arg("global_view"));
+  m.def("anyres_plan_llava_cpu", &vlmk::anyres_plan_llava_cpu, "LLaVA AnyRes plans for many image sizes",
+        pybind11::arg("sizes"), pybind11::arg("pinpoints"), pybind11::arg("tile_size"));
+}

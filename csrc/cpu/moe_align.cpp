@@ -1,0 +1,99 @@
+// C++ CPU moe_align_block_size (vLLM layout, stable): per-chunk expert histograms in parallel, a
+// serial prefix over (expert, chunk), then a parallel in-order scatter. Chunks are contiguous
+// ranges of the flattened entries, so order inside an expert is the flattened order.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "bindings.h"
+#include "common/check.h"
+
+namespace vlmk {
+namespace {
+
+// Local expert of entry id, or -1 when the entry is dropped (out of range or not on this rank).
+inline int32_t local_expert(int32_t id, int64_t E, const int32_t* expert_map) {
+  if (id < 0 || id >= E) return -1;
+  if (expert_map) {
+    id = expert_map[id];
+    if (id < 0 || id >= E) return -1;
+  }
+  return id;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_size_cpu(const at::Tensor& ids, int64_t num_experts,
+                                                                       int64_t block_size,
+                                                                       const std::optional<at::Tensor>& expert_map,
+                                                                       int64_t max_padded) {
+  VLMK_CHECK_ARG(ids.dim() == 2, "ids must be 2-D [T, k]");
+  VLMK_CHECK_TYPE(ids.scalar_type() == at::kInt, "ids must be int32 here (the Python wrapper converts)");
+  check_device(ids, c10::kCPU, "ids");
+  check_contiguous(ids, "ids");
+  VLMK_CHECK_ARG(num_experts >= 1 && block_size >= 1, "num_experts and block_size must be >= 1");
+  const int64_t n = ids.numel(), E = num_experts, B = block_size;
+  VLMK_CHECK_ARG(max_padded >= 0 && max_padded <= n + E * (B - 1), "bad max_padded ", max_padded);
+  const int32_t* map = nullptr;
+  if (expert_map) {
+    VLMK_CHECK_ARG(expert_map->dim() == 1 && expert_map->size(0) == E, "expert_map must have shape [num_experts]");
+    VLMK_CHECK_TYPE(expert_map->scalar_type() == at::kInt, "expert_map must be int32 here");
+    check_device(*expert_map, c10::kCPU, "expert_map");
+    check_contiguous(*expert_map, "expert_map");
+    map = expert_map->const_data_ptr<int32_t>();
+  }
+  auto opts = ids.options().dtype(at::kInt);
+  auto sorted_ids = at::empty({max_padded}, opts);
+  auto expert_ids = at::empty({(max_padded + B - 1) / B}, opts);
+  auto total_out = at::empty({1}, opts);
+  const int32_t* in = ids.const_data_ptr<int32_t>();
+  int32_t* out = sorted_ids.mutable_data_ptr<int32_t>();
+
+  const int64_t chunk = 8192;
+  const int64_t P = std::max<int64_t>(1, std::min<int64_t>((n + chunk - 1) / chunk, at::get_num_threads() * 4));
+  const int64_t per = (n + P - 1) / std::max<int64_t>(P, 1);
+  std::vector<int64_t> offs(P * E, 0);  // counts, then start position per (chunk, expert)
+  at::parallel_for(0, P, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t i = c * per; i < std::min(n, (c + 1) * per); ++i) {
+        int32_t e = local_expert(in[i], E, map);
+        if (e >= 0) ++offs[c * E + e];
+      }
+  });
+  int64_t pos = 0;
+  std::vector<int64_t> seg_start(E), seg_padded(E);
+  for (int64_t e = 0; e < E; ++e) {
+    seg_start[e] = pos;
+    int64_t cnt = 0;
+    for (int64_t c = 0; c < P; ++c) {
+      int64_t v = offs[c * E + e];
+      offs[c * E + e] = pos + cnt;
+      cnt += v;
+    }
+    seg_padded[e] = (cnt + B - 1) / B * B;
+    pos += seg_padded[e];
+  }
+  TORCH_CHECK(pos <= max_padded, "internal: padded total ", pos, " exceeds buffer ", max_padded);
+  std::fill(out, out + max_padded, static_cast<int32_t>(n));  // the sentinel
+  at::parallel_for(0, P, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t i = c * per; i < std::min(n, (c + 1) * per); ++i) {
+        int32_t e = local_expert(in[i], E, map);
+        if (e >= 0) out[offs[c * E + e]++] = static_cast<int32_t>(i);
+      }
+  });
+  int32_t* eid = expert_ids.mutable_data_ptr<int32_t>();
+  std::fill(eid, eid + expert_ids.numel(), -1);
+  for (int64_t e = 0; e < E; ++e)
+    std::fill(eid + seg_start[e] / B, eid + (seg_start[e] + seg_padded[e]) / B, static_cast<int32_t>(e));
+  total_out.mutable_data_ptr<int32_t>()[0] = static_cast<int32_t>(pos);
+  return {sorted_ids, expert_ids, total_out};
+}
+
+}  // namespace
+}  // namespace vlmk
+
+VLMK_BINDINGS(moe_align_cpu) {
+  m.def("moe_align_block_size_cpu", &vlmk::moe_align_block_size_cpu, "vLLM-layout stable MoE align (CPU)",
+        pybind11::arg("ids"), pybind11::arg("num_experts"), pybind11::arg("block_size"), pybind11::arg("expert_map"),
+        pybind11::arg("max_padded"));
+}

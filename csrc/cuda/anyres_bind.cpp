@@ -1,0 +1,103 @@
+// Host side of the CUDA anyres_tile: validates, builds the batch descriptors and tap tables (with
+// the helpers the CPU kernel uses), uploads them in one copy and launches one kernel.
+#ifdef VLMK_WITH_CUDA
+#include <ATen/ATen.h>
+
+#include <cstring>
+#include <vector>
+
+#include "bindings.h"
+#include "common/anyres_resample.h"
+#include "common/anyres_tile_args.h"
+#include "common/anyres_tile_desc.h"
+#include "common/check.h"
+
+namespace vlmk {
+namespace anyres {
+
+void launch_anyres_tile(const at::Tensor& meta, int64_t n_images, at::Tensor& out, int64_t tile, const float* mean,
+                        const float* stdv);
+
+namespace {
+
+// Appends one axis's taps ({xmin, count, weights...} per output pixel); returns its offset.
+int64_t add_axis(std::vector<int32_t>& taps, int in_size, int out_size, int32_t* ksize) {
+  const int64_t off = static_cast<int64_t>(taps.size());
+  if (in_size == out_size) {  // Pillow skips this pass: identity taps compute the same values
+    *ksize = 1;
+    for (int i = 0; i < out_size; ++i) taps.insert(taps.end(), {i, 1, int32_t(1) << kPrecisionBits});
+    return off;
+  }
+  const AxisScale s = axis_scale(in_size, out_size);
+  *ksize = s.ksize;
+  std::vector<int32_t> k(s.ksize);
+  for (int i = 0; i < out_size; ++i) {
+    int xmin;
+    const int count = tap_weights(s, in_size, i, k.data(), &xmin);
+    taps.push_back(xmin);
+    taps.push_back(count);
+    taps.insert(taps.end(), k.begin(), k.end());
+  }
+  return off;
+}
+
+ResizeDesc make_resize(std::vector<int32_t>& taps, int in_h, int in_w, int out_h, int out_w) {
+  ResizeDesc r{};
+  r.out_h = out_h;
+  r.out_w = out_w;
+  r.taps_h = add_axis(taps, in_w, out_w, &r.ksize_h);
+  r.taps_v = add_axis(taps, in_h, out_h, &r.ksize_v);
+  // with one axis unchanged the order does not matter (identity taps); Pillow's rule otherwise
+  r.vertical_first = (in_w != out_w && in_h != out_h && vertical_first(in_h, in_w, out_h, out_w)) ? 1 : 0;
+  return r;
+}
+
+void anyres_tile_cuda(const std::vector<at::Tensor>& images, const at::Tensor& plan, at::Tensor out, int64_t tile,
+                      const std::vector<double>& mean, const std::vector<double>& stdv, bool global_view) {
+  const TileArgs a = check_tile_args(images, plan, out, tile, mean, stdv, global_view);
+  VLMK_CHECK_ARG(out.is_cuda(), "out must be a CUDA tensor for the cuda backend");
+  const int64_t* p = plan.data_ptr<int64_t>();
+  std::vector<ImageDesc> descs(a.n);
+  std::vector<TileDesc> tiles(a.num_tiles, TileDesc{-1, 0, 0, 0});
+  std::vector<int32_t> taps;
+  for (int64_t i = 0; i < a.n; ++i) {
+    const at::Tensor& im = images[i];
+    const int64_t* r = p + i * kPlanCols;
+    ImageDesc& d = descs[i];
+    d = ImageDesc{};
+    d.src = reinterpret_cast<int64_t>(im.data_ptr<uint8_t>());
+    d.stride_h = im.stride(0), d.stride_w = im.stride(1), d.stride_c = im.stride(2);
+    d.h = int32_t(im.size(0)), d.w = int32_t(im.size(1)), d.c = int32_t(im.size(2));
+    d.pad_t = int32_t(r[kPadT]), d.pad_l = int32_t(r[kPadL]);
+    d.rows = int32_t(r[kRows]), d.cols = int32_t(r[kCols]);
+    d.grid = make_resize(taps, d.h, d.w, int(r[kResH]), int(r[kResW]));
+    int64_t slot = r[kFirst];
+    if (global_view) {
+      d.whole = make_resize(taps, d.h, d.w, int(tile), int(tile));
+      tiles[slot++] = TileDesc{int32_t(i), 0, 0, 0};
+    }
+    for (int32_t row = 0; row < d.rows; ++row)
+      for (int32_t col = 0; col < d.cols; ++col) tiles[slot++] = TileDesc{int32_t(i), 1, row, col};
+  }
+  const size_t n_img = descs.size() * sizeof(ImageDesc), n_tile = tiles.size() * sizeof(TileDesc),
+               n_taps = taps.size() * sizeof(int32_t);
+  at::Tensor host = at::empty({int64_t(n_img + n_tile + n_taps)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  uint8_t* h = host.data_ptr<uint8_t>();
+  if (n_img) std::memcpy(h, descs.data(), n_img);
+  if (n_tile) std::memcpy(h + n_img, tiles.data(), n_tile);
+  if (n_taps) std::memcpy(h + n_img + n_tile, taps.data(), n_taps);
+  const at::Tensor meta = host.to(out.device(), /*non_blocking=*/true);
+  launch_anyres_tile(meta, a.n, out, tile, a.mean, a.stdv);
+}
+
+}  // namespace
+}  // namespace anyres
+}  // namespace vlmk
+
+VLMK_BINDINGS(anyres_tile_cuda) {
+  m.def("anyres_tile_cuda", &vlmk::anyres::anyres_tile_cuda,
+        "uint8 images -> normalized AnyRes tiles on CUDA, one launch (writes out)", pybind11::arg("images"),
+        pybind11::arg("plan"), pybind11::arg("out"), pybind11::arg("tile_size"), pybind11::arg("mean"),
+        pybind11::arg("std"), pybind11::arg("global_view"));
+}
+#endif  // VLMK_WITH_CUDA

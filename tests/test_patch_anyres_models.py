@@ -1,0 +1,148 @@
+"""patch() on tiny HF LLaVA-NeXT / LLaVA-OneVision models (random weights, offline): logits and
+gradients are kept, the report names what was patched, unpatch restores."""
+
+import pytest
+import torch
+
+import vlmkernels
+from tests.helpers import assert_close
+
+transformers = pytest.importorskip("transformers")
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches  # noqa: E402
+
+IMG_TOKEN = 300
+
+
+def _next_model():
+    cfg = transformers.LlavaNextConfig(
+        vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                    num_attention_heads=2, image_size=28, patch_size=7),
+        text_config=transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=320),
+        image_token_index=IMG_TOKEN, image_grid_pinpoints=[[28, 56], [56, 28], [56, 56], [84, 28]],
+    )
+    return transformers.LlavaNextForConditionalGeneration(cfg).eval()
+
+
+def _ov_model():
+    cfg = transformers.LlavaOnevisionConfig(
+        vision_config=transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                      num_attention_heads=2, image_size=30, patch_size=7,
+                                                      vision_use_head=False),
+        text_config=transformers.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=320),
+        image_token_index=IMG_TOKEN, video_token_index=301,
+        image_grid_pinpoints=[[30 * i, 30 * j] for i in (1, 2, 3) for j in (1, 2, 3)],
+        # anyres_max_2 with 4x4-token tiles: big grids take the bilinear downsample branch
+        vision_aspect_ratio="anyres_max_2",
+    )
+    return transformers.LlavaOnevisionForConditionalGeneration(cfg).eval()
+
+
+def _inputs(model, sizes):
+    cfg = model.config
+    tile = cfg.vision_config.image_size
+    sizes = torch.tensor(sizes)
+    n = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, tile) for s in sizes]
+    pv = torch.randn(len(sizes), max(n), 3, tile, tile)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pv, sizes).pooler_output
+    ids = [torch.tensor([1, 2])]
+    for f in feats:
+        ids += [torch.full((f.shape[0],), IMG_TOKEN), torch.tensor([3])]
+    return dict(input_ids=torch.cat(ids)[None], pixel_values=pv, image_sizes=sizes)
+
+
+SIZES = [[171, 152], [45, 70], [70, 20]]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("kind", ["next", "onevision"])
+def test_patched_logits_match(kind, backend):
+    model = _next_model() if kind == "next" else _ov_model()
+    inputs = _inputs(model, SIZES if kind == "next" else [[171, 152], [333, 296], [45, 70]])
+    with torch.no_grad():
+        exp = model(**inputs).logits
+        report = vlmkernels.patch(model, families=["anyres"], backend=backend)
+        got = model(**inputs).logits
+    emb = "clip_vision_embeddings" if kind == "next" else "siglip_vision_embeddings"
+    rules = {e.rule: e.path for e in report.patched}
+    assert rules == {f"llava_{kind}_model": "model", emb: "model.vision_tower.embeddings"} or \
+        rules == {f"llava_{kind}_model": "model", emb: "model.vision_tower.vision_model.embeddings"}
+    assert_close(got, exp, atol=2e-5, rtol=2e-5)
+    assert vlmkernels.unpatch(model) == 2
+    assert "pack_image_features" not in model.model.__dict__
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, exp)
+
+
+def test_patched_gradients_match():
+    model = _next_model().train()
+    inputs = _inputs(model, SIZES)
+    params = [model.model.image_newline, model.model.vision_tower.embeddings.patch_embedding.weight,
+              model.model.vision_tower.embeddings.class_embedding,
+              model.model.vision_tower.embeddings.position_embedding.weight]
+
+    def grads():
+        model.zero_grad()
+        model(**inputs).logits.square().mean().backward()
+        return [p.grad.clone() for p in params]
+
+    exp = grads()
+    vlmkernels.patch(model, families=["anyres"], backend="reference")
+    for g, e, name in zip(grads(), exp, ["image_newline", "patch weight", "class", "position"]):
+        assert_close(g, e, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_onevision_multi_image_sample_keeps_one_tile():
+    model = _ov_model()
+    sizes = torch.tensor([[45, 70], [70, 45]])
+    pv = torch.randn(2, 1, 3, 30, 30)
+    with torch.no_grad():
+        exp = model.model.get_image_features(pv, sizes, batch_num_images=torch.tensor([2])).pooler_output
+        vlmkernels.patch(model, families=["anyres"], backend="reference")
+        got = model.model.get_image_features(pv, sizes, batch_num_images=torch.tensor([2])).pooler_output
+    assert len(got) == 2
+    for g, e in zip(got, exp):
+        assert_close(g, e, atol=2e-5, rtol=2e-5)
+
+
+def test_interpolate_pos_encoding_uses_original():
+    model = _next_model()
+    tower = model.model.vision_tower
+    px = torch.randn(1, 3, 42, 42)
+    with torch.no_grad():
+        exp = tower(px, interpolate_pos_encoding=True).last_hidden_state
+        vlmkernels.patch(model, families=["anyres"], backend="reference")
+        got = tower(px, interpolate_pos_encoding=True).last_hidden_state
+        with pytest.raises(ValueError, match="doesn't match model"):
+            tower(px)
+    assert torch.equal(got, exp)
+
+
+def test_compile_fullgraph_patched_embeddings():
+    model = _next_model()
+    emb = model.model.vision_tower.embeddings
+    px = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        exp = emb(px)
+        vlmkernels.patch(model, families=["anyres"], backend="reference")
+        got = torch.compile(emb, fullgraph=True, backend="eager")(px)
+    assert_close(got, exp, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llava_next", "llava_onevision", "gpt4v"])
+def test_python_ref_models(name):
+    registry = pytest.importorskip("python_ref.registry")
+    if name not in registry.ARCHITECTURES:  # ARCHITECTURES fills lazily on lookup
+        pytest.skip(f"python_ref has no {name!r} model yet")
+    model = registry.build(name, size="tiny").eval()
+    inputs = registry.example_inputs(name, batch_size=2, size="tiny", model=model)
+    with torch.no_grad():
+        exp = model(**inputs)
+        report = vlmkernels.patch(model, families=["anyres"], backend="reference")
+        got = model(**inputs)
+    assert any("embeddings" in e.rule for e in report.patched)
+    exp = exp.logits if hasattr(exp, "logits") else exp
+    got = got.logits if hasattr(got, "logits") else got
+    assert_close(got, exp, atol=2e-5, rtol=2e-5)

@@ -1,0 +1,110 @@
+"""AnyRes planning: which canvas, resize, padding and tile grid an image gets.
+
+``anyres_plan`` plans one image with any strategy (pure Python, bit-exact with HF / InternVL /
+Qwen2-VL). ``anyres_plan_batch`` plans many images with the LLaVA strategy through the op
+``torch.ops.vlmkernels.anyres_plan_llava`` (C++ ``cpu`` backend sharing ``csrc/common/anyres_plan.h``
+with the CUDA kernels, or the ``reference`` backend).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from python_ref.ops.anyres import AnyResPlan
+from python_ref.ops.anyres import anyres_plan as _ref_plan
+from python_ref.ops.anyres import patch_output_size, select_best_resolution
+
+from .. import _ext, library, registry
+
+__all__ = ["AnyResPlan", "anyres_plan", "anyres_plan_batch"]
+
+OP = "anyres_plan_llava"
+PLAN_FIELDS = ("best_h", "best_w", "resized_h", "resized_w", "pad_l", "pad_t", "pad_r", "pad_b", "rows", "cols")
+
+
+def pinpoints_tensor(grid_pinpoints, name: str = "grid_pinpoints") -> torch.Tensor:
+    """(height, width) pairs -> int64 [m, 2], validated."""
+    try:
+        pins = torch.as_tensor(grid_pinpoints, dtype=torch.int64)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name} must be a list of (height, width) pairs, got {grid_pinpoints!r}") from None
+    if pins.dim() != 2 or pins.shape[1] != 2 or pins.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty list of (height, width) pairs, got shape {tuple(pins.shape)}")
+    if bool((pins <= 0).any()):
+        raise ValueError(f"{name} must be positive, got {pins.tolist()}")
+    return pins
+
+
+def anyres_plan(
+    image_size,
+    grid_pinpoints,
+    tile_size: int,
+    *,
+    strategy: str = "llava",
+    min_tiles: int = 1,
+    max_tiles: int = 12,
+    use_thumbnail: bool = True,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 28 * 28 * 1280,
+) -> AnyResPlan:
+    """Plan one ``(height, width)`` image; see :class:`AnyResPlan` for each strategy's fields.
+
+    ``"llava"`` matches HF ``select_best_resolution`` + ``get_patch_output_size`` + padding bit for
+    bit (``num_tiles`` counts the global view); ``"internvl"`` is ``dynamic_preprocess``
+    (``min_tiles``/``max_tiles``/``use_thumbnail``); ``"qwen2vl"`` is ``smart_resize`` with
+    ``factor = tile_size`` (``min_pixels``/``max_pixels``).
+    """
+    if strategy == "llava":
+        pinpoints_tensor(grid_pinpoints)
+    return _ref_plan(
+        image_size, grid_pinpoints, tile_size, strategy=strategy, min_tiles=min_tiles, max_tiles=max_tiles,
+        use_thumbnail=use_thumbnail, min_pixels=min_pixels, max_pixels=max_pixels,
+    )
+
+
+def anyres_plan_batch(sizes, grid_pinpoints, tile_size: int, *, backend: str = "auto") -> torch.Tensor:
+    """LLaVA plans of many images: ``sizes`` [n, 2] (H, W) -> int64 [n, 10] with the columns
+    ``best_h, best_w, resized_h, resized_w, pad_l, pad_t, pad_r, pad_b, rows, cols``."""
+    sizes = torch.as_tensor(sizes, dtype=torch.int64)
+    if sizes.numel() == 0:
+        sizes = sizes.reshape(0, 2)
+    if sizes.dim() != 2 or sizes.shape[1] != 2:
+        raise ValueError(f"sizes must be [n, 2] (height, width), got shape {tuple(sizes.shape)}")
+    if bool((sizes <= 0).any()):
+        raise ValueError("sizes must be positive")
+    if int(tile_size) <= 0:
+        raise ValueError(f"tile_size must be positive, got {tile_size}")
+    return library.op(OP)(sizes.cpu().contiguous(), pinpoints_tensor(grid_pinpoints), int(tile_size), backend)
+
+
+def _plan_reference(sizes: torch.Tensor, pins: torch.Tensor, tile: int) -> torch.Tensor:
+    pin_list = pins.tolist()
+    rows = []
+    for h, w in sizes.tolist():
+        bh, bw = select_best_resolution((h, w), pin_list)
+        rh, rw = patch_output_size((h, w), (bh, bw))
+        left, top = (bw - rw) // 2, (bh - rh) // 2
+        rows.append([bh, bw, rh, rw, left, top, bw - rw - left, bh - rh - top, bh // tile, bw // tile])
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 10)
+
+
+def _plan_cpu(sizes: torch.Tensor, pins: torch.Tensor, tile: int) -> torch.Tensor:
+    return _ext.require().anyres_plan_llava_cpu(sizes, pins, tile)
+
+
+registry.register(OP, "reference", _plan_reference, devices=("cpu", "cuda"))
+registry.register(OP, "cpu", _plan_cpu, devices=("cpu",))
+
+
+@library.register_fake(OP)
+def _plan_fake(sizes, pins, tile):
+    return sizes.new_empty((sizes.shape[0], 10))
+
+
+def plan_rows(sizes: Sequence[tuple[int, int]], grid_pinpoints, tile_size: int, backend: str = "auto") -> list[list[int]]:
+    """Python lists of plan rows (host-side helper for the tile functional)."""
+    if registry.availability(OP, "cpu", "cpu")[0] and backend in ("auto", "cpu", "cuda"):
+        return anyres_plan_batch(list(sizes), grid_pinpoints, tile_size, backend="cpu").tolist()
+    return anyres_plan_batch(list(sizes), grid_pinpoints, tile_size, backend="reference").tolist()

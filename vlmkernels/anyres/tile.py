@@ -1,0 +1,187 @@
+"""``anyres_tile``: uint8 images of any sizes -> normalized LLaVA-NeXT tiles, in one op.
+
+The functional :func:`anyres_tile` validates the images, finds each one's layout, plans the grids
+on the host and calls ``torch.ops.vlmkernels.anyres_tile`` with a fixed schema (a list of uint8
+``[H, W, C]`` views plus an int64 plan table), so the op works with ``torch.compile`` and opcheck.
+
+Backends: ``cpu`` (C++, multithreaded, Pillow-exact bicubic), ``cuda`` (one kernel launch for the
+whole batch) and ``reference`` (python_ref, pure PyTorch).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from python_ref.ops.anyres import image_to_rgb_chw, normalize_u8, tiles_from_plan
+
+from .. import _ext, library, registry
+from .plan import pinpoints_tensor, plan_rows
+
+__all__ = ["anyres_tile"]
+
+OP = "anyres_tile"
+PLAN_COLS = 7  # resized_h, resized_w, pad_top, pad_left, rows, cols, first output tile
+_CHANNELS = (1, 3, 4)
+_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def hwc_view(image, name: str = "image") -> torch.Tensor:
+    """A uint8 image as an ``[H, W, C]`` view (no copy).
+
+    Accepts a torch tensor or numpy array: ``[H, W]`` is grayscale; a 3-D image is channels-first
+    when its first dim is 1, 3 or 4 (HF's rule, also when both ends qualify), else channels-last
+    when its last dim is 1, 3 or 4.
+    """
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(image)
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(image).__name__}")
+    if image.dtype != torch.uint8:
+        raise TypeError(f"{name} must be uint8, got {image.dtype}")
+    if image.dim() == 2:
+        image = image[:, :, None]
+    elif image.dim() != 3:
+        raise ValueError(f"{name} must be [H, W], [C, H, W] or [H, W, C], got shape {tuple(image.shape)}")
+    elif image.shape[0] in _CHANNELS:
+        image = image.permute(1, 2, 0)
+    elif image.shape[-1] not in _CHANNELS:
+        raise ValueError(f"{name} must have 1, 3 or 4 channels (first or last dim), got shape {tuple(image.shape)}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(image.shape)}")
+    return image
+
+
+def _per_channel(values, name: str) -> list[float]:
+    vals = [float(v) for v in (values if isinstance(values, (list, tuple)) else [values] * 3)]
+    if len(vals) == 1:
+        vals = vals * 3
+    if len(vals) != 3:
+        raise ValueError(f"{name} must be a float or 3 floats, got {values!r}")
+    if name == "std" and any(v == 0 for v in vals):
+        raise ValueError(f"std must be non-zero, got {vals}")
+    return vals
+
+
+def tile_views(
+    views: Sequence[torch.Tensor],
+    grid_pinpoints,
+    tile_size: int,
+    mean,
+    std,
+    *,
+    global_view: bool = True,
+    out_dtype: torch.dtype = torch.float32,
+    pad_to_max: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, list[int]]:
+    """Tiles of ``[H, W, C]`` views. With ``pad_to_max`` every image gets ``max(tiles)`` slots
+    (zero-filled past its own tiles), i.e. the output reshapes to HF's ``[B, max_tiles, 3, S, S]``."""
+    tile = int(tile_size)
+    if tile <= 0:
+        raise ValueError(f"tile_size must be positive, got {tile_size}")
+    if out_dtype not in _OUT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+    pins = pinpoints_tensor(grid_pinpoints)
+    if bool((pins % tile != 0).any()):
+        raise ValueError(f"every grid pinpoint must be a multiple of tile_size={tile}, got {pins.tolist()}")
+    mean, std = _per_channel(mean, "mean"), _per_channel(std, "std")
+    devices = {v.device for v in views}
+    if len(devices) > 1:
+        raise ValueError(f"all images must be on one device, got {sorted(map(str, devices))}")
+    plans = plan_rows([tuple(v.shape[:2]) for v in views], pins, tile, backend)
+    counts = [p[8] * p[9] + int(global_view) for p in plans]
+    slot = max(counts, default=0) if pad_to_max else None
+    table, first = [], 0
+    for p, n in zip(plans, counts):
+        # columns: resized_h, resized_w, pad_top, pad_left, rows, cols, first output tile
+        table.append([p[2], p[3], p[5], p[4], p[8], p[9], first])
+        first += slot if pad_to_max else n
+    plan = torch.tensor(table, dtype=torch.int64).reshape(-1, PLAN_COLS)
+    out = library.op(OP)(list(views), plan, first, tile, mean, std, bool(global_view), out_dtype, backend)
+    return out, counts
+
+
+def anyres_tile(
+    images,
+    grid_pinpoints,
+    tile_size: int,
+    mean,
+    std,
+    *,
+    global_view: bool = True,
+    resample: str = "bicubic",
+    out_dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, list[int]]:
+    """uint8 images -> (``pixel_values`` [sum_tiles, 3, S, S], ``tiles_per_image``).
+
+    Per image, as HF's ``LlavaNextImageProcessorPil``: choose the grid pinpoint, resize keeping
+    the aspect ratio with Pillow-exact antialiased bicubic (uint8 rounding between the passes and
+    before normalizing), zero-pad (pads normalize to ``-mean/std``), cut row-major ``S x S`` tiles
+    and put the global view (the whole image squashed to ``S x S``) first.
+
+    ``images``: one image or a list; uint8 torch tensors or numpy arrays, ``[H, W]`` (grayscale),
+    ``[C, H, W]`` or ``[H, W, C]`` with C = 1, 3 or 4 (see :func:`hwc_view`), all on one device
+    (CPU or CUDA). Grayscale is replicated to RGB and RGBA is composited onto white, as HF does.
+    ``mean``/``std``: 3 floats (or one); ``out_dtype``: float32, float16 or bfloat16.
+    """
+    if resample != "bicubic":
+        raise ValueError(f"resample must be 'bicubic' (PIL filter 3), got {resample!r}")
+    if isinstance(images, (torch.Tensor, np.ndarray)):
+        images = [images]
+    if not isinstance(images, (list, tuple)):
+        raise TypeError(f"images must be a list of uint8 tensors, got {type(images).__name__}")
+    views = [hwc_view(im, f"images[{i}]") for i, im in enumerate(images)]
+    return tile_views(views, grid_pinpoints, tile_size, mean, std, global_view=global_view,
+                      out_dtype=out_dtype, backend=backend)
+
+
+# ---- backends ------------------------------------------------------------------------------------
+
+
+def _alloc(images, plan: torch.Tensor, num_tiles: int, tile: int, global_view: bool, out_dtype) -> torch.Tensor:
+    device = images[0].device if len(images) else torch.device("cpu")
+    covered = int((plan[:, 4] * plan[:, 5]).sum()) + len(images) * int(global_view) if len(images) else 0
+    make = torch.empty if covered == num_tiles else torch.zeros  # slots no image writes stay zero
+    return make(num_tiles, 3, tile, tile, dtype=out_dtype, device=device)
+
+
+def _tile_cpu(images, plan, num_tiles, tile, mean, std, global_view, out_dtype):
+    out = _alloc(images, plan, num_tiles, tile, global_view, out_dtype)
+    _ext.require().anyres_tile_cpu(list(images), plan, out, tile, list(mean), list(std), global_view)
+    return out
+
+
+def _tile_cuda(images, plan, num_tiles, tile, mean, std, global_view, out_dtype):
+    out = _alloc(images, plan, num_tiles, tile, global_view, out_dtype)
+    _ext.require().anyres_tile_cuda(list(images), plan, out, tile, list(mean), list(std), global_view)
+    return out
+
+
+def _tile_reference(images, plan, num_tiles, tile, mean, std, global_view, out_dtype):
+    if plan.device.type != "cpu" or plan.dtype != torch.int64 or tuple(plan.shape) != (len(images), PLAN_COLS):
+        raise ValueError(f"plan must be a CPU int64 [{len(images)}, {PLAN_COLS}] table, got {plan.dtype} {tuple(plan.shape)}")
+    out = _alloc(images, plan, num_tiles, tile, global_view, out_dtype)
+    for i, (im, row) in enumerate(zip(images, plan.tolist())):
+        rh, rw, top, left, rows, cols, first = row
+        n = rows * cols + int(global_view)
+        if first < 0 or first + n > num_tiles:
+            raise ValueError(f"plan[{i}]: tiles [{first}, {first + n}) exceed num_tiles={num_tiles}")
+        rgb = image_to_rgb_chw(im.permute(2, 0, 1), name=f"images[{i}]")
+        tiles = tiles_from_plan(rgb, (rh, rw), (top, left), (rows, cols), tile, global_view)
+        out[first:first + n] = torch.stack([normalize_u8(t, mean, std, out_dtype) for t in tiles])
+    return out
+
+
+registry.register(OP, "reference", _tile_reference, devices=("cpu", "cuda"))
+registry.register(OP, "cpu", _tile_cpu, devices=("cpu",))
+registry.register(OP, "cuda", _tile_cuda, devices=("cuda",))
+
+
+@library.register_fake(OP)
+def _tile_fake(images, plan, num_tiles, tile, mean, std, global_view=True, out_dtype=torch.float32):
+    device = images[0].device if len(images) else torch.device("cpu")
+    return torch.empty(num_tiles, 3, tile, tile, dtype=out_dtype, device=device)

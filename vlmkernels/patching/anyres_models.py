@@ -1,0 +1,136 @@
+"""Patch rules for HF LLaVA-NeXT / LLaVA-OneVision models (the AnyRes family).
+
+- ``LlavaNextModel`` / ``LlavaOnevisionModel``: ``pack_image_features`` becomes one
+  ``anyres_pack`` launch (same signature, same ``(list of [n_i, C], feature_lens)`` return).
+  Rules sit on the ``*Model`` (not the ``*ForConditionalGeneration`` wrapper, whose OneVision
+  ``pack_image_features`` is broken in transformers 5.x) and are found by ``patch(model)`` from any
+  parent.
+- ``CLIPVisionEmbeddings`` / ``SiglipVisionEmbeddings`` (the vision towers of both): ``forward``
+  becomes one ``patch_embed`` (conv GEMM + bias + class token + positions). CLIP's
+  ``pre_layrnorm`` stays HF's LayerNorm, because the tower's ``forward`` (not the embeddings)
+  applies it and hidden-state capture hooks sit around it.
+
+Calls with ``interpolate_pos_encoding=True`` go to the original forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..anyres.embed import patch_embed
+from ..anyres.pack import pack_rows
+from .core import PatchRule, SkipPatch, register_rule
+
+FAMILY = "anyres"
+
+
+def _is(obj, *class_names: str) -> bool:
+    # match by class name along the MRO so that transformers is never imported here
+    return any(k.__name__ in class_names for k in type(obj).__mro__)
+
+
+# ---- pack_image_features --------------------------------------------------------------------------
+
+def _pack_config(model):
+    cfg = getattr(model, "config", None)
+    vc = getattr(cfg, "vision_config", None)
+    pins = getattr(cfg, "image_grid_pinpoints", None)
+    if vc is None or not pins:
+        raise SkipPatch("config has no vision_config / image_grid_pinpoints")
+    tile, p = int(vc.image_size), int(vc.patch_size)
+    return [list(map(int, q)) for q in pins], tile, tile // p
+
+
+def _packed(conf, image_features, image_sizes, image_newline, max_area_tiles, backend):
+    pins, tile, side = conf
+    feats = list(image_features)
+    features = feats[0] if len(feats) == 1 else torch.cat(feats, dim=0)
+    if features.dim() != 3 or features.shape[1] != side * side:
+        raise ValueError(
+            f"image features of shape {tuple(features.shape)} do not have {side}x{side} tokens per tile "
+            "(a vision encoder with a CLS token needs vision_feature_select_strategy='default')"
+        )
+    rows, lens = pack_rows(features, image_sizes, pins, tile, image_newline, max_area_tiles=max_area_tiles,
+                           tiles_per_image=[f.shape[0] for f in feats], backend=backend)
+    feature_lens = torch.tensor(lens, dtype=torch.long, device=features.device)
+    return list(torch.split(rows, lens, dim=0)), feature_lens
+
+
+def _build_llava_next(model, backend):
+    conf = _pack_config(model)
+
+    def pack_image_features(self, image_features, image_sizes, vision_feature_select_strategy, image_newline=None):
+        return _packed(conf, image_features, image_sizes, image_newline, None, backend)
+
+    return {"pack_image_features": pack_image_features}
+
+
+def _build_llava_onevision(model, backend):
+    conf = _pack_config(model)
+
+    def pack_image_features(self, image_features, image_sizes, image_newline=None, vision_aspect_ratio="anyres_max_9"):
+        if vision_aspect_ratio is None:
+            vision_aspect_ratio = getattr(self.config, "vision_aspect_ratio", "anyres_max_9")
+        # HF parses it with str.strip("anyres_max_"); keep the same parse
+        max_tiles = int(vision_aspect_ratio.strip("anyres_max_"))
+        return _packed(conf, image_features, image_sizes, image_newline, max_tiles, backend)
+
+    return {"pack_image_features": pack_image_features}
+
+
+register_rule(PatchRule(FAMILY, "llava_next_model", match=lambda o: _is(o, "LlavaNextModel"),
+                        build=_build_llava_next))
+register_rule(PatchRule(FAMILY, "llava_onevision_model", match=lambda o: _is(o, "LlavaOnevisionModel"),
+                        build=_build_llava_onevision))
+
+
+# ---- vision embeddings ----------------------------------------------------------------------------
+
+def _check_conv(emb):
+    conv = getattr(emb, "patch_embedding", None)
+    if not isinstance(conv, torch.nn.Conv2d):
+        raise SkipPatch("patch_embedding is not an nn.Conv2d")
+    k = conv.kernel_size
+    if k[0] != k[1] or tuple(conv.stride) != tuple(k) or conv.groups != 1 or tuple(conv.dilation) != (1, 1):
+        raise SkipPatch(f"patch conv is not a square stride=kernel conv (kernel {k}, stride {conv.stride})")
+    if conv.padding not in ("valid", (0, 0)) or conv.padding_mode != "zeros":
+        raise SkipPatch(f"patch conv has padding {conv.padding!r}")
+    pos = getattr(emb, "position_embedding", None)
+    ids = getattr(emb, "position_ids", None)
+    if not isinstance(pos, torch.nn.Embedding) or ids is None:
+        raise SkipPatch("no nn.Embedding position_embedding / position_ids")
+    n = ids.shape[-1]
+    if ids.numel() != n or not torch.equal(ids.reshape(-1).cpu(), torch.arange(n)) or n > pos.num_embeddings:
+        raise SkipPatch("position_ids are not 0..n-1")
+    return conv
+
+
+def _build_embeddings(emb, backend, *, with_cls: bool):
+    _check_conv(emb)
+    cls_forward = type(emb).forward
+    n_pos = emb.position_ids.shape[-1]
+
+    def forward(self, pixel_values, interpolate_pos_encoding=False):
+        if interpolate_pos_encoding:
+            return cls_forward(self, pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        if with_cls:
+            h, w = pixel_values.shape[-2:]
+            if h != self.image_size or w != self.image_size:
+                raise ValueError(
+                    f"Input image size ({h}*{w}) doesn't match model ({self.image_size}*{self.image_size})."
+                )
+        conv = self.patch_embedding
+        return patch_embed(
+            pixel_values, conv.weight, conv.bias,
+            class_embedding=self.class_embedding if with_cls else None,
+            position_embedding=self.position_embedding.weight[:n_pos],
+            backend=backend,
+        )
+
+    return {"forward": forward}
+
+
+register_rule(PatchRule(FAMILY, "clip_vision_embeddings", match=lambda o: _is(o, "CLIPVisionEmbeddings"),
+                        build=lambda o, b: _build_embeddings(o, b, with_cls=True)))
+register_rule(PatchRule(FAMILY, "siglip_vision_embeddings", match=lambda o: _is(o, "SiglipVisionEmbeddings"),
+                        build=lambda o, b: _build_embeddings(o, b, with_cls=False)))

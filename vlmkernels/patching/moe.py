@@ -1,0 +1,228 @@
+"""MoE patch rules: HF transformers 5.x routers and experts, python_ref's top-k selectors.
+
+* Routers (``*TopKRouter`` / ``DeepseekV3TopkRouter``): the forward becomes the model's own router
+  linear + ``moe_topk_route`` and keeps returning ``(router_logits, weights, ids)`` with the
+  original dtypes: fp32 weights for Mixtral and DeepSeek-V3, the logits' dtype for Qwen2/3-MoE,
+  OLMoE and Qwen3-VL-MoE; int64 ids, like ``torch.topk``.
+* Experts (``*Experts`` of the same models, HF v5 3-D weights): the forward becomes ``fused_moe``.
+  Qwen2-MoE's sigmoid-gated shared expert and DeepSeek's shared experts are dense MLPs the block
+  adds itself; the block's forward is left alone and simply calls the patched router and experts.
+* transformers' experts interface gets a ``"vlmkernels"`` implementation (global registration, so
+  ``model.set_experts_implementation("vlmkernels")`` works); ``patch()`` never changes a model's
+  ``_experts_implementation``, it binds forwards on the matching instances only.
+* python_ref: ``TopKTokenSelector`` (DynamicQFormer) -> ``topk_select_tokens``; ``ExpertRouter`` with
+  ``top_k`` set (LEO, dynamic_vision_selector) -> ``moe_topk_route``.
+
+Classes are matched by name and module, so nothing here imports transformers or python_ref eagerly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .core import PatchRule, SkipPatch, register_rule
+
+FAMILY = "moe"
+
+# router class -> how HF routes (see the anchor's table); every one is softmax/sigmoid in fp32
+_SOFTMAX_ROUTERS = {
+    # name: (renormalize attribute or True, weights keep fp32?)
+    "MixtralTopKRouter": (True, True),
+    "Qwen2MoeTopKRouter": ("norm_topk_prob", False),
+    "Qwen3MoeTopKRouter": ("norm_topk_prob", False),
+    "OlmoeTopKRouter": ("norm_topk_prob", False),
+    "Qwen3VLMoeTextTopKRouter": (True, False),
+}
+_GROUPED_SIGMOID_ROUTERS = ("DeepseekV3TopkRouter",)
+_EXPERTS = ("MixtralExperts", "Qwen2MoeExperts", "Qwen3MoeExperts", "OlmoeExperts", "DeepseekV3Experts",
+            "Qwen3VLMoeTextExperts")
+
+
+def _is_hf(obj, names) -> bool:
+    cls = type(obj)
+    return cls.__name__ in names and cls.__module__.startswith("transformers.models.")
+
+
+def _is_python_ref(obj, name: str) -> bool:
+    cls = type(obj)
+    return cls.__name__ == name and cls.__module__.startswith("python_ref")
+
+
+def _ops():
+    from .. import ops
+
+    return ops
+
+
+# ---- HF routers ---------------------------------------------------------------------------------
+
+def _build_softmax_router(router, backend):
+    renorm_attr, fp32_weights = _SOFTMAX_ROUTERS[type(router).__name__]
+    if not isinstance(getattr(router, "weight", None), torch.Tensor) or router.weight.dim() != 2:
+        raise SkipPatch("router has no 2-D weight")
+    if renorm_attr is not True and not hasattr(router, renorm_attr):
+        raise SkipPatch(f"router has no {renorm_attr}")
+    ops = _ops()
+
+    def forward(self, hidden_states):
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        router_logits = F.linear(hidden_states, self.weight)
+        renormalize = True if renorm_attr is True else bool(getattr(self, renorm_attr))
+        weights, ids = ops.moe_topk_route(
+            router_logits, self.top_k, scoring="softmax", renormalize=renormalize,
+            weights_dtype=torch.float32 if fp32_weights else router_logits.dtype, backend=backend,
+        )
+        return router_logits, weights, ids.long()
+
+    return {"forward": forward}
+
+
+def _build_deepseek_router(router, backend):
+    for attr in ("weight", "e_score_correction_bias", "num_group", "topk_group", "norm_topk_prob",
+                 "routed_scaling_factor", "top_k", "num_experts"):
+        if not hasattr(router, attr):
+            raise SkipPatch(f"router has no {attr}")
+    if router.num_experts % router.num_group:
+        raise SkipPatch(f"num_experts={router.num_experts} is not divisible by n_group={router.num_group}")
+    ops = _ops()
+
+    def forward(self, hidden_states):
+        hidden_states = hidden_states.view(-1, self.hidden_dim)
+        router_logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
+        weights, ids = ops.moe_topk_route(
+            router_logits, self.top_k, scoring="sigmoid", renormalize=bool(self.norm_topk_prob),
+            bias=self.e_score_correction_bias.float(), num_groups=self.num_group,
+            topk_groups=self.topk_group, group_score="top2_sum",
+            scaling_factor=float(self.routed_scaling_factor), weights_dtype=torch.float32, backend=backend,
+        )
+        return router_logits, weights, ids.long()
+
+    return {"forward": forward}
+
+
+# ---- HF experts ---------------------------------------------------------------------------------
+
+def _activation_name(experts) -> str | None:
+    from python_ref.ops.moe_experts import MOE_ACTIVATIONS
+
+    act = getattr(getattr(experts, "config", None), "hidden_act", None)
+    for name, spellings in MOE_ACTIVATIONS.items():
+        if act in spellings:
+            return name
+    return None
+
+
+def _experts_unsupported(experts) -> str | None:
+    """Why ``fused_moe`` cannot stand in for this experts module, or None."""
+    for attr in ("gate_up_proj", "down_proj"):
+        w = getattr(experts, attr, None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 3:
+            return f"no 3-D {attr} (quantized or legacy experts)"
+        if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"{attr} dtype {w.dtype} is not supported"
+    flags = {"has_gate": True, "has_bias": False, "is_transposed": False, "is_concatenated": True,
+             "has_post_expert_norm": False, "_is_expert_parallel": False}
+    for attr, want in flags.items():
+        if getattr(experts, attr, want) != want:
+            return f"{attr}={getattr(experts, attr)} is not supported"
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:  # transformers without the experts interface
+        _default_apply_gate = None
+    gate = getattr(type(experts), "_apply_gate", _default_apply_gate)
+    if gate is not _default_apply_gate:
+        return "custom _apply_gate"
+    if _activation_name(experts) is None:
+        return f"activation {getattr(getattr(experts, 'config', None), 'hidden_act', None)!r} is not fused"
+    return None
+
+
+def _experts_forward(backend: str, activation: str):
+    ops = _ops()
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        x = hidden_states
+        if x.dtype != self.gate_up_proj.dtype:  # autocast: HF casts the input to the weights' dtype
+            x = x.to(self.gate_up_proj.dtype)
+        out = ops.fused_moe(x, self.gate_up_proj, self.down_proj, top_k_weights, top_k_index,
+                            activation=activation, backend=backend, check_ids=False)
+        return out.to(hidden_states.dtype)
+
+    return forward
+
+
+def _build_experts(experts, backend):
+    why = _experts_unsupported(experts)
+    if why:
+        raise SkipPatch(why)
+    return {"forward": _experts_forward(backend, _activation_name(experts))}
+
+
+def vlmkernels_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """transformers ``ExpertsInterface`` entry ``"vlmkernels"``: ``fused_moe`` with ``backend="auto"``,
+    HF's ``grouped_mm`` for layouts it does not cover (bias, transposed, custom gate, EP)."""
+    if _experts_unsupported(self) is not None:
+        from transformers.integrations.moe import grouped_mm_experts_forward
+
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    return _experts_forward("auto", _activation_name(self))(self, hidden_states, top_k_index, top_k_weights)
+
+
+def register_experts_implementation() -> bool:
+    """Add ``"vlmkernels"`` to transformers' experts interface; False where it does not exist."""
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:
+        return False
+    ALL_EXPERTS_FUNCTIONS.register("vlmkernels", vlmkernels_experts_forward)
+    return True
+
+
+# ---- python_ref -------------------------------------------------------------------------------------
+
+def _build_token_selector(selector, backend):
+    ops = _ops()
+
+    def forward(self, scores, tokens):
+        if self.k > scores.shape[-1]:
+            raise ValueError(f"k={self.k} exceeds the number of tokens N={scores.shape[-1]}")
+        selected, index = ops.topk_select_tokens(scores, tokens, self.k, backend=backend)
+        return selected, index.long()
+
+    return {"forward": forward}
+
+
+def _build_expert_router(router, backend):
+    if getattr(router, "top_k", None) is None:
+        raise SkipPatch("dense softmax routing (top_k=None): nothing to fuse")
+    ops = _ops()
+
+    def forward(self, features, image_type=None):
+        logits = self.compute_logits(features)
+        vals, ids = ops.moe_topk_route(logits, self.top_k, scoring="softmax", renormalize=True,
+                                       backend=backend)
+        weights = torch.zeros_like(logits, dtype=torch.float32).scatter(1, ids.long(), vals)
+        if image_type is not None:
+            image_type = self._check_image_type(image_type, features.shape[0])
+            forced = F.one_hot(image_type.clamp_min(0), self.num_experts).to(weights.dtype)
+            weights = torch.where((image_type >= 0).unsqueeze(1), forced, weights)
+        return weights.to(features.dtype)
+
+    return {"forward": forward}
+
+
+def _build_router(router, backend):
+    if type(router).__name__ in _GROUPED_SIGMOID_ROUTERS:
+        return _build_deepseek_router(router, backend)
+    return _build_softmax_router(router, backend)
+
+
+register_rule(PatchRule(FAMILY, "hf_router", match=lambda m: _is_hf(m, (*_SOFTMAX_ROUTERS, *_GROUPED_SIGMOID_ROUTERS)),
+                        build=_build_router))
+register_rule(PatchRule(FAMILY, "hf_experts", match=lambda m: _is_hf(m, _EXPERTS), build=_build_experts))
+register_rule(PatchRule(FAMILY, "topk_token_selector", match=lambda m: _is_python_ref(m, "TopKTokenSelector"),
+                        build=_build_token_selector))
+register_rule(PatchRule(FAMILY, "expert_router", match=lambda m: _is_python_ref(m, "ExpertRouter"),
+                        build=_build_expert_router))
+register_experts_implementation()
