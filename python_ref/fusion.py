@@ -104,10 +104,10 @@ class ExpertRouter(nn.Module):
 
     ``compute_logits(features [B, in_dim]) -> [B, E]``: Linear -> ReLU -> Linear (the document's LEO
     router; ``hidden=None`` uses ``in_dim``). ``forward(features, image_type=None) -> weights [B, E]``:
-    softmax of the logits in fp32; with ``top_k`` set, the top-k probabilities renormalised to sum to 1
-    and zeros elsewhere (MoVA), via ``python_ref.ops.moe_topk_route``. ``image_type`` (int64 [B]) forces
-    row ``b`` one-hot on expert ``image_type[b]`` (the document's explicit override); ``-1`` keeps the
-    learned routing for that row. Weights are returned in the features' dtype (MoVA casts the same way).
+    softmax of the logits in fp32 (fp64 for fp64 features); with ``top_k`` set, the top-k probabilities
+    renormalised to sum to 1 and zeros elsewhere (MoVA), via ``python_ref.ops.moe_topk_route``.
+    ``image_type`` (int64 [B]) forces row ``b`` one-hot on expert ``image_type[b]`` (the document's
+    explicit override); ``-1`` keeps the learned routing for that row. Weights are returned in the features' dtype (MoVA casts the same way).
     """
 
     def __init__(self, in_dim: int, num_experts: int, hidden: int | None = None, top_k: int | None = None,
@@ -161,7 +161,8 @@ class ExpertMix(nn.Module):
     """Weighted sum of per-expert features: ``out[b] = sum_e weights[b, e] * feats[b, e]``.
 
     ``forward(expert_feats, weights [B, E]) -> [B, N, D]`` where ``expert_feats`` is a list of E tensors
-    [B, N, D] or one tensor [B, E, N, D]. Accumulates in fp32 and returns the features' dtype.
+    [B, N, D] or one tensor [B, E, N, D]. Accumulates in fp32 (fp64 for fp64 features) and returns the
+    features' dtype.
     """
 
     def forward(self, expert_feats, weights: torch.Tensor) -> torch.Tensor:

@@ -199,3 +199,18 @@ def test_base_dimensions_on_meta():
     assert m.tiles_per_image == 5 and m.vision_tower.config.image_size == 336
     m = _meta("claude")
     assert m.tiles_per_image == 5 and m.llm_hidden == 4096
+
+
+def test_bad_inputs_get_clear_errors():
+    model, inputs, _ = _run("minigpt5")
+    with pytest.raises(TypeError, match="floating"):
+        model(**{**inputs, "pixel_values": inputs["pixel_values"].to(torch.uint8)})
+    with pytest.raises(ValueError, match="pixel_values"):
+        model(**{**inputs, "pixel_values": inputs["pixel_values"][0]})
+    with pytest.raises(ValueError, match="input_ids"):
+        model(**{**inputs, "input_ids": inputs["input_ids"] + model.vocab_size})
+    with pytest.raises(ValueError, match="labels"):
+        model(**{**inputs, "labels": inputs["labels"][:, :3]})
+    model, inputs, _ = _run("claude")
+    with pytest.raises(TypeError, match="uint8"):
+        model(**{**inputs, "images": inputs["images"].float()})

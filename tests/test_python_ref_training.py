@@ -76,6 +76,11 @@ def test_lora_is_idempotent_and_skips_lm_head():
     training.configure(model, "lora")  # second application adds nothing new
     n_lora = sum(isinstance(m, training.LoRALinear) for m in model.modules())
     assert n_lora == len(first)
+    summary = training.trainable_summary(model)
+    assert summary["vision"][0] == 0 and summary["fusion"][0] == summary["fusion"][1]
+    assert 0 < summary["llm"][0] < 0.5 * summary["llm"][1]  # only the adapters
+    training.configure(model, "lora", lora_train_fusion=False)
+    assert training.trainable_summary(model)["fusion"][0] == 0
 
 
 def test_bad_strategy_and_unclassified_parameter():

@@ -65,8 +65,10 @@ class LlavaV15WithAlignment(LlavaForConditionalGeneration):
         self._captured = []
         # Capture the projector output instead of re-running the tower: the HF output field that
         # carries it was renamed across transformers versions.
-        self.model.multi_modal_projector.register_forward_hook(
-            lambda mod, args, out: self._captured.append(out))
+        self.model.multi_modal_projector.register_forward_hook(self._capture_projection)
+
+    def _capture_projection(self, module, args, output):
+        self._captured.append(output)
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, *args, labels=None, **kwargs):
         self._captured.clear()
@@ -74,6 +76,8 @@ class LlavaV15WithAlignment(LlavaForConditionalGeneration):
         captured, self._captured = self._captured, []
         if labels is None or not captured or self.alignment_loss_weight == 0.0:
             return out
+        if input_ids is None:
+            raise ValueError("the alignment loss needs input_ids (to find the text positions)")
         image = captured[-1]                                    # [n_images, tokens, H]
         if image.size(0) != input_ids.size(0):
             raise ValueError("the alignment loss needs exactly one image per sample, got "
@@ -105,7 +109,7 @@ def build(size: str = "tiny", **overrides):
     return build_llava(size, **overrides)
 
 
-def llava_inputs(model, batch_size: int, seed: int, size: str, default_builder=build) -> dict:
+def llava_inputs(model, batch_size: int, seed: int, size: str) -> dict:
     """One image per sample: ``pixel_values`` [B, 3, S, S] (normalized floats), ``input_ids`` with
     ``image_tokens_per_image`` placeholders, ``attention_mask`` and ``labels``."""
     cfg = model.config if model is not None else llava_config(size)

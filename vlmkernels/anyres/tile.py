@@ -182,6 +182,6 @@ registry.register(OP, "cuda", _tile_cuda, devices=("cuda",))
 
 
 @library.register_fake(OP)
-def _tile_fake(images, plan, num_tiles, tile, mean, std, global_view=True, out_dtype=torch.float32):
+def _tile_fake(images, plan, num_tiles, tile, mean, std, global_view=True, out_dtype=torch.float32, backend="auto"):
     device = images[0].device if len(images) else torch.device("cpu")
     return torch.empty(num_tiles, 3, tile, tile, dtype=out_dtype, device=device)

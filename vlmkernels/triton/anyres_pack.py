@@ -25,7 +25,7 @@ def _grid_src_row(gy, gx, row0, col0, npw, feat_start, SIDE: tl.constexpr):
     r = row0 + gy
     c = col0 + gx
     tile = (r // SIDE) * npw + (c // SIDE)
-    return (feat_start + 1 + tile) * (SIDE * SIDE) + (r % SIDE) * SIDE + (c % SIDE)
+    return (feat_start + 1 + tile.to(tl.int64)) * (SIDE * SIDE) + (r % SIDE) * SIDE + (c % SIDE)
 
 
 @triton.jit
@@ -37,17 +37,18 @@ def _anyres_pack_kernel(
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     pl = plan_ptr + img * 12
-    feat_start = tl.load(pl + 0)
-    n_tiles = tl.load(pl + 1)
-    npw = tl.load(pl + 3)
-    row0 = tl.load(pl + 4)
-    nrows = tl.load(pl + 5)
-    col0 = tl.load(pl + 6)
-    ncols = tl.load(pl + 7)
-    out_h = tl.load(pl + 8)
-    out_w = tl.load(pl + 9)
+    feat_start = tl.load(pl + 0)  # int64: feeds addresses
     out_start = tl.load(pl + 10)
-    n_rows = tl.load(pl + 11)
+    # grid geometry fits int32, which keeps the per-row divisions cheap
+    n_tiles = tl.load(pl + 1).to(tl.int32)
+    npw = tl.load(pl + 3).to(tl.int32)
+    row0 = tl.load(pl + 4).to(tl.int32)
+    nrows = tl.load(pl + 5).to(tl.int32)
+    col0 = tl.load(pl + 6).to(tl.int32)
+    ncols = tl.load(pl + 7).to(tl.int32)
+    out_h = tl.load(pl + 8).to(tl.int32)
+    out_w = tl.load(pl + 9).to(tl.int32)
+    n_rows = tl.load(pl + 11).to(tl.int32)
     P: tl.constexpr = SIDE * SIDE
 
     rmask = rows < n_rows
@@ -73,10 +74,10 @@ def _anyres_pack_kernel(
     sw = ncols.to(tl.float32) / tl.maximum(out_w, 1).to(tl.float32)
     fy = tl.maximum(sh * (y.to(tl.float32) + 0.5) - 0.5, 0.0)
     fx = tl.maximum(sw * (x.to(tl.float32) + 0.5) - 0.5, 0.0)
-    y0 = fy.to(tl.int64)
-    x0 = fx.to(tl.int64)
-    y1 = y0 + (y0 < nrows - 1).to(tl.int64)
-    x1 = x0 + (x0 < ncols - 1).to(tl.int64)
+    y0 = fy.to(tl.int32)
+    x0 = fx.to(tl.int32)
+    y1 = y0 + (y0 < nrows - 1).to(tl.int32)
+    x1 = x0 + (x0 < ncols - 1).to(tl.int32)
     ly1 = tl.minimum(tl.maximum(fy - y0.to(tl.float32), 0.0), 1.0)
     lx1 = tl.minimum(tl.maximum(fx - x0.to(tl.float32), 0.0), 1.0)
     ly0 = 1.0 - ly1
