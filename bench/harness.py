@@ -186,11 +186,7 @@ def run_case(case: Case, cfg: RunConfig, ceilings: timing.Ceilings | None) -> li
         if cfg.device == "cuda":
             samples = _time_case_cuda(case, cfg, n_sets)
         else:
-            for name, fn in case.providers.items():
-                try:
-                    samples[name] = timing.time_cpu(fn, budget_s=cfg.provider_budget())
-                except Exception as e:  # noqa: BLE001
-                    samples[name] = e
+            samples = timing.time_cpu_interleaved(case.providers, budget_s=cfg.provider_budget())
         mem: dict[str, float] = {}
         if cfg.device == "cuda":
             for name, fn in case.providers.items():

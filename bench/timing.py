@@ -101,6 +101,77 @@ def time_cpu(fn: Callable[[], Any], *, budget_s: float, warmup: int = 2, min_rou
     return Sample(p50, p20, p80, len(values), "pytest-benchmark" if Stats else "perf_counter")
 
 
+def time_cpu_interleaved(fns: dict[str, Callable[[], Any]], *, budget_s: float, min_rounds: int = 3,
+                         max_rounds: int = 200) -> dict[str, "Sample | Exception"]:
+    """:func:`time_cpu` for all providers of a case at once, their rounds interleaved (A B C A B C
+    ...), so that on a shared, loaded CPU every provider sees the same load and the ratios hold.
+    ``budget_s`` is per provider. A provider that raises gets its exception instead of a Sample."""
+    try:
+        from pytest_benchmark.stats import Stats
+        from pytest_benchmark.timers import default_timer as clock
+    except Exception:
+        Stats, clock = None, time.perf_counter
+    min_round = max(100 * timer_precision(), 20e-6)
+    loops: dict[str, int] = {}
+    values: dict[str, list[float]] = {}
+    out: dict[str, Sample | Exception] = {}
+    for name, fn in fns.items():
+        try:
+            t0 = clock()
+            fn()  # first call: compiles, allocates, warms caches
+            if clock() - t0 < 0.1:
+                fn()
+            n = 1
+            while True:  # calibrate the inner loop like pytest-benchmark
+                t0 = clock()
+                for _ in range(n):
+                    fn()
+                dt = clock() - t0
+                if dt >= min_round or n >= 1 << 16:
+                    break
+                n *= 2 if dt <= 0 else max(2, min(10, int(min_round / dt) + 1))
+            loops[name], values[name] = n, [dt / n]
+        except Exception as e:  # noqa: BLE001 - reported by the caller
+            out[name] = e
+    if not loops:
+        return out
+    # a cycle runs each provider for about as long as the slowest one's round (at most 10 rounds),
+    # so fast providers still collect many samples while slow ones set the pace
+    round_s = {k: values[k][0] * loops[k] for k in loops}
+    slowest = max(round_s.values())
+    reps = {k: int(min(10, max(1, slowest / max(t, 1e-9)))) for k, t in round_s.items()}
+    per_cycle = sum(round_s[k] * reps[k] for k in loops)
+    cycles = int(min(max_rounds, max(min_rounds, budget_s * len(loops) / max(per_cycle, 1e-9))))
+    gc_was = gc.isenabled()
+    gc.disable()  # pytest-benchmark also runs rounds with the collector off
+    try:
+        for c in range(cycles):
+            for name in list(loops):
+                fn, n = fns[name], loops[name]
+                try:
+                    for _ in range(reps[name] - (1 if c == 0 else 0)):  # cycle 0: calibration counted
+                        t0 = clock()
+                        for _ in range(n):
+                            fn()
+                        values[name].append((clock() - t0) / n)
+                except Exception as e:  # noqa: BLE001
+                    out[name] = e
+                    del loops[name]
+    finally:
+        if gc_was:
+            gc.enable()
+    for name in loops:
+        v = values[name]
+        p50, p20, p80 = _quantiles(v)
+        if Stats is not None:
+            stats = Stats()
+            for x in v:
+                stats.update(x)
+            p50 = stats.median
+        out[name] = Sample(p50, p20, p80, len(v), "pytest-benchmark" if Stats else "perf_counter")
+    return {name: out[name] for name in fns if name in out}
+
+
 # ---- CUDA ---------------------------------------------------------------------------------------
 
 def capture_graph(fn: Callable[[], Any], n_calls: int):

@@ -144,7 +144,9 @@ def test_pad_pixels_and_tile_order():
 
 
 def _hf_compare(proc, images, pins, tile, mean, std):
-    hf = proc(images=[im.numpy() if isinstance(im, torch.Tensor) else im for im in images], return_tensors="pt")
+    # HF rejects 2-D arrays; a 2-D image goes in as a PIL "L" image (converted to RGB by replication)
+    hf_in = [Image.fromarray(im.numpy()) if im.dim() == 2 else im.numpy() for im in images]
+    hf = proc(images=hf_in, return_tensors="pt")
     got, counts = anyres_tile(images, pins, tile, mean, std, backend="cpu")
     want = hf["pixel_values"]
     start = 0

@@ -197,6 +197,27 @@ def test_errors_name_the_argument():
         ops.fused_moe(hidden, gate_up, down, weights, ids, backend="nope")
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("naive", [False, True])
+def test_unchecked_out_of_range_ids_are_dropped(backend, naive):
+    hidden, gate_up, down, weights, ids = make_inputs(5, 16, 4, 8, 2)
+    bad = ids.clone()
+    bad[1, 0], bad[3, 1] = 4, -1  # EP-style sentinels
+    keep = torch.ones_like(weights)
+    keep[1, 0] = keep[3, 1] = 0
+    want = ref_fused_moe(hidden, gate_up, down, weights * keep, ids)
+    if backend == "triton":
+        cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=1, NAIVE=naive)
+        got = tri.fused_moe(hidden, gate_up, down, weights, bad, config=cfg)
+    elif naive:
+        pytest.skip("layout applies to triton only")
+    else:
+        got = ops.fused_moe(hidden, gate_up, down, weights, bad, backend=backend, check_ids=False)
+    assert_close(got, want, msg="dropped ids")
+    with pytest.raises(ValueError, match="ids must be in"):
+        ops.fused_moe(hidden, gate_up, down, weights, bad, check_ids=True)
+
+
 def test_op_level_checks_without_functional():
     hidden, gate_up, down, weights, ids = make_inputs(4, 16, 4, 8, 2)
     with pytest.raises(ValueError, match="down_proj"):
@@ -268,6 +289,12 @@ def test_cuda_triton_matches_reference(dtype, T):
     want = f64_reference(*args).to(dtype)
     atol, rtol = tol(dtype)
     assert_close(out, want, atol=2 * atol, rtol=2 * rtol, msg=f"cuda {dtype} T={T}")
+
+
+def test_token_chunking(monkeypatch):
+    args = make_inputs(11, 16, 4, 8, 2)
+    monkeypatch.setattr(tri, "PER_SLOT_BUFFER_BYTES", 4 * 2 * 16 * 4)  # 4 tokens per chunk
+    assert_close(tri.fused_moe(*args), f64_reference(*args).float(), msg="chunked")
 
 
 @pytest.mark.parametrize("T,k,E", [(3, 2, 5), (1, 2, 8)])

@@ -184,3 +184,57 @@ def test_bad_input():
         patch_embed(px, weight, pre_layernorm="ln")
     with pytest.raises(TypeError, match="float64"):
         patch_embed(px.double(), weight.double(), backend="triton")
+
+
+# ---- uint8 tiles ---------------------------------------------------------------------------------
+
+from vlmkernels.anyres.embed import patch_embed_uint8  # noqa: E402
+
+MEAN, STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+
+
+def _u8_tiles(n=2, h=23, w=31):
+    # an HWC buffer viewed as [N, C, H, W]: the layout decoders and tilers produce
+    return torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uint8_matches_reference(backend):
+    tiles = _u8_tiles()
+    _, weight, kw = _make()
+    out = patch_embed_uint8(tiles, weight, mean=MEAN, std=STD, **kw, backend=backend)
+    exp = ref.patch_embed_uint8(tiles, weight, mean=MEAN, std=STD, **kw)
+    _check(out, exp, torch.float32, weight[0].numel())
+    # and the same as embedding the float tiles normalized by the HF-PIL rule
+    pixels = ((tiles.double() / 255).float() - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    _check(out, patch_embed(pixels, weight, **kw, backend="reference"), torch.float32, weight[0].numel())
+
+
+def test_uint8_bf16_and_grads():
+    tiles = _u8_tiles(h=11, w=13)
+    _, weight, kw = _make(h=11, w=13, p=3, d=16, ln=False)
+    out = patch_embed_uint8(tiles, weight.bfloat16(), mean=0.5, std=0.5, backend="triton")
+    exp = ref.patch_embed_uint8(tiles, weight.bfloat16(), mean=0.5, std=0.5)
+    assert_close(out, exp, atol=4 * tol(torch.bfloat16)[0], rtol=4 * tol(torch.bfloat16)[1])
+    w1, w2 = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+    g = torch.randn(2, 12, 16)
+    (patch_embed_uint8(tiles, w1, mean=MEAN, std=STD, **kw) * g).sum().backward()
+    (ref.patch_embed_uint8(tiles, w2, mean=MEAN, std=STD, **kw) * g).sum().backward()
+    assert_close(w1.grad, w2.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_uint8_opcheck_and_bad_input():
+    tiles = _u8_tiles(h=9, w=10)
+    _, weight, kw = _make(h=9, w=10, p=3, d=5, ln=False)
+    lut = ref.normalize_lut(MEAN, STD)
+    torch.library.opcheck(torch.ops.vlmkernels.patch_embed_uint8.default,
+                          (tiles, lut, weight.requires_grad_(), kw["bias"], kw["class_embedding"],
+                           kw["position_embedding"], None, None, None, "reference"))
+    with pytest.raises(TypeError, match="uint8"):
+        patch_embed_uint8(tiles.float(), weight, mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match="mean"):
+        patch_embed_uint8(tiles, weight, mean=[0.5, 0.5], std=STD)
+    with pytest.raises(ValueError, match="std"):
+        patch_embed_uint8(tiles, weight, mean=MEAN, std=0.0)
+    with pytest.raises(ValueError, match="channels"):
+        patch_embed_uint8(tiles[:, :1], weight, mean=MEAN, std=STD)

@@ -62,6 +62,14 @@ SCHEMAS: dict[str, tuple[str, str]] = {
         "Tensor? position_embedding=None, Tensor? ln_weight=None, Tensor? ln_bias=None, "
         "float? ln_eps=None, str backend=\"auto\") -> Tensor",
     ),
+    # the same from uint8 tiles [N, C, H, W] (any strides): lut float32 [C, 256] maps each uint8 value
+    # to its normalized pixel (so any normalization rule is matched exactly); no float tiles in memory.
+    "patch_embed_uint8": (
+        "anyres",
+        "(Tensor tiles, Tensor lut, Tensor weight, Tensor? bias=None, Tensor? class_embedding=None, "
+        "Tensor? position_embedding=None, Tensor? ln_weight=None, Tensor? ln_bias=None, "
+        "float? ln_eps=None, str backend=\"auto\") -> Tensor",
+    ),
     # HF pack_image_features as one gather: plan is the int64 [num_images, 12] table built by
     # vlmkernels.anyres.pack.pack_plan; returns the packed rows of all images, [total_rows, C].
     "anyres_pack": (

@@ -14,7 +14,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["patch_embed", "anyres_pack", "select_best_resolution", "unpad_hw"]
+# select_best_resolution / unpad_hw stay module-level: python_ref.ops.anyres owns the planner names
+__all__ = ["patch_embed", "patch_embed_uint8", "normalize_lut", "anyres_pack"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -140,3 +141,21 @@ def anyres_pack(
     if start != features.shape[0]:
         raise ValueError(f"features has {features.shape[0]} tiles but the images need {start}")
     return out
+
+
+def normalize_lut(mean, std, channels: int = 3) -> torch.Tensor:
+    """float32 ``[channels, 256]``: each uint8 value normalized like HF's PIL backend
+    (float64 ``x * (1/255)`` rounded to float32, then ``(x - mean) / std`` in float32)."""
+    x = (torch.arange(256, dtype=torch.float64) * (1.0 / 255.0)).to(torch.float32)
+    m = torch.as_tensor(mean, dtype=torch.float32).reshape(-1, 1).expand(channels, 1)
+    s = torch.as_tensor(std, dtype=torch.float32).reshape(-1, 1).expand(channels, 1)
+    return ((x[None] - m) / s).contiguous()
+
+
+def patch_embed_uint8(tiles: torch.Tensor, weight: torch.Tensor, bias=None, *, mean, std, **kw) -> torch.Tensor:
+    """:func:`patch_embed` of uint8 tiles ``[N, C, H, W]`` normalized like HF's PIL backend."""
+    c = tiles.shape[1]
+    m = torch.as_tensor(mean, dtype=torch.float32, device=tiles.device).reshape(-1, 1, 1).expand(c, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=tiles.device).reshape(-1, 1, 1).expand(c, 1, 1)
+    pixels = ((tiles.to(torch.float64) * (1.0 / 255.0)).to(torch.float32) - m) / s
+    return patch_embed(pixels, weight, bias, **kw)

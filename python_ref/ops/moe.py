@@ -199,6 +199,6 @@ def topk_select_tokens(scores: torch.Tensor, tokens: torch.Tensor, k: int) -> tu
     # NaN last: rank by (is-not-nan, value) via two stable sorts
     by_val = _stable_desc_order(torch.where(torch.isnan(s), torch.full_like(s, -float("inf")), s))
     by_nan = torch.sort(torch.isnan(s).gather(1, by_val).to(torch.int8), dim=-1, stable=True).indices
-    index = by_val.gather(1, by_nan)[:, :k]
+    index = by_val.gather(1, by_nan)[:, :k].contiguous()
     selected = tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[2]))
     return selected, index

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 
 from .. import library, registry
 
-__all__ = ["patch_embed"]
+__all__ = ["patch_embed", "patch_embed_uint8"]
 
 OP = "patch_embed"
+OP_U8 = "patch_embed_uint8"
 
 
 # ---- implementations ----------------------------------------------------------------------------
@@ -65,9 +66,8 @@ def _setup_context(ctx, inputs, output):
     ctx.ln_eps = ln_eps
 
 
-def _backward(ctx, grad):
-    pixels, weight, bias, cls, pos, ln_w, ln_b = ctx.saved_tensors
-    need = ctx.needs_input_grad
+def _grads(grad, need, pixels, weight, bias, cls, pos, ln_w, ln_b, ln_eps):
+    """Gradients of (pixels, weight, bias, cls, pos, ln_w, ln_b) in that order (None where unneeded)."""
     d, c, p, _ = weight.shape
     n, _, h, w = pixels.shape
     cd = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -75,7 +75,7 @@ def _backward(ctx, grad):
     X = _patches(pixels, weight, cd)
     Wm = weight.reshape(d, -1).to(cd)
     g_ln_w = g_ln_b = None
-    if ctx.ln_eps is not None:
+    if ln_eps is not None:
         # recompute the pre-LN rows (one GEMM) instead of saving an fp32 copy of the output
         z = X @ Wm.t()
         if bias is not None:
@@ -85,7 +85,7 @@ def _backward(ctx, grad):
         if pos is not None:
             z = z + pos.to(cd)
         mu = z.mean(-1, keepdim=True)
-        rstd = torch.rsqrt(z.var(-1, unbiased=False, keepdim=True) + ctx.ln_eps)
+        rstd = torch.rsqrt(z.var(-1, unbiased=False, keepdim=True) + ln_eps)
         xhat = (z - mu) * rstd
         if ln_w is not None and need[5]:
             g_ln_w = (g * xhat).sum((0, 1)).to(ln_w.dtype)
@@ -106,10 +106,62 @@ def _backward(ctx, grad):
         gp = (gy @ Wm).reshape(n, gh, gw, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(n, c, gh * p, gw * p)
         # pixels past the last full patch never reach the output: zero gradient
         g_pixels = F.pad(gp, (0, w - gw * p, 0, h - gh * p)).to(pixels.dtype)
-    return g_pixels, g_weight, g_bias, g_cls, g_pos, g_ln_w, g_ln_b, None, None
+    return g_pixels, g_weight, g_bias, g_cls, g_pos, g_ln_w, g_ln_b
+
+
+def _backward(ctx, grad):
+    saved = ctx.saved_tensors
+    return (*_grads(grad, ctx.needs_input_grad, *saved, ctx.ln_eps), None, None)
 
 
 library.register_autograd(OP, _backward, _setup_context)
+
+
+# ---- uint8 tiles ---------------------------------------------------------------------------------
+
+def _lut_pixels(tiles, lut):
+    # [N, C, H, W] uint8 -> float32 via the per-channel table (the reference normalization)
+    c = tiles.shape[1]
+    return lut[torch.arange(c, device=tiles.device).view(1, c, 1, 1), tiles.long()]
+
+
+def _reference_u8(tiles, lut, weight, *rest):
+    return _reference(_lut_pixels(tiles, lut), weight, *rest)
+
+
+def _triton_u8(tiles, lut, weight, bias, cls, pos, ln_w, ln_b, ln_eps):
+    if weight.dtype == torch.float64:
+        raise TypeError("patch_embed_uint8: the triton backend takes float32/float16/bfloat16 weights, not float64")
+    from ..triton.patch_embed import patch_embed as kernel
+
+    cont = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    return kernel(tiles, weight.contiguous(), cont(bias), cont(cls), cont(pos), cont(ln_w), cont(ln_b), ln_eps,
+                  lut=lut.to(torch.float32).contiguous())
+
+
+registry.register(OP_U8, "reference", _reference_u8, devices=("cpu", "cuda"))
+registry.register(OP_U8, "triton", _triton_u8, devices=("cpu", "cuda"))
+
+
+@library.register_fake(OP_U8)
+def _fake_u8(tiles, lut, weight, *rest):
+    return _fake(tiles, weight, *rest)
+
+
+def _setup_context_u8(ctx, inputs, output):
+    tiles, lut, weight, bias, cls, pos, ln_w, ln_b, ln_eps, _ = inputs
+    ctx.save_for_backward(tiles, lut, weight, bias, cls, pos, ln_w, ln_b)
+    ctx.ln_eps = ln_eps
+
+
+def _backward_u8(ctx, grad):
+    tiles, lut, *params = ctx.saved_tensors
+    need = (False,) + tuple(ctx.needs_input_grad[2:])
+    grads = _grads(grad, need, _lut_pixels(tiles, lut), *params, ctx.ln_eps)
+    return (None, None, *grads[1:], None, None)
+
+
+library.register_autograd(OP_U8, _backward_u8, _setup_context_u8)
 
 
 # ---- functional ---------------------------------------------------------------------------------
@@ -128,17 +180,8 @@ def _check_vec(t, name, d, device):
     return t
 
 
-def patch_embed(pixels, weight, bias=None, *, class_embedding=None, position_embedding=None,
-                pre_layernorm=None, backend="auto") -> torch.Tensor:
-    """Patch embedding of ``pixels [N, C, H, W]`` with ``weight [D, C, p, p]`` -> ``[N, P(+1), D]``.
-
-    P = (H//p)·(W//p) (pixels past the last full patch are ignored, like a "valid" conv).
-    ``class_embedding [D]`` becomes row 0; ``position_embedding [P(+1), D]`` is added to every row
-    (pass ``nn.Embedding.weight``); ``pre_layernorm`` is an ``nn.LayerNorm(D)`` or a
-    ``(weight|None, bias|None, eps)`` tuple applied last (CLIP's ``pre_layrnorm``). The output dtype
-    is ``weight.dtype``; pixels are cast to it first (as HF does), math accumulates in fp32.
-    NaN/inf in the inputs propagate. ``N == 0`` gives an empty ``[0, P(+1), D]``.
-    """
+def _check_params(pixels, weight, bias, class_embedding, position_embedding, pre_layernorm):
+    """Validate everything but the pixel dtype; returns the op's parameter arguments."""
     if not torch.is_tensor(pixels) or not torch.is_tensor(weight):
         raise TypeError("pixels and weight must be tensors")
     if weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
@@ -147,8 +190,6 @@ def patch_embed(pixels, weight, bias=None, *, class_embedding=None, position_emb
         raise TypeError(f"weight must be floating point, got {weight.dtype}")
     if pixels.dim() != 4:
         raise ValueError(f"pixels must be [N, C, H, W], got shape {tuple(pixels.shape)}")
-    if not pixels.is_floating_point():
-        raise TypeError(f"pixels must be floating point (normalize uint8 images first), got {pixels.dtype}")
     d, c, p, _ = weight.shape
     if pixels.shape[1] != c:
         raise ValueError(f"pixels have {pixels.shape[1]} channels but weight expects {c}")
@@ -186,4 +227,49 @@ def patch_embed(pixels, weight, bias=None, *, class_embedding=None, position_emb
         ln_eps = float(ln_eps)
         if not ln_eps >= 0:
             raise ValueError(f"pre_layernorm eps must be >= 0, got {ln_eps}")
-    return library.op(OP)(pixels, weight, bias, class_embedding, position_embedding, ln_w, ln_b, ln_eps, backend)
+    return bias, class_embedding, position_embedding, ln_w, ln_b, ln_eps
+
+
+def patch_embed(pixels, weight, bias=None, *, class_embedding=None, position_embedding=None,
+                pre_layernorm=None, backend="auto") -> torch.Tensor:
+    """Patch embedding of ``pixels [N, C, H, W]`` with ``weight [D, C, p, p]`` -> ``[N, P(+1), D]``.
+
+    P = (H//p)·(W//p) (pixels past the last full patch are ignored, like a "valid" conv).
+    ``class_embedding [D]`` becomes row 0; ``position_embedding [P(+1), D]`` is added to every row
+    (pass ``nn.Embedding.weight``); ``pre_layernorm`` is an ``nn.LayerNorm(D)`` or a
+    ``(weight|None, bias|None, eps)`` tuple applied last (CLIP's ``pre_layrnorm``). The output dtype
+    is ``weight.dtype``; pixels are cast to it first (as HF does), math accumulates in fp32.
+    NaN/inf in the inputs propagate. ``N == 0`` gives an empty ``[0, P(+1), D]``.
+    """
+    args = _check_params(pixels, weight, bias, class_embedding, position_embedding, pre_layernorm)
+    if not pixels.is_floating_point():
+        raise TypeError(f"pixels must be floating point (use patch_embed_uint8 for uint8 tiles), got {pixels.dtype}")
+    return library.op(OP)(pixels, weight, *args, backend)
+
+
+def _lut(mean, std, channels, device):
+    vals = {}
+    for name, v in (("mean", mean), ("std", std)):
+        v = [float(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
+        if len(v) not in (1, channels):
+            raise ValueError(f"{name} must have 1 or {channels} values, got {len(v)}")
+        vals[name] = torch.tensor(v, dtype=torch.float32).reshape(-1, 1).expand(channels, 1)
+    if (vals["std"] == 0).any():
+        raise ValueError("std must be non-zero")
+    # HF PIL backend order: float64 x * (1/255) rounded to float32, then (x - mean) / std in float32
+    x = (torch.arange(256, dtype=torch.float64) * (1.0 / 255.0)).to(torch.float32)
+    return ((x[None] - vals["mean"]) / vals["std"]).contiguous().to(device)
+
+
+def patch_embed_uint8(tiles, weight, bias=None, *, mean, std, class_embedding=None, position_embedding=None,
+                      pre_layernorm=None, backend="auto") -> torch.Tensor:
+    """:func:`patch_embed` straight from uint8 tiles ``[N, C, H, W]`` (any strides, e.g. an HWC
+    buffer viewed with ``permute``): each byte is normalized on load exactly like HF's PIL backend
+    (``x/255`` in float64 rounded to float32, then ``(x - mean) / std``), so no float tiles are
+    materialized. ``mean``/``std``: one value or one per channel.
+    """
+    args = _check_params(tiles, weight, bias, class_embedding, position_embedding, pre_layernorm)
+    if tiles.dtype != torch.uint8:
+        raise TypeError(f"tiles must be uint8, got {tiles.dtype}")
+    lut = _lut(mean, std, tiles.shape[1], tiles.device)
+    return library.op(OP_U8)(tiles, lut, weight, *args, backend)

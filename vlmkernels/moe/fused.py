@@ -49,7 +49,9 @@ def _check(hidden, gate_up_proj, down_proj, weights, ids, activation) -> None:
     T, H = hidden.shape
     E, two_i, h_gu = gate_up_proj.shape
     if E < 1 or two_i < 2 or two_i % 2:
-        raise ValueError(f"fused_moe: gate_up_proj must be [E>=1, 2I (even, >=2), H], got {tuple(gate_up_proj.shape)}")
+        raise ValueError(
+            f"fused_moe: gate_up_proj must be [E>=1, 2I (even, >=2), H], got {tuple(gate_up_proj.shape)}"
+        )
     inter = two_i // 2
     if h_gu != H or tuple(down_proj.shape) != (E, H, inter):
         raise ValueError(
@@ -101,17 +103,21 @@ def fused_moe(
     *,
     activation: str = "silu",
     backend: str = "auto",
-    check_ids: bool = True,
+    check_ids: bool | None = None,
 ) -> torch.Tensor:
     """Routed experts output ``[T, H]`` in ``hidden``'s dtype.
 
-    ``ids`` must lie in ``[0, E)``: with ``check_ids`` (default) that is verified, which reads the ids
-    (one device sync on CUDA; skipped while compiling or capturing a CUDA graph). Pass
-    ``check_ids=False`` when the ids come straight from a router. NaN/Inf in ``hidden`` or the
-    weights propagate to the affected tokens' rows.
+    ``ids`` should lie in ``[0, E)``. ``check_ids=None`` (default) verifies that, with a
+    ``ValueError``, where it costs no device sync: CPU tensors, outside ``torch.compile``.
+    ``check_ids=True`` also checks CUDA ids (one host sync per call, skipped while compiling or
+    capturing a CUDA graph); ``False`` never checks. Unchecked ids outside ``[0, E)`` are dropped
+    (their slots contribute zero, HF's expert-parallel sentinel convention) by every backend; no
+    backend reads out of bounds. NaN/Inf in ``hidden`` or the weights propagate to the affected
+    tokens' rows only.
     """
     _check(hidden, gate_up_proj, down_proj, weights, ids, activation)
-    if check_ids and _may_sync(ids):
+    wants_check = (not ids.is_cuda) if check_ids is None else check_ids
+    if wants_check and _may_sync(ids):
         _check_ids_range(ids, gate_up_proj.shape[0])
     return library.op(OP)(hidden, gate_up_proj, down_proj, weights, ids, activation, backend)
 
@@ -152,7 +158,9 @@ def fused_moe_backward(grad, hidden, gate_up_proj, down_proj, weights, ids, *, a
     """vjp of :func:`fused_moe`: ``(d hidden, d gate_up_proj, d down_proj, d weights)``."""
     _check(hidden, gate_up_proj, down_proj, weights, ids, activation)
     if grad.shape != hidden.shape:
-        raise ValueError(f"fused_moe_backward: grad must have hidden's shape {tuple(hidden.shape)}, got {tuple(grad.shape)}")
+        raise ValueError(
+            f"fused_moe_backward: grad must have hidden's shape {tuple(hidden.shape)}, got {tuple(grad.shape)}"
+        )
     return library.op(BWD)(grad, hidden, gate_up_proj, down_proj, weights, ids, activation, backend)
 
 

@@ -18,7 +18,7 @@ one expert.
   into ``[T, H]`` because it is deterministic (batch-invariant, same bits run to run, the order of
   the k terms is fixed), needs no fp32 atomics or zero-initialised fp32 output plus a cast pass, and
   matches HF's own ``reshape + sum`` combine. Its cost, ``T*k*H*4`` bytes, is bounded by chunking
-  the tokens (``CHUNK_TOKENS``).
+  the tokens (``PER_SLOT_BUFFER_BYTES``, at most ``CHUNK_TOKENS`` tokens per chunk).
 
 Tile configs (BLOCK_M/N/K, GROUP_M, num_warps, num_stages) come from JSON files in
 ``vlmkernels/configs/`` named ``fused_moe_E=<E>,N=<I>,H=<H>,dtype=<dtype>,device=<name>.json``,
@@ -41,6 +41,7 @@ log = logging.getLogger("vlmkernels")
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 CHUNK_TOKENS = 16 * 1024
+PER_SLOT_BUFFER_BYTES = 256 << 20
 NAIVE_SLOTS_PER_EXPERT = 4  # naive blocks when T*k*4 <= E (vLLM's threshold)
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -213,16 +214,16 @@ def _align(ids: torch.Tensor, num_experts: int, block_m: int):
 def fused_moe(hidden, gate_up_proj, down_proj, weights, ids, activation="silu", config=None):
     """Triton fused experts; inputs already validated by :func:`vlmkernels.ops.fused_moe`."""
     T, H = hidden.shape
-    E, two_i, _ = gate_up_proj.shape
-    inter = two_i // 2
     k = ids.shape[1]
     if T == 0 or k == 0:
         return torch.zeros_like(hidden)
-    if T <= CHUNK_TOKENS:
+    # bound the fp32 per-slot buffer (T*k*H*4 bytes) by chunking the tokens
+    chunk = max(1, min(CHUNK_TOKENS, PER_SLOT_BUFFER_BYTES // (k * H * 4)))
+    if T <= chunk:
         return _fused_moe_chunk(hidden, gate_up_proj, down_proj, weights, ids, activation, config)
     out = torch.empty_like(hidden)
-    for t0 in range(0, T, CHUNK_TOKENS):
-        t1 = min(T, t0 + CHUNK_TOKENS)
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
         out[t0:t1] = _fused_moe_chunk(hidden[t0:t1], gate_up_proj, down_proj, weights[t0:t1],
                                       ids[t0:t1], activation, config)
     return out

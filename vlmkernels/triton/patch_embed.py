@@ -5,7 +5,8 @@ Kernel 1 computes ``out[n, t, d] = sum_k A[n, m, k] W[d, k] + bias + pos`` where
 unfold copy. The program holding the first patch block also writes the class-token row
 (``cls + pos[0]``). With a pre-LayerNorm the epilogue writes fp32 rows and kernel 2 normalizes
 each row over D (a row is too wide for one GEMM tile's registers), so the LN sees unrounded
-values.
+values. ``patch_embed_uint8`` runs the same kernel on uint8 tiles, normalizing each loaded byte
+through a [C, 256] table, so float tiles never exist in memory.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ import triton.language as tl
 
 @triton.jit
 def _patch_gemm_kernel(
-    px_ptr, w_ptr, b_ptr, cls_ptr, pos_ptr, out_ptr,
+    px_ptr, lut_ptr, w_ptr, b_ptr, cls_ptr, pos_ptr, out_ptr,
     P, GW, D, K,
     s_n, s_c, s_h, s_w,
     ROWS,  # output rows per image: P (+1 with a class token)
-    PATCH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CLS: tl.constexpr, HAS_POS: tl.constexpr,
+    PATCH: tl.constexpr, FROM_U8: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CLS: tl.constexpr, HAS_POS: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     n = tl.program_id(0)
@@ -45,7 +46,13 @@ def _patch_gemm_kernel(
         ky = (k // PATCH) % PATCH
         kx = k % PATCH
         k_off = c.to(tl.int64) * s_c + ky.to(tl.int64) * s_h + kx.to(tl.int64) * s_w
-        a = tl.load(px_ptr + row_base[:, None] + k_off[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        amask = mmask[:, None] & kmask[None, :]
+        if FROM_U8:
+            # uint8 tiles: normalize through the per-channel 256-entry table
+            u = tl.load(px_ptr + row_base[:, None] + k_off[None, :], mask=amask, other=0).to(tl.int32)
+            a = tl.load(lut_ptr + c[None, :] * 256 + u, mask=amask, other=0.0)
+        else:
+            a = tl.load(px_ptr + row_base[:, None] + k_off[None, :], mask=amask, other=0.0)
         # HF casts pixels to the weight dtype before the conv
         a = a.to(w_ptr.dtype.element_ty)
         wt = tl.load(w_ptr + d[None, :].to(tl.int64) * K + k[:, None], mask=kmask[:, None] & dmask[None, :], other=0.0)
@@ -90,8 +97,9 @@ def _row_layernorm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, D, eps,
     tl.store(out_ptr + row * D + d, y.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
-def patch_embed(pixels, weight, bias, class_embedding, position_embedding, ln_weight, ln_bias, ln_eps):
-    """Shapes validated by the caller; ``weight`` [D, 3, p, p] contiguous; pixels any strides."""
+def patch_embed(pixels, weight, bias, class_embedding, position_embedding, ln_weight, ln_bias, ln_eps, lut=None):
+    """Shapes validated by the caller; ``weight`` [D, 3, p, p] contiguous; pixels any strides.
+    With ``lut`` (float32 [C, 256], contiguous) ``pixels`` are uint8 tiles normalized on load."""
     n, _, h, w = pixels.shape
     d, c, p, _ = weight.shape
     gh, gw = h // p, w // p
@@ -108,11 +116,11 @@ def patch_embed(pixels, weight, bias, class_embedding, position_embedding, ln_we
     dummy = weight
     grid = (n, triton.cdiv(P, block_m), triton.cdiv(d, block_d))
     _patch_gemm_kernel[grid](
-        pixels, weight, bias if bias is not None else dummy,
+        pixels, lut if lut is not None else dummy, weight, bias if bias is not None else dummy,
         class_embedding if class_embedding is not None else dummy,
         position_embedding if position_embedding is not None else dummy, staged,
         P, gw, d, K, *pixels.stride(), rows,
-        PATCH=p, HAS_BIAS=bias is not None, HAS_CLS=class_embedding is not None,
+        PATCH=p, FROM_U8=lut is not None, HAS_BIAS=bias is not None, HAS_CLS=class_embedding is not None,
         HAS_POS=position_embedding is not None, IEEE=weight.dtype in (torch.float32, torch.float64),
         # the interpreter's bf16 dot is unreliable (numpy has no bf16); bf16 products are exact in fp32
         UPCAST=weight.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
