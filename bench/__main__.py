@@ -7,19 +7,17 @@ README performance table from the latest CSV per device.
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import os
+import sys
+import time
 
-# Timing must never go through the Triton interpreter; clear it before anything imports triton.
-_INTERPRET_WAS_SET = os.environ.pop("TRITON_INTERPRET", None) == "1"
+import torch
 
-import argparse  # noqa: E402
-import importlib  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
+from .suites import discover
 
-import torch  # noqa: E402
-
-SUITES = ("moe", "anyres", "e2e")
+SUITES = tuple(discover())
 
 
 def load_cases(suites, full: bool, device: str, log) -> list:
@@ -62,9 +60,12 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    # Timing must never go through the Triton interpreter; cleared before the suites import the
+    # kernels (triton decides interpreted or compiled when a kernel is defined).
+    interpret_was_set = os.environ.pop("TRITON_INTERPRET", None) == "1"
     args = parse_args(argv)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    if _INTERPRET_WAS_SET:
+    if interpret_was_set:
         log("note: TRITON_INTERPRET=1 was unset for the benchmarks (interpreted Triton is never timed)")
     device = args.device
     if device == "auto":

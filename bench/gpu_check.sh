@@ -15,6 +15,9 @@
 # (summary.txt, env.txt, build.log, pytest.log, bench.log, <device>_<time>.csv, table.md, plots.tgz),
 # no sub-folders, so everything comes back from a lent machine.
 #
+# Results are stamped with the git commit; where the tree has no .git (a copy sent to a lent
+# machine), run it as `VLMKERNELS_COMMIT=<sha> bash bench/gpu_check.sh`.
+#
 # Without a GPU (or with --dry-run) it does a reduced run of the same stages: no build unless
 # --build is given (it then takes the shared build lock), CUDA tests collected and skipped, and a
 # one-op bench. This is how the script is tested on CPU-only machines.
@@ -28,7 +31,7 @@ for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
     --build) FORCE_BUILD=1 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -u/p' "$0" | grep '^#' | cut -c3-; exit 0 ;;
     *) OUT_DIR="$arg" ;;
   esac
 done
@@ -70,7 +73,8 @@ stage() {
 }
 
 note "vlmkernels gpu_check: $MODE"
-note "started $(date -u +%Y-%m-%dT%H:%M:%SZ) in $ROOT, commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown), python $PY"
+COMMIT="${VLMKERNELS_COMMIT:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+note "started $(date -u +%Y-%m-%dT%H:%M:%SZ) in $ROOT, commit $COMMIT, python $PY"
 
 # 1. machine
 {

@@ -31,16 +31,22 @@ def device_table(rows: list[dict]) -> str:
         return ""
     head = rows[0]
     cases: "OrderedDict[tuple, list[dict]]" = OrderedDict()
+    mem: dict[tuple, float] = {}
     for r in rows:
+        key = (r["family"], r["op"], r["shape"], r["dtype"], r["mode"])
         if r["metric"] == "time":
-            cases.setdefault((r["family"], r["op"], r["shape"], r["dtype"], r["mode"]), []).append(r)
+            cases.setdefault(key, []).append(r)
+        elif r["metric"] == "peak_memory":
+            mem[key + (r["provider"],)] = float(r["p50"])
     gpu = head["device"] == "cuda"
+    load = head.get("host_load", "")
+    load_note = f"; host load {load} (load average / cores) at the start" if load and not gpu else ""
     lines = [
         f"**{head['device_name']}** — {head['timestamp'][:10]}, commit `{head['commit']}`, "
-        f"torch {head['torch']}, triton {head['triton']}, transformers {head['transformers']}",
+        f"torch {head['torch']}, triton {head['triton']}, transformers {head['transformers']}{load_note}",
         "",
-        "| op | shape | dtype | mode | baseline | ours | speedup |" + (" roofline |" if gpu else ""),
-        "|---|---|---|---|---|---|---|" + ("---|" if gpu else ""),
+        "| op | shape | dtype | mode | baseline | ours | speedup |" + (" roofline | peak MB, baseline → ours |" if gpu else ""),
+        "|---|---|---|---|---|---|---|" + ("---|---|" if gpu else ""),
     ]
     for (family, op, shape, dtype, mode), rs in cases.items():
         base = next((r for r in rs if r["provider"] == r["baseline"]), None)
@@ -53,6 +59,9 @@ def device_table(rows: list[dict]) -> str:
         if gpu:
             roof = best.get("roofline") if best else ""
             line += f" {100 * float(roof):.0f}% |" if roof else " |"
+            key = (family, op, shape, dtype, mode)
+            mb = [mem.get(key + (r["provider"],)) if r else None for r in (base, best)]
+            line += f" {mb[0]:.1f} → {mb[1]:.1f} |" if None not in mb else " |"
         lines.append(line)
     return "\n".join(lines)
 

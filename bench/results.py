@@ -17,7 +17,7 @@ from .harness import Result
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 COLUMNS = (
-    "timestamp", "commit", "device", "device_name", "torch", "triton", "transformers",
+    "timestamp", "commit", "device", "device_name", "host_load", "torch", "triton", "transformers",
     "family", "op", "shape", "x_name", "x_value", "dtype", "mode", "provider", "baseline",
     "metric", "unit", "p50", "p20", "p80", "speedup", "roofline", "bytes", "flops", "method", "rounds",
 )
@@ -33,6 +33,10 @@ def _version(mod: str) -> str:
 
 
 def git_commit() -> str:
+    """The checkout's short commit (+dirty); ``VLMKERNELS_COMMIT`` overrides it for copies of the
+    tree without .git (e.g. the working tree sent to a lent GPU machine)."""
+    if os.environ.get("VLMKERNELS_COMMIT"):
+        return os.environ["VLMKERNELS_COMMIT"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
@@ -80,6 +84,12 @@ class RunInfo:
         self.timestamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.commit = git_commit()
         self.versions = {m: _version(m) for m in ("torch", "triton", "transformers")}
+        # the 1-minute load average over the core count at the start: CPU timings on a shared,
+        # loaded host are only comparable within a run (hence interleaved rounds and same-run ratios)
+        try:
+            self.host_load = f"{os.getloadavg()[0]:.1f}/{os.cpu_count()}"
+        except OSError:
+            self.host_load = ""
 
 
 def to_rows(results: list[Result], info: RunInfo) -> list[dict]:
@@ -89,7 +99,7 @@ def to_rows(results: list[Result], info: RunInfo) -> list[dict]:
         scale = SCALE[r.metric]
         rows.append({
             "timestamp": info.timestamp, "commit": info.commit, "device": info.device,
-            "device_name": info.device_name, **info.versions,
+            "device_name": info.device_name, "host_load": info.host_load, **info.versions,
             "family": c.family, "op": c.op, "shape": c.shape_str, "x_name": c.x or "",
             "x_value": "" if c.x_value is None else c.x_value, "dtype": c.dtype, "mode": c.mode,
             "provider": r.provider, "baseline": c.baseline, "metric": r.metric, "unit": UNITS[r.metric],

@@ -148,3 +148,46 @@ def test_empty_batch():
     out, lens = pack_rows(torch.randn(0, SIDE * SIDE, 3), torch.zeros(0, 2, dtype=torch.long), PINS, TILE,
                           torch.randn(3))
     assert out.shape == (0, 3) and lens == []
+
+
+def test_compile_fullgraph_op_with_precomputed_plan():
+    f, sizes, nl = _inputs([[171, 152], [45, 70]], c=3)
+    plan, lens = pack_plan(sizes, PINS, TILE, SIDE, max_area_tiles=2)
+    op = torch.ops.vlmkernels.anyres_pack
+    fn = torch.compile(lambda x: op(x, plan, nl, sum(lens), "reference"), fullgraph=True, backend="eager")
+    assert torch.equal(fn(f), op(f, plan, nl, sum(lens), "reference"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_hf(dtype):
+    f, sizes, nl = _inputs(SIZES, c=160)
+    f, nl = f.to(dtype), nl.to(dtype)
+    for ov in (False, True):
+        exp, exp_lens = _hf_pack(f, sizes, nl, onevision=ov)
+        got = anyres_pack(f.cuda(), sizes, PINS, TILE, nl.cuda(), max_area_tiles=2 if ov else None)
+        assert [g.shape[0] for g in got] == exp_lens.tolist()
+        for g, e in zip(got, exp):
+            if ov:  # bilinear rows: rounding order may differ by an ulp
+                assert_close(g.cpu(), e, atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=1e-5)
+            else:
+                assert torch.equal(g.cpu(), e)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_op_rejects_bad_plans(backend):
+    f, sizes, nl = _inputs([[171, 152], [45, 70]], c=3)
+    plan, lens = pack_plan(sizes, PINS, TILE, SIDE)
+    op = torch.ops.vlmkernels.anyres_pack
+    assert torch.equal(op(f, plan, nl, sum(lens), backend), torch.cat(anyres_pack(f, sizes, PINS, TILE, nl)))
+    for col, delta in [(0, 1), (5, 50), (7, 50), (10, 1), (11, 1)]:
+        bad = plan.clone()
+        bad[-1, col] += delta
+        with pytest.raises(ValueError, match="invalid plan"):
+            op(f, bad, nl, sum(lens), backend)
+    with pytest.raises(ValueError, match="invalid plan"):
+        op(f, plan, nl, sum(lens) + 1, backend)
+    with pytest.raises(ValueError, match="invalid plan"):
+        op(f, plan, None, sum(lens), backend)  # row counts include newlines
+    with pytest.raises(ValueError, match="int64"):
+        op(f, plan.int(), nl, sum(lens), backend)

@@ -11,13 +11,15 @@ import subprocess
 import pytest
 
 from bench import harness, plots, report, results
+from bench.suites import discover
 
-SUITES = ("moe", "anyres", "e2e")
+SUITES = discover()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _smoke(suite):
     mod = importlib.import_module(f"bench.suites.{suite}")
+    assert hasattr(mod, "smoke_cases"), f"bench/suites/{suite}.py must define smoke_cases(device) (see bench/README.md)"
     cases = mod.smoke_cases("cpu")
     if not cases:
         pytest.skip(f"bench suite {suite}: its op has not landed yet")
@@ -96,3 +98,34 @@ def test_gpu_check_script_parses():
     assert subprocess.run(["bash", "-n", script]).returncode == 0
     out = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and "dry-run" in out.stdout
+
+
+def test_inputs_rotate_and_release_after_last_use():
+    made = []
+    inp = harness.Inputs(lambda i: made.append(i) or i, nbytes=10, uses=2)
+    inp.configure(3)
+    assert [inp() for _ in range(4)] == [0, 1, 2, 0] and made == [0, 1, 2]
+    assert inp.first() == 0
+    inp.release()           # first of two cases done: sets kept
+    inp.configure(3)
+    assert inp() == 0 and made == [0, 1, 2]
+    inp.release()           # last user: freed, rebuilt on next use
+    assert inp() == 0 and made == [0, 1, 2, 0]
+    assert harness.rotation_sets(10, "cpu") == 1
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    """The one-shot GPU script's reduced run on a CPU-only machine: every stage passes and the
+    8 files a lent machine can send back are there."""
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), str(out), "--dry-run"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    names = sorted(os.listdir(out))
+    assert len(names) <= 8 and all(os.path.isfile(out / n) for n in names)
+    for expected in ("summary.txt", "env.txt", "build.log", "pytest.log", "bench.log", "table.md", "plots.tgz"):
+        assert expected in names
+    assert any(n.endswith(".csv") for n in names)
+    assert "all stages passed" in (out / "summary.txt").read_text()

@@ -323,3 +323,26 @@ def test_kernel_compiles_for_sm90():
     if res.returncode and "ptxas" in res.stderr and "not found" in res.stderr.lower():
         pytest.skip("triton's ptxas is not available")
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.mark.cuda
+def test_cuda_tune_picks_a_working_config():
+    space = [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3),
+             dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)]
+    best = tri.tune(8, 128, 256, torch.bfloat16, 2, Ms=(1, 64), space=space, write=False)
+    assert set(best) == {1, 64} and all(cfg in space for cfg in best.values())
+
+
+@pytest.mark.cuda
+def test_cuda_backward_and_graph_capture():
+    hidden, gate_up, down, weights, ids = make_inputs(33, 64, 8, 32, 2, torch.bfloat16, device="cuda")
+    out = torch.empty_like(hidden)
+    ops.fused_moe(hidden, gate_up, down, weights, ids)  # warm up (compile) outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out.copy_(ops.fused_moe(hidden, gate_up, down, weights, ids))
+    graph.replay()
+    assert_close(out, ref_fused_moe(hidden, gate_up, down, weights, ids), atol=4e-2, rtol=4e-2)
+    h = hidden.clone().requires_grad_()
+    ops.fused_moe(h, gate_up, down, weights, ids).float().sum().backward()
+    assert h.grad is not None and torch.isfinite(h.grad).all()

@@ -146,3 +146,35 @@ def test_python_ref_models(name):
     exp = exp.logits if hasattr(exp, "logits") else exp
     got = got.logits if hasattr(got, "logits") else got
     assert_close(got, exp, atol=2e-5, rtol=2e-5)
+
+
+def test_joined_features_skip_the_copy_only_when_safe():
+    from vlmkernels.patching.anyres_models import _joined
+
+    x = torch.randn(7, 4, 3, requires_grad=True)
+    y = torch.nn.functional.linear(x, torch.eye(3))  # a view of a 2-D matmul, as HF's projector gives
+    pieces = torch.split(y, [2, 5])
+    j = _joined(list(pieces))
+    assert torch.equal(j, y) and j.data_ptr() == y.data_ptr()
+    (j * torch.arange(3.0)).sum().backward()
+    assert torch.equal(x.grad, torch.arange(3.0).expand(7, 4, 3))
+    r = _joined([pieces[1], pieces[0]])  # reordered: must copy
+    assert r.data_ptr() != y.data_ptr() and torch.equal(r, torch.cat([pieces[1], pieces[0]]))
+    z = torch.randn(6, 4, 3)
+    assert torch.equal(_joined([z[:2], z[3:]]), torch.cat([z[:2], z[3:]]))  # a gap: copy
+
+
+def test_state_dict_and_deepcopy_survive_patching():
+    import copy
+
+    model = _next_model()
+    inputs = _inputs(model, [[45, 70]])
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        exp = model(**inputs).logits
+        vlmkernels.patch(model, families=["anyres"], backend="reference")
+        assert list(model.state_dict()) == keys
+        clone = copy.deepcopy(model)
+        assert_close(clone(**inputs).logits, exp, atol=2e-5, rtol=2e-5)
+        # the clone's patched methods are bound to the clone, not to the original
+        assert clone.model.pack_image_features.__self__ is clone.model

@@ -217,7 +217,7 @@ def test_uint8_bf16_and_grads():
     exp = ref.patch_embed_uint8(tiles, weight.bfloat16(), mean=0.5, std=0.5)
     assert_close(out, exp, atol=4 * tol(torch.bfloat16)[0], rtol=4 * tol(torch.bfloat16)[1])
     w1, w2 = weight.clone().requires_grad_(), weight.clone().requires_grad_()
-    g = torch.randn(2, 12, 16)
+    g = torch.randn(2, 13, 16)  # 3x4 patches + class row
     (patch_embed_uint8(tiles, w1, mean=MEAN, std=STD, **kw) * g).sum().backward()
     (ref.patch_embed_uint8(tiles, w2, mean=MEAN, std=STD, **kw) * g).sum().backward()
     assert_close(w1.grad, w2.grad, atol=1e-4, rtol=1e-4)
@@ -238,3 +238,19 @@ def test_uint8_opcheck_and_bad_input():
         patch_embed_uint8(tiles, weight, mean=MEAN, std=0.0)
     with pytest.raises(ValueError, match="channels"):
         patch_embed_uint8(tiles[:, :1], weight, mean=MEAN, std=STD)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_matches_reference(dtype):
+    # CLIP-L/14-336-like geometry, scaled down in D: 24x24 patches of 14 px, K = 588
+    px, weight, kw = _make(n=3, h=336, w=336, p=14, d=96, dtype=dtype)
+    exp = _ref64(px.to(dtype), weight, kw)
+    cuda = lambda t: t.cuda() if torch.is_tensor(t) else t  # noqa: E731
+    kwc = {k: (tuple(cuda(x) for x in v) if isinstance(v, tuple) else cuda(v)) for k, v in kw.items()}
+    out = patch_embed(px.cuda(), weight.cuda(), **kwc, backend="triton").cpu()
+    assert_close(out, exp.to(dtype), atol=4 * tol(dtype)[0] * 10, rtol=4 * tol(dtype)[1])
+    tiles = _u8_tiles(n=2, h=336, w=336)
+    out8 = patch_embed_uint8(tiles.cuda(), weight.cuda(), mean=MEAN, std=STD, **kwc, backend="triton").cpu()
+    exp8 = ref.patch_embed_uint8(tiles, weight, mean=MEAN, std=STD, **kw)
+    assert_close(out8, exp8, atol=4 * tol(dtype)[0] * 10, rtol=4 * tol(dtype)[1])

@@ -59,8 +59,27 @@ def _qwen3_vl_moe_text():
                                                     num_experts_per_tok=2))
 
 
+def _glm4_moe():
+    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+
+    return Glm4MoeForCausalLM(Glm4MoeConfig(**COMMON, head_dim=16, intermediate_size=40, moe_intermediate_size=16,
+                                            n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+                                            first_k_dense_replace=0))
+
+
+def _glm4v_moe_text():
+    from transformers.models.glm4v_moe.configuration_glm4v_moe import Glm4vMoeTextConfig
+    from transformers.models.glm4v_moe.modeling_glm4v_moe import Glm4vMoeTextModel
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "partial_rotary_factor": 0.5}
+    return Glm4vMoeTextModel(Glm4vMoeTextConfig(**COMMON, head_dim=16, intermediate_size=40, moe_intermediate_size=16,
+                                                n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
+                                                first_k_dense_replace=1, rope_parameters=rope))
+
+
 MODELS = {"mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe, "olmoe": _olmoe,
-          "deepseek_v3": _deepseek_v3, "qwen3_vl_moe_text": _qwen3_vl_moe_text}
+          "deepseek_v3": _deepseek_v3, "qwen3_vl_moe_text": _qwen3_vl_moe_text, "glm4_moe": _glm4_moe,
+          "glm4v_moe_text": _glm4v_moe_text}
 
 
 def build(name, dtype=torch.float32):
@@ -170,6 +189,13 @@ def test_unsupported_experts_are_skipped_not_broken():
     assert "model.layers.1.mlp.experts" in report.paths()
 
 
+def test_unknown_activation_is_skipped():
+    model = build("qwen3_moe")
+    model.model.layers[1].mlp.experts.act_fn = torch.nn.ReLU()
+    report = vlmkernels.patch(model, families=["moe"])
+    assert "not fused" in {e.path: e.reason for e in report.skipped}["model.layers.1.mlp.experts"]
+
+
 def test_patched_experts_training_mode_gets_gradients():
     model = build("mixtral").train()
     vlmkernels.patch(model, families=["moe"])
@@ -242,3 +268,26 @@ def test_python_ref_architectures(name):
     with torch.no_grad():
         got = model(**inputs).logits
     assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=1e-5, msg=name)
+
+
+def test_forced_backend_without_an_implementation_skips_the_module():
+    model = build("mixtral")
+    ids = token_ids(5)
+    want = run(model, ids)
+    report = vlmkernels.patch(model, families=["moe"], backend="cpu")  # fused_moe has no C++ CPU kernel
+    skipped = {e.path: e.reason for e in report.skipped}
+    assert "fused_moe has no cpu implementation" in skipped["model.layers.0.mlp.experts"]
+    assert "model.layers.0.mlp.gate" in report.paths()
+    assert_close(run(model, ids), want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_cuda_patched_logits_match_bf16(name):
+    model = build(name, torch.bfloat16).cuda()
+    ids = token_ids(33).cuda()
+    want = run(model, ids)
+    report = vlmkernels.patch(model, families=["moe"])
+    assert not report.skipped, str(report)
+    got = run(model, ids)
+    assert_close(got, want, atol=2e-2 * want.abs().max().item(), rtol=2e-2, msg=name)

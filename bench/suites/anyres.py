@@ -198,15 +198,15 @@ def pack_cases(full: bool, device: str) -> list[Case]:
     except Exception as e:  # noqa: BLE001
         log(f"  anyres_pack: HF pack_image_features unavailable ({type(e).__name__}: {e})")
         hf = None
-    from python_ref.ops import select_best_resolution
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
     def one(B, C):
         # images of mixed aspect: each picks a 2x2, 1x2 or 2x1 grid, so tiles per image vary
         sizes = torch.tensor([[(768, 1024), (480, 1280), (1280, 480), (672, 672)][i % 4] for i in range(B)])
         tiles_per = []
-        for h, w in sizes.tolist():
-            bh, bw = select_best_resolution((h, w), PINPOINTS)
-            tiles_per.append((bh // TILE) * (bw // TILE) + 1)
+        for hw in sizes.tolist():
+            rows, cols = get_anyres_image_grid_shape(hw, PINPOINTS, TILE)  # HF's own grid choice
+            tiles_per.append(rows * cols + 1)
         total = sum(tiles_per)
         inp = Inputs(lambda i: (randn((total, side * side, C), dtype, device, seed=i),
                                 randn((C,), dtype, device, seed=500 + i)),

@@ -25,6 +25,11 @@ HF_MOE = ("qwen3_moe", "mixtral", "deepseek_v3", "olmoe")
 QUICK_HF = ("qwen3_moe",)
 
 
+def batch_size(device: str) -> int:
+    # one sample on the GPU: a 7B "base" model's training step must fit beside two copies of it
+    return 1 if device == "cuda" else 2
+
+
 def _hf_moe_model(name: str, size: str):
     """A randomly initialised HF MoE causal LM: "small" for CPU, "base" a one-layer slice of the real model."""
     import transformers as tf
@@ -93,9 +98,15 @@ def _probe(make_model, backend: str) -> tuple[bool, bool]:
 
 
 def _build_on(make_model, size: str, device: str, dtype):
-    # constructed on the device itself: random init of a 7B "base" model takes seconds there
-    with torch.device(device):
-        return make_model(size).to(dtype)
+    # constructed on the device itself: random init of a 7B "base" model takes seconds there;
+    # a builder that draws from a CPU generator cannot, and is built on the CPU and moved
+    if device != "cpu":
+        try:
+            with torch.device(device):
+                return make_model(size).to(dtype)
+        except RuntimeError as e:
+            log(f"  e2e: building on {device} failed ({str(e)[:120]}); building on the CPU")
+    return make_model(size).to(device=device, dtype=dtype)
 
 
 def _model_cases(label: str, make_model, make_inputs, device: str, dtype, backends: list[str],
@@ -127,7 +138,7 @@ def _model_cases(label: str, make_model, make_inputs, device: str, dtype, backen
 
     models = Inputs(build_models, nbytes=0, uses=2 if trainable else 1)
     inp = Inputs(lambda i: make_inputs(models.first()["unpatched"], i, size), nbytes=0, uses=2 if trainable else 1)
-    shape = {"size": size, "batch": 2}
+    shape = {"size": size, "batch": batch_size(device)}
     dname = str(dtype).replace("torch.", "")
     names = ["unpatched"] + [f"ours-{b}" for b in usable]
 
@@ -162,7 +173,8 @@ def smoke_cases(device: str = "cpu") -> list[Case]:
     """Tiny HF Qwen3-MoE, patched (reference backend: needs no build) against unpatched, for
     tests/test_bench_smoke.py."""
     return _model_cases("hf:qwen3_moe", lambda sz: _hf_moe_model("qwen3_moe", sz),
-                        lambda m, i, sz: _hf_inputs(m, 1, 8, i, device), device, torch.float32, ["reference"], size="tiny")
+                        lambda m, i, sz: _hf_inputs(m, batch_size(device), 8, i, device), device, torch.float32,
+                        ["reference"], size="tiny")
 
 
 def cases(full: bool, device: str) -> list[Case]:
@@ -192,7 +204,7 @@ def cases(full: bool, device: str) -> list[Case]:
                 return python_ref.build(name, sz)
 
         def make_inputs(model, i, sz, name=name):
-            batch = python_ref.example_inputs(name, batch_size=2, seed=i, size=sz, model=model)
+            batch = python_ref.example_inputs(name, batch_size=batch_size(device), seed=i, size=sz, model=model)
             return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
         try:
@@ -203,7 +215,8 @@ def cases(full: bool, device: str) -> list[Case]:
         try:
             seq = 64 if device == "cpu" else 512
             out += _model_cases(f"hf:{name}", lambda sz, name=name: _hf_moe_model(name, sz),
-                                lambda m, i, sz: _hf_inputs(m, 2, seq, i, device), device, dtype, backends)
+                                lambda m, i, sz: _hf_inputs(m, batch_size(device), seq, i, device), device, dtype,
+                                backends)
         except Exception as e:  # noqa: BLE001
             log(f"  e2e hf:{name}: skipped ({type(e).__name__}: {str(e)[:200]})")
 

@@ -10,7 +10,9 @@
 #include <ATen/Parallel.h>
 
 #include <cstring>
+#include <algorithm>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "bindings.h"
@@ -48,45 +50,59 @@ struct RgbRows {
 };
 
 constexpr int kBlock = 8;  // rows resampled together by the horizontal pass (one SIMD lane each)
+// GCC/Clang vector types: 8 rows in one int32 register (AVX2 in the avx2 clone, SSE pairs otherwise)
+typedef int32_t I32x8 __attribute__((vector_size(32)));
+typedef uint8_t U8x8 __attribute__((vector_size(8)));
 
-// Horizontal pass over up to kBlock rows: the rows are first staged column-major per channel so
-// that the tap loop runs over 8 independent rows with a broadcast weight (vectorises to int32 SIMD).
+// One horizontal-pass output: its taps and where its rows go.
+struct HTarget {
+  const AxisTaps* ax;
+  uint8_t* dst;  // row 0 = source row 0 of the pass
+  int64_t stride;
+};
+
+// Horizontal pass over up to kBlock rows for every target: the rows are staged once, column-major
+// per channel, so that the tap loop runs over 8 independent rows with a broadcast weight (int32
+// SIMD) and both resizes of an image (grid and global view) share the staging.
 __attribute__((target_clones("avx2", "default")))
-void hpass_block(const uint8_t* src, int64_t src_stride, int nrows, int in_w, const AxisTaps& ax,
-                 uint8_t* dst, int64_t dst_stride, uint8_t* stage) {
-  for (int c = 0; c < 3; ++c) {
-    uint8_t* sc = stage + int64_t(c) * in_w * kBlock;
-    for (int r = 0; r < kBlock; ++r) {
-      const uint8_t* row = src + int64_t(r < nrows ? r : nrows - 1) * src_stride + c;
-      for (int j = 0; j < in_w; ++j) sc[j * kBlock + r] = row[j * 3];
-    }
+void hpass_block(const uint8_t* src, int64_t src_stride, int nrows, int in_w, const HTarget* targets, int n_targets,
+                 int64_t y, uint8_t* stage) {
+  for (int r = 0; r < kBlock; ++r) {
+    const uint8_t* row = src + int64_t(r < nrows ? r : nrows - 1) * src_stride;
+    for (int j = 0; j < in_w; ++j)
+      for (int c = 0; c < 3; ++c) stage[(int64_t(c) * in_w + j) * kBlock + r] = row[j * 3 + c];
   }
-  for (int c = 0; c < 3; ++c) {
-    const uint8_t* sc = stage + int64_t(c) * in_w * kBlock;
-    for (int x = 0; x < ax.out; ++x) {
-      int32_t acc[kBlock];
-      for (int r = 0; r < kBlock; ++r) acc[r] = kRoundBias;
-      const int32_t* k = &ax.k[size_t(x) * ax.ksize];
-      const uint8_t* col = sc + int64_t(ax.xmin[x]) * kBlock;
-      const int n = ax.count[x];
-      for (int t = 0; t < n; ++t) {
-        const int32_t w = k[t];
-        for (int r = 0; r < kBlock; ++r) acc[r] += int32_t(col[t * kBlock + r]) * w;
+  for (int g = 0; g < n_targets; ++g) {
+    const AxisTaps& ax = *targets[g].ax;
+    uint8_t* dst = targets[g].dst + y * targets[g].stride;
+    const int64_t dst_stride = targets[g].stride;
+    for (int c = 0; c < 3; ++c) {
+      const uint8_t* sc = stage + int64_t(c) * in_w * kBlock;
+      for (int x = 0; x < ax.out; ++x) {
+        const int32_t* k = &ax.k[size_t(x) * ax.ksize];
+        const uint8_t* col = sc + int64_t(ax.xmin[x]) * kBlock;
+        const int n = ax.count[x];
+        I32x8 acc = I32x8{} + kRoundBias;
+        for (int t = 0; t < n; ++t) {
+          U8x8 px;
+          std::memcpy(&px, col + t * kBlock, sizeof(px));
+          acc += __builtin_convertvector(px, I32x8) * k[t];
+        }
+        for (int r = 0; r < nrows; ++r) dst[r * dst_stride + x * 3 + c] = clip8(acc[r]);
       }
-      for (int r = 0; r < nrows; ++r) dst[r * dst_stride + x * 3 + c] = clip8(acc[r]);
     }
   }
 }
 
-// dst rows [0, rows) = horizontal resample of src rows [0, rows).
-void hpass(const RgbRows& src, int64_t rows, const AxisTaps& ax, uint8_t* dst, int64_t dst_stride) {
-  const int64_t blocks = (rows + kBlock - 1) / kBlock;
+// Rows [0, src.h) of src through the horizontal pass of every target.
+void hpass(const RgbRows& src, const std::vector<HTarget>& targets) {
+  const int64_t blocks = (src.h + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     Bytes stage = bytes(int64_t(3) * src.w * kBlock);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t y = b * kBlock;
-      const int nrows = int(std::min<int64_t>(kBlock, rows - y));
-      hpass_block(src.p + y * src.stride, src.stride, nrows, int(src.w), ax, dst + y * dst_stride, dst_stride,
+      const int nrows = int(std::min<int64_t>(kBlock, src.h - y));
+      hpass_block(src.p + y * src.stride, src.stride, nrows, int(src.w), targets.data(), int(targets.size()), y,
                   stage.get());
     }
   });
@@ -115,39 +131,60 @@ void vpass(const RgbRows& src, int64_t row0, const AxisTaps& ax, uint8_t* dst, i
   });
 }
 
-// Pillow-exact bicubic resize of an interleaved RGB image to out_h x out_w (rows of out_w * 3).
-Bytes resize_rgb(const RgbRows& src, int64_t out_h, int64_t out_w) {
-  Bytes out = bytes(out_h * out_w * 3);
-  const bool need_h = out_w != src.w, need_v = out_h != src.h;
-  const int64_t out_stride = out_w * 3;
-  if (!need_h && !need_v) {
-    at::parallel_for(0, out_h, 16, [&](int64_t y0, int64_t y1) {
-      for (int64_t y = y0; y < y1; ++y) std::memcpy(out.get() + y * out_stride, src.p + y * src.stride, out_stride);
-    });
-    return out;
+// Pillow-exact bicubic resizes of one interleaved RGB image to several sizes (rows of out_w * 3).
+// Resizes whose first pass is horizontal share one staged horizontal pass over the source.
+std::vector<Bytes> resize_rgb(const RgbRows& src, const std::vector<std::pair<int64_t, int64_t>>& sizes) {
+  const size_t n = sizes.size();
+  std::vector<Bytes> outs(n);
+  std::vector<std::unique_ptr<AxisTaps>> htaps(n), vtaps(n);
+  std::vector<Bytes> tmps(n);
+  std::vector<HTarget> shared;
+  int64_t lo = src.h, hi = 0;  // source rows the shared horizontal pass must cover
+  std::vector<char> h_first(n, 0);
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t oh = sizes[i].first, ow = sizes[i].second;
+    outs[i] = bytes(oh * ow * 3);
+    const bool need_h = ow != src.w, need_v = oh != src.h;
+    if (need_h) htaps[i] = std::make_unique<AxisTaps>(int(src.w), int(ow));
+    if (need_v) vtaps[i] = std::make_unique<AxisTaps>(int(src.h), int(oh));
+    if (need_h && !(need_v && vertical_first(int(src.h), int(src.w), int(oh), int(ow)))) {
+      h_first[i] = 1;
+      // like Pillow, only the source rows the vertical pass reads
+      const int64_t first = need_v ? vtaps[i]->xmin[0] : 0;
+      const int64_t last = need_v ? vtaps[i]->xmin[oh - 1] + vtaps[i]->count[oh - 1] : src.h;
+      lo = std::min(lo, first);
+      hi = std::max(hi, last);
+    }
   }
-  if (!need_v) {
-    hpass(src, src.h, AxisTaps(int(src.w), int(out_w)), out.get(), out_stride);
-    return out;
+  for (size_t i = 0; i < n; ++i) {
+    if (!h_first[i]) continue;
+    const int64_t ow = sizes[i].second;
+    if (vtaps[i]) {
+      tmps[i] = bytes((hi - lo) * ow * 3);
+      shared.push_back(HTarget{htaps[i].get(), tmps[i].get(), ow * 3});
+    } else {
+      shared.push_back(HTarget{htaps[i].get(), outs[i].get() + lo * ow * 3, ow * 3});
+    }
   }
-  AxisTaps vt(int(src.h), int(out_h));
-  if (!need_h) {
-    vpass(src, 0, vt, out.get(), out_stride);
-    return out;
+  if (!shared.empty()) hpass(RgbRows{src.p + lo * src.stride, hi - lo, src.w, src.stride}, shared);
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t oh = sizes[i].first, ow = sizes[i].second, stride = ow * 3;
+    uint8_t* out = outs[i].get();
+    if (h_first[i]) {
+      if (vtaps[i]) vpass(RgbRows{tmps[i].get(), hi - lo, ow, stride}, lo, *vtaps[i], out, stride);
+    } else if (htaps[i]) {  // vertical first (Pillow >= 13 rule), then horizontal
+      Bytes tmp = bytes(oh * src.w * 3);
+      vpass(src, 0, *vtaps[i], tmp.get(), src.w * 3);
+      hpass(RgbRows{tmp.get(), oh, src.w, src.w * 3}, {HTarget{htaps[i].get(), out, stride}});
+    } else if (vtaps[i]) {
+      vpass(src, 0, *vtaps[i], out, stride);
+    } else {
+      at::parallel_for(0, oh, 16, [&](int64_t y0, int64_t y1) {
+        for (int64_t y = y0; y < y1; ++y) std::memcpy(out + y * stride, src.p + y * src.stride, stride);
+      });
+    }
   }
-  AxisTaps ht(int(src.w), int(out_w));
-  if (vertical_first(int(src.h), int(src.w), int(out_h), int(out_w))) {
-    Bytes tmp = bytes(out_h * src.w * 3);
-    vpass(src, 0, vt, tmp.get(), src.w * 3);
-    hpass(RgbRows{tmp.get(), out_h, src.w, src.w * 3}, out_h, ht, out.get(), out_stride);
-    return out;
-  }
-  // horizontal first, only over the source rows the vertical pass reads (as Pillow does)
-  const int64_t first = vt.xmin[0], last = vt.xmin[out_h - 1] + vt.count[out_h - 1];
-  Bytes tmp = bytes((last - first) * out_stride);
-  hpass(RgbRows{src.p + first * src.stride, last - first, src.w, src.stride}, last - first, ht, tmp.get(), out_stride);
-  vpass(RgbRows{tmp.get(), last - first, out_w, out_stride}, first, vt, out.get(), out_stride);
-  return out;
+  return outs;
 }
 
 // Any uint8 [H, W, C] view -> interleaved RGB rows, converted as HF converts (gray -> RGB,
@@ -221,13 +258,14 @@ void anyres_tile_cpu(const std::vector<at::Tensor>& images, const at::Tensor& pl
       Bytes storage;
       const RgbRows src = as_rgb(images[i], storage);
       scalar_t* dst = o + r[kFirst] * tile_elems;
+      std::vector<std::pair<int64_t, int64_t>> sizes{{r[kResH], r[kResW]}};
+      if (global_view) sizes.emplace_back(tile, tile);
+      std::vector<Bytes> res = resize_rgb(src, sizes);
       if (global_view) {
-        Bytes g = resize_rgb(src, tile, tile);
-        emit_tiles<scalar_t>(g.get(), tile, tile, 0, 0, 1, 1, tile, lut, dst);
+        emit_tiles<scalar_t>(res[1].get(), tile, tile, 0, 0, 1, 1, tile, lut, dst);
         dst += tile_elems;
       }
-      Bytes res = resize_rgb(src, r[kResH], r[kResW]);
-      emit_tiles<scalar_t>(res.get(), r[kResH], r[kResW], r[kPadT], r[kPadL], r[kRows], r[kCols], tile, lut, dst);
+      emit_tiles<scalar_t>(res[0].get(), r[kResH], r[kResW], r[kPadT], r[kPadL], r[kRows], r[kCols], tile, lut, dst);
     }
   });
 }

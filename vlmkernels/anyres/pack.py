@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .. import library, registry
 
-__all__ = ["anyres_pack", "pack_plan"]
+__all__ = ["anyres_pack", "anyres_pack_backward", "pack_plan"]
 
 OP = "anyres_pack"
 BWD = "anyres_pack_backward"
@@ -166,15 +166,49 @@ def _pack_torch(features, plan, newline, total_rows):
     return out
 
 
+def _validate_plan(features, plan, newline, total_rows) -> torch.Tensor:
+    """The plan on the CPU, checked so that no kernel reads or writes out of bounds with a
+    hand-made table (the functional API builds valid ones)."""
+    if plan.dtype != torch.int64 or plan.dim() != 2 or plan.shape[1] != len(PLAN_COLUMNS):
+        raise ValueError(f"plan must be int64 [num_images, {len(PLAN_COLUMNS)}], got {plan.dtype} {tuple(plan.shape)}")
+    if newline is not None and newline.shape != (features.shape[-1],):
+        raise ValueError(f"newline must be [C={features.shape[-1]}], got {tuple(newline.shape)}")
+    cpu = plan.cpu()
+    t, p, _ = features.shape
+    side = math.isqrt(p)
+    if side * side != p:
+        raise ValueError(f"features.shape[1] = {p} is not a square number of tokens")
+    fs, nt, nph, npw, r0, nr, c0, nc, oh, ow, start, rows = cpu.unbind(1)
+    nl = 1 if newline is not None else 0
+    grid = nt > 1
+    ok = (fs >= 0) & (nt >= 1) & (fs + nt <= t)
+    # an unpadded grid may be empty (HF keeps 0 columns for e.g. 300x20 in a 3x1 grid)
+    ok &= ~grid | ((nph * npw + 1 == nt) & (r0 >= 0) & (nr >= 0) & (r0 + nr <= nph * side)
+                   & (c0 >= 0) & (nc >= 0) & (c0 + nc <= npw * side) & (oh >= 0) & (ow >= 0)
+                   & (oh <= nr) & (ow <= nc))
+    ok &= rows == torch.where(grid, p + oh * (ow + nl), p + nl)
+    ends = torch.cumsum(rows, 0)
+    ok &= start == ends - rows
+    if not bool(ok.all()) or (int(ends[-1]) if len(ends) else 0) != total_rows:
+        bad = int((~ok).nonzero()[0]) if not bool(ok.all()) else -1
+        raise ValueError(
+            f"anyres_pack: invalid plan (first bad image {bad}) for features {tuple(features.shape)} and "
+            f"total_rows={total_rows}; build it with vlmkernels.anyres.pack.pack_plan"
+        )
+    return cpu
+
+
 def _pack_reference(features, plan, newline, total_rows):
-    return _pack_torch(features, plan.cpu(), newline, total_rows).contiguous()
+    return _pack_torch(features, _validate_plan(features, plan, newline, total_rows), newline, total_rows).contiguous()
 
 
 def _pack_triton(features, plan, newline, total_rows):
     from ..triton.anyres_pack import anyres_pack as kernel
 
+    cpu = _validate_plan(features, plan, newline, total_rows)
+    max_rows = int(cpu[:, -1].max()) if len(cpu) else 0
     return kernel(features.contiguous(), plan.to(features.device).contiguous(),
-                  None if newline is None else newline.contiguous(), total_rows)
+                  None if newline is None else newline.contiguous(), total_rows, max_rows)
 
 
 registry.register(OP, "reference", _pack_reference, devices=("cpu", "cuda"))
@@ -193,7 +227,7 @@ def _pack_vjp(grad, features, plan, newline):
     f = features.detach().requires_grad_(True)
     nl = None if newline is None else newline.detach().requires_grad_(True)
     with torch.enable_grad():
-        out = _pack_torch(f, plan.cpu(), nl, grad.shape[0])
+        out = _pack_torch(f, _validate_plan(features, plan, newline, grad.shape[0]), nl, grad.shape[0])
         wrt = [f] + ([nl] if nl is not None else [])
         grads = torch.autograd.grad(out, wrt, grad, allow_unused=True)
     g_f = grads[0] if grads[0] is not None else torch.zeros_like(features)
@@ -260,7 +294,8 @@ def pack_rows(features, image_sizes, grid_pinpoints, tile_size, newline, *, max_
         raise ValueError(f"features has {features.shape[0]} tiles but image_sizes need {need}")
     if newline is not None:
         newline = newline.to(features.dtype)
-    out = library.op(OP)(features, plan.to(features.device), newline, sum(lens), backend)
+    # the plan stays on the CPU: backends validate it there and copy it to the device themselves
+    out = library.op(OP)(features, plan, newline, sum(lens), backend)
     return out, lens
 
 
@@ -276,3 +311,11 @@ def anyres_pack(features, image_sizes, grid_pinpoints, tile_size, newline, *, ma
     out, lens = pack_rows(features, image_sizes, grid_pinpoints, tile_size, newline,
                           max_area_tiles=max_area_tiles, tiles_per_image=tiles_per_image, backend=backend)
     return list(torch.split(out, lens, dim=0))
+
+
+def anyres_pack_backward(grad, features, plan, newline=None, *, backend="auto"):
+    """vjp of ``torch.ops.vlmkernels.anyres_pack``: ``(d features, d newline)`` for ``grad [rows, C]``
+    (``d newline`` is zeros when ``newline`` is None). Autograd calls it; exposed for custom backwards."""
+    if grad.dim() != 2 or grad.shape[-1] != features.shape[-1]:
+        raise ValueError(f"grad must be [rows, C={features.shape[-1]}], got {tuple(grad.shape)}")
+    return library.op(BWD)(grad.contiguous(), features, plan, newline, backend)

@@ -10,6 +10,7 @@ whole batch) and ``reference`` (python_ref, pure PyTorch).
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -28,6 +29,15 @@ _CHANNELS = (1, 3, 4)
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def from_numpy(array: np.ndarray) -> torch.Tensor:
+    """Zero-copy tensor of a (possibly read-only, e.g. ``np.asarray(PIL image)``) array; never written."""
+    if any(s < 0 for s in array.strides):
+        array = np.ascontiguousarray(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.from_numpy(array)
+
+
 def hwc_view(image, name: str = "image") -> torch.Tensor:
     """A uint8 image as an ``[H, W, C]`` view (no copy).
 
@@ -36,7 +46,7 @@ def hwc_view(image, name: str = "image") -> torch.Tensor:
     when its last dim is 1, 3 or 4.
     """
     if isinstance(image, np.ndarray):
-        image = torch.from_numpy(image)
+        image = from_numpy(image)
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(image).__name__}")
     if image.dtype != torch.uint8:

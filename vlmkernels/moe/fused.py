@@ -112,8 +112,8 @@ def fused_moe(
     ``check_ids=True`` also checks CUDA ids (one host sync per call, skipped while compiling or
     capturing a CUDA graph); ``False`` never checks. Unchecked ids outside ``[0, E)`` are dropped
     (their slots contribute zero, HF's expert-parallel sentinel convention) by every backend; no
-    backend reads out of bounds. NaN/Inf in ``hidden`` or the weights propagate to the affected
-    tokens' rows only.
+    backend reads out of bounds. NaN/Inf in ``hidden`` or in the routing weights propagate to the
+    affected tokens' rows only.
     """
     _check(hidden, gate_up_proj, down_proj, weights, ids, activation)
     wants_check = (not ids.is_cuda) if check_ids is None else check_ids

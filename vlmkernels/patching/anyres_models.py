@@ -41,10 +41,29 @@ def _pack_config(model):
     return [list(map(int, q)) for q in pins], tile, tile // p
 
 
+def _joined(feats):
+    """The [sum_tiles, P, C] tensor behind HF's per-image ``torch.split``: a view (no copy) when
+    the pieces are consecutive contiguous slices of one storage, built on their common autograd
+    base so gradients reach every piece's source; otherwise ``torch.cat``."""
+    f0 = feats[0]
+    if len(feats) == 1:
+        return f0
+    root = f0._base if f0._base is not None else f0
+    ptr, step = f0.data_ptr(), f0[0].numel() * f0.element_size()
+    for f in feats:
+        same = f.dim() == 3 and f.shape[1:] == f0.shape[1:] and f.dtype == f0.dtype and f.is_contiguous()
+        if not same or (f._base if f._base is not None else f) is not root or f.data_ptr() != ptr:
+            return torch.cat(feats, dim=0)
+        ptr += f.shape[0] * step
+    p, c = f0.shape[1:]
+    total = sum(f.shape[0] for f in feats)
+    return root.as_strided((total, p, c), (p * c, c, 1), f0.storage_offset())
+
+
 def _packed(conf, image_features, image_sizes, image_newline, max_area_tiles, backend):
     pins, tile, side = conf
     feats = list(image_features)
-    features = feats[0] if len(feats) == 1 else torch.cat(feats, dim=0)
+    features = _joined(feats)
     if features.dim() != 3 or features.shape[1] != side * side:
         raise ValueError(
             f"image features of shape {tuple(features.shape)} do not have {side}x{side} tokens per tile "

@@ -178,6 +178,7 @@ def patch(obj, *, families: Iterable[str] | None = None, backend: str = "auto") 
             except SkipPatch as e:
                 entry.reason = str(e)
                 report.skipped.append(entry)
+                _restore(sub)  # an earlier patch with another backend must not linger
                 break
             _restore(sub)  # re-patching with another backend starts from the original
             _bind(sub, methods, info)

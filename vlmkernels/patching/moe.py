@@ -1,15 +1,21 @@
 """MoE patch rules: HF transformers 5.x routers and experts, python_ref's top-k selectors.
 
-* Routers (``*TopKRouter`` / ``DeepseekV3TopkRouter``): the forward becomes the model's own router
+Models: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, Qwen3-VL-MoE (text), GLM-4.5 and
+GLM-4.5V (text).
+
+* Routers (``*TopKRouter`` / ``*TopkRouter``): the forward becomes the model's own router
   linear + ``moe_topk_route`` and keeps returning ``(router_logits, weights, ids)`` with the
-  original dtypes: fp32 weights for Mixtral and DeepSeek-V3, the logits' dtype for Qwen2/3-MoE,
+  original dtypes: fp32 weights for Mixtral, DeepSeek-V3 and GLM, the logits' dtype for Qwen2/3-MoE,
   OLMoE and Qwen3-VL-MoE; int64 ids, like ``torch.topk``.
 * Experts (``*Experts`` of the same models, HF v5 3-D weights): the forward becomes ``fused_moe``.
   Qwen2-MoE's sigmoid-gated shared expert and DeepSeek's shared experts are dense MLPs the block
   adds itself; the block's forward is left alone and simply calls the patched router and experts.
-* transformers' experts interface gets a ``"vlmkernels"`` implementation (global registration, so
+* transformers' experts interface gets a ``"vlmkernels"`` implementation when this module is
+  imported (``vlmkernels.patch()`` imports it; registration is global, so afterwards
   ``model.set_experts_implementation("vlmkernels")`` works); ``patch()`` never changes a model's
   ``_experts_implementation``, it binds forwards on the matching instances only.
+* A forced ``backend`` that an op lacks (e.g. ``"cpu"`` for ``fused_moe``) skips that module with
+  the reason in the report; its original forward stays.
 * python_ref: ``TopKTokenSelector`` (DynamicQFormer) -> ``topk_select_tokens``; ``ExpertRouter`` with
   ``top_k`` set (LEO, dynamic_vision_selector) -> ``moe_topk_route``.
 
@@ -34,9 +40,10 @@ _SOFTMAX_ROUTERS = {
     "OlmoeTopKRouter": ("norm_topk_prob", False),
     "Qwen3VLMoeTextTopKRouter": (True, False),
 }
-_GROUPED_SIGMOID_ROUTERS = ("DeepseekV3TopkRouter",)
+# DeepSeek-V3's biased, grouped sigmoid router; GLM-4.5 and GLM-4.5V (text) copy it verbatim
+_GROUPED_SIGMOID_ROUTERS = ("DeepseekV3TopkRouter", "Glm4MoeTopkRouter", "Glm4vMoeTextTopkRouter")
 _EXPERTS = ("MixtralExperts", "Qwen2MoeExperts", "Qwen3MoeExperts", "OlmoeExperts", "DeepseekV3Experts",
-            "Qwen3VLMoeTextExperts")
+            "Qwen3VLMoeTextExperts", "Glm4MoeExperts", "Glm4vMoeTextExperts")
 
 
 def _is_hf(obj, names) -> bool:
@@ -55,6 +62,18 @@ def _ops():
     return ops
 
 
+def _require_backend(op: str, backend: str, tensor) -> None:
+    """A forced backend that cannot run this op on the module's device skips the module (its
+    original forward stays) instead of failing at the first call."""
+    from .. import registry
+
+    if backend == "auto" or not isinstance(tensor, torch.Tensor):
+        return
+    ok, why = registry.availability(op, backend, tensor.device.type)
+    if not ok:
+        raise SkipPatch(f"backend {backend!r}: {why}")
+
+
 # ---- HF routers ---------------------------------------------------------------------------------
 
 def _build_softmax_router(router, backend):
@@ -63,6 +82,7 @@ def _build_softmax_router(router, backend):
         raise SkipPatch("router has no 2-D weight")
     if renorm_attr is not True and not hasattr(router, renorm_attr):
         raise SkipPatch(f"router has no {renorm_attr}")
+    _require_backend("moe_topk_route", backend, router.weight)
     ops = _ops()
 
     def forward(self, hidden_states):
@@ -85,6 +105,7 @@ def _build_deepseek_router(router, backend):
             raise SkipPatch(f"router has no {attr}")
     if router.num_experts % router.num_group:
         raise SkipPatch(f"num_experts={router.num_experts} is not divisible by n_group={router.num_group}")
+    _require_backend("moe_topk_route", backend, router.weight)
     ops = _ops()
 
     def forward(self, hidden_states):
@@ -103,12 +124,22 @@ def _build_deepseek_router(router, backend):
 
 # ---- HF experts ---------------------------------------------------------------------------------
 
+# act_fn classes (transformers.activations / torch.nn) computing each fused activation
+_ACT_CLASSES = {
+    "silu": ("SiLUActivation", "SiLU"),
+    "gelu": ("GELUActivation",),
+    "gelu_tanh": ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "FastGELUActivation"),
+}
+
+
 def _activation_name(experts) -> str | None:
+    """The fused activation matching the config's ``hidden_act`` *and* the module's ``act_fn``."""
     from python_ref.ops.moe_experts import MOE_ACTIVATIONS
 
     act = getattr(getattr(experts, "config", None), "hidden_act", None)
+    act_cls = type(getattr(experts, "act_fn", None)).__name__
     for name, spellings in MOE_ACTIVATIONS.items():
-        if act in spellings:
+        if act in spellings and act_cls in _ACT_CLASSES[name]:
             return name
     return None
 
@@ -134,7 +165,8 @@ def _experts_unsupported(experts) -> str | None:
     if gate is not _default_apply_gate:
         return "custom _apply_gate"
     if _activation_name(experts) is None:
-        return f"activation {getattr(getattr(experts, 'config', None), 'hidden_act', None)!r} is not fused"
+        act = getattr(getattr(experts, "config", None), "hidden_act", None)
+        return f"activation {act!r} ({type(getattr(experts, 'act_fn', None)).__name__}) is not fused"
     return None
 
 
@@ -156,6 +188,7 @@ def _build_experts(experts, backend):
     why = _experts_unsupported(experts)
     if why:
         raise SkipPatch(why)
+    _require_backend("fused_moe", backend, experts.gate_up_proj)
     return {"forward": _experts_forward(backend, _activation_name(experts))}
 
 
@@ -181,7 +214,12 @@ def register_experts_implementation() -> bool:
 
 # ---- python_ref -------------------------------------------------------------------------------------
 
+def _first_parameter(module):
+    return next(iter(module.parameters()), torch.empty(0))
+
+
 def _build_token_selector(selector, backend):
+    _require_backend("topk_select_tokens", backend, _first_parameter(selector))
     ops = _ops()
 
     def forward(self, scores, tokens):
@@ -196,6 +234,7 @@ def _build_token_selector(selector, backend):
 def _build_expert_router(router, backend):
     if getattr(router, "top_k", None) is None:
         raise SkipPatch("dense softmax routing (top_k=None): nothing to fuse")
+    _require_backend("moe_topk_route", backend, _first_parameter(router))
     ops = _ops()
 
     def forward(self, features, image_type=None):

@@ -111,15 +111,16 @@ def _anyres_pack_kernel(
     tl.store(dst, v.to(out_ptr.dtype.element_ty), mask=m2)
 
 
-def anyres_pack(features: torch.Tensor, plan: torch.Tensor, newline: torch.Tensor | None, total_rows: int):
-    """``features [T, P, C]`` contiguous, ``plan [B, 12]`` int64 on the same device -> ``[total_rows, C]``."""
+def anyres_pack(features: torch.Tensor, plan: torch.Tensor, newline: torch.Tensor | None, total_rows: int,
+                max_rows: int):
+    """``features [T, P, C]`` contiguous, ``plan [B, 12]`` int64 on the same device (validated by the
+    caller; ``max_rows`` = its largest per-image row count) -> ``[total_rows, C]``."""
     t, p, c = features.shape
     side = int(round(p**0.5))
     out = torch.empty(total_rows, c, dtype=features.dtype, device=features.device)
     b = plan.shape[0]
     if b == 0 or total_rows == 0 or c == 0:
         return out
-    max_rows = int(plan[:, _N_ROWS].max())
     block_c = min(128, triton.next_power_of_2(c))
     block_r = 32
     grid = (b, triton.cdiv(max_rows, block_r), triton.cdiv(c, block_c))

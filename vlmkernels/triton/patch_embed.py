@@ -110,8 +110,9 @@ def patch_embed(pixels, weight, bias, class_embedding, position_embedding, ln_we
     if out.numel() == 0:
         return out
     staged = out if ln_eps is None else torch.empty(n, rows, d, dtype=torch.float32, device=pixels.device)
-    block_m = 32 if P >= 32 else max(16, triton.next_power_of_2(P))
-    block_d = 64 if d >= 64 else max(16, triton.next_power_of_2(d))
+    # untuned (no GPU was at hand): 64x128 tiles for CLIP/SigLIP-sized problems, smaller for tiny ones
+    block_m = 64 if P >= 256 else (32 if P >= 32 else max(16, triton.next_power_of_2(P)))
+    block_d = 128 if d >= 512 else (64 if d >= 64 else max(16, triton.next_power_of_2(d)))
     block_k = 32
     dummy = weight
     grid = (n, triton.cdiv(P, block_m), triton.cdiv(d, block_d))
