@@ -70,6 +70,7 @@ class Inputs:
         self.uses -= 1
         if self.uses <= 0:
             self._sets = None
+            self._i = 0
 
 
 @dataclass

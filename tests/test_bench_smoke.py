@@ -110,7 +110,7 @@ def test_inputs_rotate_and_release_after_last_use():
     inp.configure(3)
     assert inp() == 0 and made == [0, 1, 2]
     inp.release()           # last user: freed, rebuilt on next use
-    assert inp() == 0 and made == [0, 1, 2, 0]
+    assert inp() == 0 and made == [0, 1, 2, 0, 1, 2]
     assert harness.rotation_sets(10, "cpu") == 1
 
 

@@ -66,11 +66,13 @@ def test_patched_logits_match(kind, backend):
         report = vlmkernels.patch(model, families=["anyres"], backend=backend)
         got = model(**inputs).logits
     emb = "clip_vision_embeddings" if kind == "next" else "siglip_vision_embeddings"
-    rules = {e.rule: e.path for e in report.patched}
-    assert rules == {f"llava_{kind}_model": "model", emb: "model.vision_tower.embeddings"} or \
-        rules == {f"llava_{kind}_model": "model", emb: "model.vision_tower.vision_model.embeddings"}
+    rules = {e.rule: e.path.replace("vision_model.", "") for e in report.patched}  # 4.x nests the tower
+    expected = {f"llava_{kind}_model": "model", emb: "model.vision_tower.embeddings"}
+    if kind == "next":  # CLIP's pre-LayerNorm is fused into patch_embed
+        expected["clip_pre_layernorm_fused"] = "model.vision_tower.pre_layrnorm"
+    assert rules == expected
     assert_close(got, exp, atol=2e-5, rtol=2e-5)
-    assert vlmkernels.unpatch(model) == 2
+    assert vlmkernels.unpatch(model) == len(expected)
     assert "pack_image_features" not in model.model.__dict__
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, exp)
@@ -125,8 +127,9 @@ def test_compile_fullgraph_patched_embeddings():
     emb = model.model.vision_tower.embeddings
     px = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
-        exp = emb(px)
+        exp = model.model.vision_tower.pre_layrnorm(emb(px))
         vlmkernels.patch(model, families=["anyres"], backend="reference")
+        # the patched embeddings now carry the tower's pre-LayerNorm too
         got = torch.compile(emb, fullgraph=True, backend="eager")(px)
     assert_close(got, exp, atol=1e-5, rtol=1e-5)
 
@@ -178,3 +181,29 @@ def test_state_dict_and_deepcopy_survive_patching():
         assert_close(clone(**inputs).logits, exp, atol=2e-5, rtol=2e-5)
         # the clone's patched methods are bound to the clone, not to the original
         assert clone.model.pack_image_features.__self__ is clone.model
+
+
+def test_pre_layernorm_applied_exactly_once():
+    model = _next_model()
+    tower = model.model.vision_tower
+    torch.nn.init.normal_(tower.pre_layrnorm.weight)
+    torch.nn.init.normal_(tower.pre_layrnorm.bias)
+    px = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        exp = tower(px, output_hidden_states=True)
+        # patching the tower alone (no LLaVA model rule) leaves the LN to HF
+        report = vlmkernels.patch(tower, families=["anyres"], backend="reference")
+        assert [e.rule for e in report.patched] == ["clip_vision_embeddings"]
+        vlmkernels.unpatch(tower)
+        vlmkernels.patch(model, families=["anyres"], backend="reference")
+        got = tower(px, output_hidden_states=True)
+        # hidden_states[0] is the encoder input, i.e. after the pre-LN
+        for g, e in zip(got.hidden_states, exp.hidden_states):
+            assert_close(g, e, atol=2e-5, rtol=2e-5)
+        assert_close(got.last_hidden_state, exp.last_hidden_state, atol=2e-5, rtol=2e-5)
+        # interpolate_pos_encoding falls back to HF's embeddings but still applies the LN once
+        big = torch.randn(1, 3, 42, 42)
+        vlmkernels.unpatch(model)
+        exp_big = tower(big, interpolate_pos_encoding=True).last_hidden_state
+        vlmkernels.patch(model, families=["anyres"], backend="reference")
+        assert_close(tower(big, interpolate_pos_encoding=True).last_hidden_state, exp_big, atol=2e-5, rtol=2e-5)

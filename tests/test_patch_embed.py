@@ -254,3 +254,11 @@ def test_cuda_matches_reference(dtype):
     out8 = patch_embed_uint8(tiles.cuda(), weight.cuda(), mean=MEAN, std=STD, **kwc, backend="triton").cpu()
     exp8 = ref.patch_embed_uint8(tiles, weight, mean=MEAN, std=STD, **kw)
     assert_close(out8, exp8, atol=4 * tol(dtype)[0] * 10, rtol=4 * tol(dtype)[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uint8_op_rejects_a_short_table(backend):
+    tiles = _u8_tiles(h=9, w=10)
+    _, weight, _ = _make(h=9, w=10, p=3, d=5)
+    with pytest.raises(ValueError, match="lut"):
+        torch.ops.vlmkernels.patch_embed_uint8(tiles, torch.zeros(3, 255), weight, backend=backend)

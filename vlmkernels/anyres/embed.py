@@ -125,11 +125,21 @@ def _lut_pixels(tiles, lut):
     return lut[torch.arange(c, device=tiles.device).view(1, c, 1, 1), tiles.long()]
 
 
+def _check_u8(tiles, lut):
+    # the op may be called directly: a short table would be read out of bounds
+    if tiles.dtype != torch.uint8:
+        raise TypeError(f"tiles must be uint8, got {tiles.dtype}")
+    if lut.shape != (tiles.shape[1], 256) or not lut.is_floating_point():
+        raise ValueError(f"lut must be a float [C={tiles.shape[1]}, 256] table, got {lut.dtype} {tuple(lut.shape)}")
+
+
 def _reference_u8(tiles, lut, weight, *rest):
+    _check_u8(tiles, lut)
     return _reference(_lut_pixels(tiles, lut), weight, *rest)
 
 
 def _triton_u8(tiles, lut, weight, bias, cls, pos, ln_w, ln_b, ln_eps):
+    _check_u8(tiles, lut)
     if weight.dtype == torch.float64:
         raise TypeError("patch_embed_uint8: the triton backend takes float32/float16/bfloat16 weights, not float64")
     from ..triton.patch_embed import patch_embed as kernel

@@ -6,9 +6,12 @@
   ``pack_image_features`` is broken in transformers 5.x) and are found by ``patch(model)`` from any
   parent.
 - ``CLIPVisionEmbeddings`` / ``SiglipVisionEmbeddings`` (the vision towers of both): ``forward``
-  becomes one ``patch_embed`` (conv GEMM + bias + class token + positions). CLIP's
-  ``pre_layrnorm`` stays HF's LayerNorm, because the tower's ``forward`` (not the embeddings)
-  applies it and hidden-state capture hooks sit around it.
+  becomes one ``patch_embed`` (conv GEMM + bias + class token + positions).
+- CLIP's ``pre_layrnorm`` is fused into that ``patch_embed`` when the LLaVA model rule can see
+  that the tower applies it right after the embeddings: the model rule marks the pair, the
+  LayerNorm becomes the identity, and the embeddings apply it only while that identity is in
+  place (so the LN runs exactly once whatever else is patched; the encoder input and every
+  captured hidden state are unchanged).
 
 Calls with ``interpolate_pos_encoding=True`` go to the original forward.
 """
@@ -16,10 +19,11 @@ Calls with ``interpolate_pos_encoding=True`` go to the original forward.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..anyres.embed import patch_embed
 from ..anyres.pack import pack_rows
-from .core import PatchRule, SkipPatch, register_rule
+from .core import PatchRule, SkipPatch, patch_info, register_rule
 
 FAMILY = "anyres"
 
@@ -75,8 +79,32 @@ def _packed(conf, image_features, image_sizes, image_newline, max_area_tiles, ba
     return list(torch.split(rows, lens, dim=0)), feature_lens
 
 
+_PRE_LN_RULE = "clip_pre_layernorm_fused"
+
+
+def _mark_pre_layernorm(model) -> None:
+    """Pair a CLIP tower's embeddings with its ``pre_layrnorm`` for fusion, when the tower's forward
+    applies the LN directly to the embeddings' output (checked on the class source)."""
+    import inspect
+
+    tower = getattr(model, "vision_tower", None)
+    for holder in (tower, getattr(tower, "vision_model", None)):
+        emb, ln = getattr(holder, "embeddings", None), getattr(holder, "pre_layrnorm", None)
+        if emb is None or not isinstance(ln, torch.nn.LayerNorm) or not _is(emb, "CLIPVisionEmbeddings"):
+            continue
+        try:
+            src = inspect.getsource(type(holder).forward)
+        except (OSError, TypeError):
+            return
+        if src.count("self.pre_layrnorm(") == 1 and "hidden_states = self.pre_layrnorm(hidden_states)" in src:
+            emb.__dict__["_vlmk_pre_ln"] = ln  # plain attribute: not a submodule, state_dict untouched
+            ln.__dict__["_vlmk_fused_into"] = emb
+        return
+
+
 def _build_llava_next(model, backend):
     conf = _pack_config(model)
+    _mark_pre_layernorm(model)
 
     def pack_image_features(self, image_features, image_sizes, vision_feature_select_strategy, image_newline=None):
         return _packed(conf, image_features, image_sizes, image_newline, None, backend)
@@ -86,6 +114,7 @@ def _build_llava_next(model, backend):
 
 def _build_llava_onevision(model, backend):
     conf = _pack_config(model)
+    _mark_pre_layernorm(model)  # SigLIP towers have none; a CLIP tower would
 
     def pack_image_features(self, image_features, image_sizes, image_newline=None, vision_aspect_ratio="anyres_max_9"):
         if vision_aspect_ratio is None:
@@ -124,14 +153,23 @@ def _check_conv(emb):
     return conv
 
 
+def _fused_pre_ln(emb):
+    # the pre-LN to apply here: only while the tower's own LN is our identity (checked per call)
+    ln = emb.__dict__.get("_vlmk_pre_ln")
+    info = None if ln is None else patch_info(ln)
+    return ln if info is not None and info["rule"] == _PRE_LN_RULE else None
+
+
 def _build_embeddings(emb, backend, *, with_cls: bool):
     _check_conv(emb)
     cls_forward = type(emb).forward
     n_pos = emb.position_ids.shape[-1]
 
     def forward(self, pixel_values, interpolate_pos_encoding=False):
+        ln = _fused_pre_ln(self)
         if interpolate_pos_encoding:
-            return cls_forward(self, pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+            out = cls_forward(self, pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+            return out if ln is None else F.layer_norm(out, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
         if with_cls:
             h, w = pixel_values.shape[-2:]
             if h != self.image_size or w != self.image_size:
@@ -143,6 +181,7 @@ def _build_embeddings(emb, backend, *, with_cls: bool):
             pixel_values, conv.weight, conv.bias,
             class_embedding=self.class_embedding if with_cls else None,
             position_embedding=self.position_embedding.weight[:n_pos],
+            pre_layernorm=ln,
             backend=backend,
         )
 
@@ -153,3 +192,22 @@ register_rule(PatchRule(FAMILY, "clip_vision_embeddings", match=lambda o: _is(o,
                         build=lambda o, b: _build_embeddings(o, b, with_cls=True)))
 register_rule(PatchRule(FAMILY, "siglip_vision_embeddings", match=lambda o: _is(o, "SiglipVisionEmbeddings"),
                         build=lambda o, b: _build_embeddings(o, b, with_cls=False)))
+
+
+def _identity(self, input):
+    return input
+
+
+def _build_fused_pre_ln(ln, backend):
+    # named_modules visits the embeddings first: the LN may only vanish if they took it over
+    info = patch_info(ln.__dict__["_vlmk_fused_into"])
+    if info is None or info["rule"] != "clip_vision_embeddings" or info["backend"] != backend:
+        raise SkipPatch("its CLIP embeddings were not patched in this call, so the LayerNorm stays")
+    return {"forward": _identity}
+
+
+register_rule(PatchRule(
+    FAMILY, _PRE_LN_RULE,
+    match=lambda o: isinstance(o, torch.nn.LayerNorm) and "_vlmk_fused_into" in o.__dict__,
+    build=_build_fused_pre_ln,
+))
