@@ -254,6 +254,20 @@ def test_compile_fullgraph():
     assert_close(got, 2 * ref_fused_moe(*args))
 
 
+def test_compile_fullgraph_training_step():
+    hidden, gate_up, down, weights, ids = make_inputs(6, 16, 4, 8, 2)
+
+    def loss(*leaves):
+        return ops.fused_moe(*leaves, ids, backend="reference").square().sum()
+
+    leaves = [t.clone().requires_grad_() for t in (hidden, gate_up, down, weights)]
+    torch.compile(loss, fullgraph=True, backend="aot_eager")(*leaves).backward()
+    eager = [t.clone().requires_grad_() for t in (hidden, gate_up, down, weights)]
+    loss(*eager).backward()
+    for a, b in zip(leaves, eager):
+        assert_close(a.grad, b.grad)
+
+
 # ---- tile configs ----------------------------------------------------------------------------
 
 def test_config_files_nearest_m(tmp_path, monkeypatch):

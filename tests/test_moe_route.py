@@ -286,3 +286,10 @@ def test_errors(backend):
 def test_triton_rejects_wide_rows():
     with pytest.raises(ValueError, match="1024"):
         vops.moe_topk_route(torch.randn(1, 1025), 2, backend="triton")
+
+
+def test_cuda_launchers_compiled():
+    """Where the extension was built with CUDA (nvcc present), the MoE launchers must be in it."""
+    if not _ext.has_cuda():
+        pytest.skip("vlmkernels._C was built without CUDA")
+    assert hasattr(_ext.C, "moe_topk_route_cuda") and hasattr(_ext.C, "moe_align_block_size_cuda")

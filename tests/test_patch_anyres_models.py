@@ -83,7 +83,8 @@ def test_patched_gradients_match():
     inputs = _inputs(model, SIZES)
     params = [model.model.image_newline, model.model.vision_tower.embeddings.patch_embedding.weight,
               model.model.vision_tower.embeddings.class_embedding,
-              model.model.vision_tower.embeddings.position_embedding.weight]
+              model.model.vision_tower.embeddings.position_embedding.weight,
+              model.model.vision_tower.pre_layrnorm.weight, model.model.vision_tower.pre_layrnorm.bias]
 
     def grads():
         model.zero_grad()
@@ -92,7 +93,8 @@ def test_patched_gradients_match():
 
     exp = grads()
     vlmkernels.patch(model, families=["anyres"], backend="reference")
-    for g, e, name in zip(grads(), exp, ["image_newline", "patch weight", "class", "position"]):
+    names = ["image_newline", "patch weight", "class", "position", "pre-LN weight", "pre-LN bias"]
+    for g, e, name in zip(grads(), exp, names):
         assert_close(g, e, atol=1e-5, rtol=1e-4, msg=name)
 
 

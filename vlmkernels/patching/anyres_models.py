@@ -52,6 +52,8 @@ def _joined(feats):
     f0 = feats[0]
     if len(feats) == 1:
         return f0
+    if f0.dim() != 3 or f0.shape[0] == 0:
+        return torch.cat(feats, dim=0)
     root = f0._base if f0._base is not None else f0
     ptr, step = f0.data_ptr(), f0[0].numel() * f0.element_size()
     for f in feats:

@@ -14,9 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-# plan columns (kept in sync with vlmkernels.anyres.pack.PLAN_COLUMNS)
-_FEAT_START, _N_TILES, _NPH, _NPW, _ROW0, _NROWS, _COL0, _NCOLS, _OUT_H, _OUT_W, _OUT_START, _N_ROWS = range(12)
-PLAN_WIDTH = 12
+# plan columns, read by offset below (vlmkernels.anyres.pack.PLAN_COLUMNS): 0 feat_start, 1 n_tiles,
+# 2 nph, 3 npw, 4 row0, 5 nrows, 6 col0, 7 ncols, 8 out_h, 9 out_w, 10 out_start, 11 n_rows
 
 
 @triton.jit

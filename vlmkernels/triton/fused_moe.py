@@ -251,6 +251,8 @@ def _fused_moe_chunk(hidden, gate_up_proj, down_proj, weights, ids, activation, 
             N=inter, K=H, up_offset=inter, a_row_div=k, gated=True, mul_weight=False, **common)
     _launch(act, down_proj, per_slot, weights.reshape(-1), sorted_ids, expert_ids, num_post_pad,
             N=H, K=inter, up_offset=0, a_row_div=1, gated=False, mul_weight=True, **common)
+    if k == 1:  # nothing to combine: skip the reduction launch
+        return per_slot.to(hidden.dtype)
     return per_slot.view(T, k, H).sum(dim=1).to(hidden.dtype)
 
 
