@@ -13,9 +13,12 @@ export TORCH_CUDA_ARCH_LIST ?= 9.0
 PYTEST_ARGS ?=
 # ccache, when installed, makes rebuilds of unchanged sources near-instant
 CCACHE := $(shell command -v ccache 2>/dev/null)
+NVCC_BIN := $(firstword $(wildcard $(CUDA_HOME)/bin/nvcc) $(wildcard /usr/local/cuda/bin/nvcc))
 ifneq ($(CCACHE),)
-export CXX ?= ccache g++
-export PYTORCH_NVCC ?= ccache $(firstword $(wildcard $(CUDA_HOME)/bin/nvcc /usr/local/cuda/bin/nvcc))
+export PATH := /usr/lib/ccache:$(PATH)
+ifneq ($(NVCC_BIN),)
+export PYTORCH_NVCC ?= ccache $(NVCC_BIN)
+endif
 endif
 
 .PHONY: venv build test bench bench-full cmake-build clean

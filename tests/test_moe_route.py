@@ -166,7 +166,7 @@ def test_gpu_matches_reference(E, backend):
             assert_close(w, rw, dtype=torch.float32, msg=f"{cfg} {dtype}")
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_ext)])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_ext), "triton"])
 def test_semantics(backend):
     E, k = 8, 3
     # NaN row: experts 0..k-1, zero weights; equal logits: lowest ids; ordering by weight then id
@@ -175,6 +175,13 @@ def test_semantics(backend):
     assert ids.tolist() == [[0, 1, 2], [0, 1, 2], [1, 2, 4]]
     assert w[0].tolist() == [0.0, 0.0, 0.0]
     assert_close(w[1], torch.full((3,), 1 / 3))
+    # Inf logits: a softmax row with +inf or only -inf is NaN in torch -> scores 0 -> experts 0..k-1
+    inf = float("inf")
+    w, ids = vops.moe_topk_route(torch.tensor([[-inf] * 4, [0, 1, inf, 2]]), 2, backend=backend)
+    assert ids.tolist() == [[0, 1], [0, 1]] and w.abs().sum() == 0
+    w, ids = vops.moe_topk_route(torch.tensor([[-inf, 0, inf, 1]]), 2, scoring="sigmoid", renormalize=False,
+                                 backend=backend)
+    assert ids.tolist() == [[2, 3]] and w.tolist()[0][0] == 1.0
     # bias steers selection, weight stays the unbiased score; order is by that weight
     x = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
     bias = torch.tensor([0.0, 0.0, 10.0, 0.0])

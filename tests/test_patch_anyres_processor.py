@@ -26,6 +26,22 @@ def _need_cpu_backend():
         pytest.skip(why)
 
 
+@pytest.fixture
+def fast_calls(monkeypatch):
+    """Counts the calls that took the fused path (a fallback to HF never reaches tile_views)."""
+    import vlmkernels.patching.anyres_processors as mod
+
+    calls = []
+    real = mod.tile_views
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("backend"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mod, "tile_views", spy)
+    return calls
+
+
 def _images(seed):
     rng = np.random.default_rng(seed)
     rgb = rng.integers(0, 256, (230, 311, 3), dtype=np.uint8)
@@ -56,7 +72,7 @@ def _check_same(got, want, exact):
 
 @pytest.mark.parametrize("family", ["next", "onevision"])
 @pytest.mark.parametrize("backend_cls", ["pil", "torchvision"])
-def test_patched_matches_hf_pil(family, backend_cls):
+def test_patched_matches_hf_pil(family, backend_cls, fast_calls):
     mod = transformers
     base = "LlavaNextImageProcessor" if family == "next" else "LlavaOnevisionImageProcessor"
     kw = NEXT_KW if family == "next" else OV_KW
@@ -67,6 +83,7 @@ def test_patched_matches_hf_pil(family, backend_cls):
     report = patch(proc)
     assert report.paths() == [""] and patch_info(proc)["rule"] == "hf_image_processor"
     got = proc(images=images, return_tensors="pt")
+    assert fast_calls == ["auto"]
     _check_same(got, want, exact=PIL13)
     # the torchvision class's own output has the same layout (values within its 1-2 LSB of PIL)
     unpatch(proc)
@@ -77,7 +94,7 @@ def test_patched_matches_hf_pil(family, backend_cls):
         assert torch.equal(own["image_sizes"], got["image_sizes"])
 
 
-def test_single_image_and_kwargs_override():
+def test_single_image_and_kwargs_override(fast_calls):
     proc = transformers.LlavaNextImageProcessorPil(**NEXT_KW)
     oracle = transformers.LlavaNextImageProcessorPil(**NEXT_KW)
     img = np.random.default_rng(2).integers(0, 256, (200, 500, 3), dtype=np.uint8)
@@ -89,6 +106,7 @@ def test_single_image_and_kwargs_override():
                 oracle(img, return_tensors="pt", do_normalize=False), exact=PIL13)
     _check_same(proc.preprocess([img], return_tensors="pt"), oracle.preprocess([img], return_tensors="pt"),
                 exact=PIL13)
+    assert len(fast_calls) == 3
 
 
 @pytest.mark.parametrize(
@@ -101,13 +119,14 @@ def test_single_image_and_kwargs_override():
     ],
     ids=["no-tensors", "no-pad", "bilinear", "no-rescale"],
 )
-def test_unsupported_options_fall_back(kwargs):
+def test_unsupported_options_fall_back(kwargs, fast_calls):
     proc = transformers.LlavaNextImageProcessorPil(**NEXT_KW)
     oracle = transformers.LlavaNextImageProcessorPil(**NEXT_KW)
     rng = np.random.default_rng(3)
     images = [rng.integers(0, 256, (90, 120, 3), dtype=np.uint8), rng.integers(0, 256, (50, 40, 3), dtype=np.uint8)]
     patch(proc)
     got, want = proc(images=images, **kwargs), oracle(images=images, **kwargs)
+    assert fast_calls == []
     for k in want:
         a, b = got[k], want[k]
         if isinstance(b, (list, tuple)):
@@ -116,13 +135,14 @@ def test_unsupported_options_fall_back(kwargs):
             assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_onevision_multi_image_sample_falls_back():
+def test_onevision_multi_image_sample_falls_back(fast_calls):
     proc = transformers.LlavaOnevisionImageProcessorPil(**OV_KW)
     oracle = transformers.LlavaOnevisionImageProcessorPil(**OV_KW)
     rng = np.random.default_rng(4)
     images = [[rng.integers(0, 256, (80, 60, 3), dtype=np.uint8), rng.integers(0, 256, (40, 90, 3), dtype=np.uint8)]]
     patch(proc)
     got, want = proc(images=images, return_tensors="pt"), oracle(images=images, return_tensors="pt")
+    assert fast_calls == []
     assert torch.equal(got["pixel_values"], want["pixel_values"])
     assert torch.equal(got["batch_num_images"], want["batch_num_images"])
 
@@ -131,7 +151,19 @@ def test_patch_is_idempotent_and_matches_only_processors():
     proc = transformers.LlavaNextImageProcessorPil(**NEXT_KW)
     assert patch(proc).paths() == [""]
     assert patch(proc).paths() == [""]
+    assert patch(proc, backend="reference").patched[0].backend == "reference"
     assert unpatch(proc) == 1 and "preprocess" not in proc.__dict__
     other = transformers.CLIPImageProcessor()
     with pytest.warns(UserWarning, match="nothing was patched"):
         assert not patch(other, families=["anyres"])
+
+
+def test_onevision_nested_single_images_and_reference_backend(fast_calls):
+    proc = transformers.LlavaOnevisionImageProcessor(**OV_KW)  # torchvision class
+    oracle = transformers.LlavaOnevisionImageProcessorPil(**OV_KW)
+    rng = np.random.default_rng(5)
+    images = [[rng.integers(0, 256, (80, 130, 3), dtype=np.uint8)], [], [rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)]]
+    patch(proc, backend="reference")
+    got, want = proc(images=images, return_tensors="pt"), oracle(images=images, return_tensors="pt")
+    assert fast_calls == ["reference"]
+    _check_same(got, want, exact=PIL13)

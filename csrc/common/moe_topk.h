@@ -34,9 +34,11 @@ VLMK_HD T sigmoid(T x) { return T(1) / (T(1) + exp_(-x)); }
 // Score of one expert. Softmax needs the row max and 1/sum(exp(x - max)) computed by the caller;
 // a NaN/Inf anywhere in a softmax row makes those non-finite and every score of the row 0.
 template <typename T>
+VLMK_HD T softmax_score(T exp_shifted, T inv_sum) { return finite_or_zero(exp_shifted * inv_sum); }
+
+template <typename T>
 VLMK_HD T expert_score(T logit, int scoring, T row_max, T inv_sum) {
-  T s = scoring == kSoftmax ? exp_(logit - row_max) * inv_sum : sigmoid(logit);
-  return finite_or_zero(s);
+  return scoring == kSoftmax ? softmax_score(exp_(logit - row_max), inv_sum) : finite_or_zero(sigmoid(logit));
 }
 
 // Selection key: biased score, NaN (e.g. a NaN bias, or inf - inf) counts as 0.

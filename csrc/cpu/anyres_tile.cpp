@@ -11,6 +11,9 @@
 
 #include <cstring>
 #include <algorithm>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <memory>
 #include <utility>
 #include <vector>
@@ -50,9 +53,6 @@ struct RgbRows {
 };
 
 constexpr int kBlock = 8;  // rows resampled together by the horizontal pass (one SIMD lane each)
-// GCC/Clang vector types: 8 rows in one int32 register (AVX2 in the avx2 clone, SSE pairs otherwise)
-typedef int32_t I32x8 __attribute__((vector_size(32)));
-typedef uint8_t U8x8 __attribute__((vector_size(8)));
 
 // One horizontal-pass output: its taps and where its rows go.
 struct HTarget {
@@ -61,35 +61,67 @@ struct HTarget {
   int64_t stride;
 };
 
+// Tap loop of one channel of a staged block: dst[r, x] for the block's rows r and every output x.
+void hconv_generic(const uint8_t* sc, const AxisTaps& ax, int c, uint8_t* dst, int64_t dst_stride, int nrows) {
+  for (int x = 0; x < ax.out; ++x) {
+    const int32_t* k = &ax.k[size_t(x) * ax.ksize];
+    const uint8_t* col = sc + int64_t(ax.xmin[x]) * kBlock;
+    int32_t acc[kBlock];
+    for (int r = 0; r < kBlock; ++r) acc[r] = kRoundBias;
+    for (int t = 0; t < ax.count[x]; ++t)
+      for (int r = 0; r < kBlock; ++r) acc[r] += int32_t(col[t * kBlock + r]) * k[t];
+    for (int r = 0; r < nrows; ++r) dst[r * dst_stride + x * 3 + c] = clip8(acc[r]);
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// Same arithmetic, 8 rows per AVX2 register: widen 8 staged bytes, multiply by the broadcast weight.
+__attribute__((target("avx2"))) void hconv_avx2(const uint8_t* sc, const AxisTaps& ax, int c, uint8_t* dst,
+                                                int64_t dst_stride, int nrows) {
+  const __m256i bias = _mm256_set1_epi32(kRoundBias);
+  alignas(32) int32_t acc[kBlock];
+  for (int x = 0; x < ax.out; ++x) {
+    const int32_t* k = &ax.k[size_t(x) * ax.ksize];
+    const uint8_t* col = sc + int64_t(ax.xmin[x]) * kBlock;
+    __m256i a = bias;
+    const int n = ax.count[x];
+    for (int t = 0; t < n; ++t) {
+      const __m256i px = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(col + t * kBlock)));
+      a = _mm256_add_epi32(a, _mm256_mullo_epi32(px, _mm256_set1_epi32(k[t])));
+    }
+    _mm256_store_si256(reinterpret_cast<__m256i*>(acc), a);
+    for (int r = 0; r < nrows; ++r) dst[r * dst_stride + x * 3 + c] = clip8(acc[r]);
+  }
+}
+const bool kHasAvx2 = __builtin_cpu_supports("avx2");
+#else
+const bool kHasAvx2 = false;
+#endif
+
 // Horizontal pass over up to kBlock rows for every target: the rows are staged once, column-major
 // per channel, so that the tap loop runs over 8 independent rows with a broadcast weight (int32
 // SIMD) and both resizes of an image (grid and global view) share the staging.
-__attribute__((target_clones("avx2", "default")))
 void hpass_block(const uint8_t* src, int64_t src_stride, int nrows, int in_w, const HTarget* targets, int n_targets,
                  int64_t y, uint8_t* stage) {
   for (int r = 0; r < kBlock; ++r) {
     const uint8_t* row = src + int64_t(r < nrows ? r : nrows - 1) * src_stride;
-    for (int j = 0; j < in_w; ++j)
-      for (int c = 0; c < 3; ++c) stage[(int64_t(c) * in_w + j) * kBlock + r] = row[j * 3 + c];
+    uint8_t* s0 = stage + r;
+    uint8_t* s1 = s0 + int64_t(in_w) * kBlock;
+    uint8_t* s2 = s1 + int64_t(in_w) * kBlock;
+    for (int j = 0; j < in_w; ++j) {
+      s0[j * kBlock] = row[j * 3];
+      s1[j * kBlock] = row[j * 3 + 1];
+      s2[j * kBlock] = row[j * 3 + 2];
+    }
   }
   for (int g = 0; g < n_targets; ++g) {
-    const AxisTaps& ax = *targets[g].ax;
     uint8_t* dst = targets[g].dst + y * targets[g].stride;
-    const int64_t dst_stride = targets[g].stride;
     for (int c = 0; c < 3; ++c) {
       const uint8_t* sc = stage + int64_t(c) * in_w * kBlock;
-      for (int x = 0; x < ax.out; ++x) {
-        const int32_t* k = &ax.k[size_t(x) * ax.ksize];
-        const uint8_t* col = sc + int64_t(ax.xmin[x]) * kBlock;
-        const int n = ax.count[x];
-        I32x8 acc = I32x8{} + kRoundBias;
-        for (int t = 0; t < n; ++t) {
-          U8x8 px;
-          std::memcpy(&px, col + t * kBlock, sizeof(px));
-          acc += __builtin_convertvector(px, I32x8) * k[t];
-        }
-        for (int r = 0; r < nrows; ++r) dst[r * dst_stride + x * 3 + c] = clip8(acc[r]);
-      }
+      if (kHasAvx2)
+        hconv_avx2(sc, *targets[g].ax, c, dst, targets[g].stride, nrows);
+      else
+        hconv_generic(sc, *targets[g].ax, c, dst, targets[g].stride, nrows);
     }
   }
 }
@@ -198,16 +230,23 @@ RgbRows as_rgb(const at::Tensor& im, Bytes& storage) {
   uint8_t* q = storage.get();
   at::parallel_for(0, h, 16, [&](int64_t y0, int64_t y1) {
     for (int64_t y = y0; y < y1; ++y) {
-      for (int64_t x = 0; x < w; ++x) {
-        const uint8_t* s = p + y * sh + x * sw;
-        uint8_t* d = q + (y * w + x) * 3;
-        if (c == 1) {
-          d[0] = d[1] = d[2] = s[0];
-        } else if (c == 3) {
-          d[0] = s[0], d[1] = s[sc], d[2] = s[2 * sc];
-        } else {
-          const uint8_t a = s[3 * sc];
-          for (int k = 0; k < 3; ++k) d[k] = composite_white(s[k * sc], a);
+      const uint8_t* s = p + y * sh;
+      uint8_t* d = q + y * w * 3;
+      // one loop per case so that each inner loop is branch-free (planar CHW rows vectorise)
+      if (c == 1) {
+        for (int64_t x = 0; x < w; ++x) d[3 * x] = d[3 * x + 1] = d[3 * x + 2] = s[x * sw];
+      } else if (c == 3) {
+        const uint8_t *r = s, *g = s + sc, *b = s + 2 * sc;
+        for (int64_t x = 0; x < w; ++x) {
+          d[3 * x] = r[x * sw];
+          d[3 * x + 1] = g[x * sw];
+          d[3 * x + 2] = b[x * sw];
+        }
+      } else {
+        for (int64_t x = 0; x < w; ++x) {
+          const uint8_t* px = s + x * sw;
+          const uint8_t a = px[3 * sc];
+          for (int k = 0; k < 3; ++k) d[3 * x + k] = composite_white(px[k * sc], a);
         }
       }
     }

@@ -44,13 +44,16 @@ void route_row(const scalar_t* x, const acc_t* bias, const RouteParams& p, RowSc
       row_max = v > row_max ? v : row_max;
     }
     acc_t sum = 0;
-    for (int e = 0; e < E; ++e) sum += exp_(static_cast<acc_t>(x[e]) - row_max);
+    for (int e = 0; e < E; ++e) {
+      s.score[e] = exp_(static_cast<acc_t>(x[e]) - row_max);  // cached: exp dominates the row cost
+      sum += s.score[e];
+    }
     inv_sum = acc_t(1) / sum;
+    for (int e = 0; e < E; ++e) s.score[e] = softmax_score(s.score[e], inv_sum);
+  } else {
+    for (int e = 0; e < E; ++e) s.score[e] = expert_score(static_cast<acc_t>(x[e]), p.scoring, row_max, inv_sum);
   }
-  for (int e = 0; e < E; ++e) {
-    s.score[e] = expert_score(static_cast<acc_t>(x[e]), p.scoring, row_max, inv_sum);
-    s.key[e] = bias ? selection_key(s.score[e], bias[e]) : s.score[e];
-  }
+  for (int e = 0; e < E; ++e) s.key[e] = bias ? selection_key(s.score[e], bias[e]) : s.score[e];
   // group-limited selection: only experts of the topk_groups best groups stay eligible
   const int G = (int)p.groups, S = E / G;
   if (G > 1) {

@@ -218,8 +218,10 @@ def moe_topk_route(
         scaling_factor: multiplies the final weights (DeepSeek ``routed_scaling_factor``).
         weights_dtype: dtype of the returned weights (math is fp32 regardless).
 
-    Ties go to the lowest index; NaN/Inf scores count as 0 (a NaN row without bias picks experts
-    ``0..k-1``, never a duplicate); within a row entries are ordered by weight descending, then id.
+    Ties go to the lowest index; NaN/Inf scores count as 0, and so does a NaN selection key
+    (``score + bias``), so a NaN row without bias picks experts ``0..k-1`` and never a duplicate;
+    within a row entries are ordered by weight descending, then id (so with a bias the order can
+    differ from the selection order; a negative ``scaling_factor`` keeps the unscaled order).
     ``T == 0`` returns empty ``[0, k]`` tensors. Weights are differentiable w.r.t. ``logits``.
     """
     return library.op(OP)(logits, top_k, scoring, renormalize, bias, num_groups, topk_groups, group_score,
