@@ -269,11 +269,14 @@ void emit_tiles(const uint8_t* img, int64_t ih, int64_t iw, int64_t pad_t, int64
         for (int c = 0; c < 3; ++c) {
           out_t* o = out + (((r * cols + tc) * 3 + c) * S + yy) * S;
           const float* l = lut[c];
-          for (int64_t xx = 0; xx < S; ++xx) {
-            const int64_t sx = tc * S + xx - pad_l;
-            const uint8_t v = (row_in && sx >= 0 && sx < iw) ? srow[sx * 3 + c] : uint8_t(0);
-            o[xx] = static_cast<out_t>(l[v]);
-          }
+          const out_t pad = static_cast<out_t>(l[0]);
+          // columns [x0, x1) of this tile row come from the image, the rest is padding
+          const int64_t x0 = row_in ? std::clamp<int64_t>(pad_l - tc * S, 0, S) : S;
+          const int64_t x1 = row_in ? std::clamp<int64_t>(pad_l + iw - tc * S, x0, S) : S;
+          const int64_t shift = tc * S - pad_l;  // image column of tile column xx is xx + shift
+          for (int64_t xx = 0; xx < x0; ++xx) o[xx] = pad;
+          for (int64_t xx = x0; xx < x1; ++xx) o[xx] = static_cast<out_t>(l[srow[(xx + shift) * 3 + c]]);
+          for (int64_t xx = x1; xx < S; ++xx) o[xx] = pad;
         }
       }
     }
