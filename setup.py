@@ -103,7 +103,10 @@ def extensions():
     if not build_cuda and _flag("VLMKERNELS_FORCE_CUDA"):
         raise SystemExit(f"[vlmkernels build] VLMKERNELS_FORCE_CUDA=1 but CUDA cannot be built: {why}")
 
-    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+    # -fopenmp: ATen's at::parallel_for (OpenMP backend) only runs in parallel when the caller is
+    # compiled with OpenMP; otherwise every CPU kernel runs on one thread. libgomp is torch's own.
+    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
+    link = ["-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if build_cuda:
         say(f"building CPU and CUDA kernels; archs {archs} ({why})")
@@ -116,11 +119,13 @@ def extensions():
             cpu_sources + cuda_sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc},
+            extra_link_args=link,
         )
     else:
         say(f"building the CPU kernels only: {why}")
         ext = cpp_extension.CppExtension(
-            "vlmkernels._C", cpu_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}
+            "vlmkernels._C", cpu_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
+            extra_link_args=link,
         )
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None or _has_ninja_module())
     return [ext], {"build_ext": build_ext}

@@ -144,6 +144,8 @@ def test_pad_pixels_and_tile_order():
 
 
 def _hf_compare(proc, images, pins, tile, mean, std):
+    if not PIL13:
+        pytest.skip("the kernels follow Pillow >= 13's resize pass order (Pillow#9549); older Pillow differs")
     # HF rejects 2-D arrays; a 2-D image goes in as a PIL "L" image (converted to RGB by replication)
     hf_in = [Image.fromarray(im.numpy()) if im.dim() == 2 else im.numpy() for im in images]
     hf = proc(images=hf_in, return_tensors="pt")

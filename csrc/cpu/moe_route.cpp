@@ -4,6 +4,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -86,6 +88,90 @@ void route_row(const scalar_t* x, const acc_t* bias, const RouteParams& p, RowSc
   }
 }
 
+// ---- fast path: softmax scoring, no bias, no groups (Mixtral / Qwen-MoE routers) ----------------
+// exp dominates the row cost and libm's expf is a scalar call, so the row's exps use a polynomial
+// GCC vectorises instead. The selection and weight math below are the shared helpers' exactly.
+
+// exp(x) for x <= 0 (x - row max) in plain arithmetic: Cody-Waite reduction x = n*ln2 + r with
+// |r| <= ln2/2, Cephes' degree-6 polynomial for e^r (within ~1 ulp of expf), and 2^n applied in two
+// halves so that results in the denormal range round as expf's do. x < -104 gives +0; NaN stays NaN.
+inline float exp_nonpositive(float x) {
+  x = x < -104.f ? -104.f : x;
+  const float round_magic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float t = x * 1.44269504088896341f + round_magic;
+  const float n = t - round_magic;
+  int32_t t_bits;
+  std::memcpy(&t_bits, &t, sizeof t_bits);
+  const int32_t ni = t_bits - 0x4B400000;  // n as an integer, in [-150, 0]
+  float r = x - n * 0.693359375f;          // ln2 split in two for an exact n*ln2
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.f;
+  const int32_t n1 = ni >> 1, n2 = ni - n1;  // each in [-75, 0]: both 2^n1, 2^n2 are normal floats
+  const int32_t s1_bits = (n1 + 127) << 23, s2_bits = (n2 + 127) << 23;
+  float s1, s2;
+  std::memcpy(&s1, &s1_bits, sizeof s1);
+  std::memcpy(&s2, &s2_bits, sizeof s2);
+  return p * s1 * s2;
+}
+
+constexpr int kLanes = 16;  // independent partial max/sum lanes, so the loops vectorise without -ffast-math
+
+// score[e] = softmax(x)[e] for one row. Returns false (score untouched beyond scratch use) when the
+// row holds a NaN or +-Inf that makes the max or the sum non-finite: the caller then takes the
+// generic path, which implements the NaN rules. AVX2 clone where the CPU has it.
+__attribute__((target_clones("avx2", "default"))) bool softmax_row_fast(const float* x, int E, float* score) {
+  float lane_max[kLanes];
+  for (int j = 0; j < kLanes; ++j) lane_max[j] = -std::numeric_limits<float>::infinity();
+  int e = 0;
+  for (; e + kLanes <= E; e += kLanes)
+    for (int j = 0; j < kLanes; ++j) lane_max[j] = x[e + j] > lane_max[j] ? x[e + j] : lane_max[j];
+  float row_max = -std::numeric_limits<float>::infinity();
+  for (int j = 0; j < kLanes; ++j) row_max = lane_max[j] > row_max ? lane_max[j] : row_max;
+  for (; e < E; ++e) row_max = x[e] > row_max ? x[e] : row_max;
+  if (!std::isfinite(row_max)) return false;
+  float lane_sum[kLanes] = {};
+  e = 0;
+  for (; e + kLanes <= E; e += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      score[e + j] = exp_nonpositive(x[e + j] - row_max);
+      lane_sum[j] += score[e + j];
+    }
+  float sum = 0.f;
+  for (int j = 0; j < kLanes; ++j) sum += lane_sum[j];
+  for (; e < E; ++e) {
+    score[e] = exp_nonpositive(x[e] - row_max);
+    sum += score[e];
+  }
+  if (!std::isfinite(sum)) return false;  // a NaN logit (max skips NaN; the exp keeps it)
+  const float inv_sum = 1.f / sum;
+  for (e = 0; e < E; ++e) score[e] = vlmk::moe::softmax_score(score[e], inv_sum);
+  return true;
+}
+
+// Softmax top-k of one row without bias or groups: the selection order (score desc, id asc) is
+// already the output order, so one ordered insertion pass gives ids, weights and their sum.
+inline void select_topk_row(const float* score, int E, int k, double scale, bool renormalize, float* vals,
+                            int* idx, float* out_w, int32_t* out_id) {
+  using namespace vlmk::moe;
+  int n = 0;
+  for (int e = 0; e < k; ++e) topk_insert(vals, idx, n, k, score[e], e);
+  for (int e = k; e < E; ++e)
+    if (score[e] > vals[k - 1]) topk_insert(vals, idx, n, k, score[e], e);  // equal loses to the lower id
+  float sum = 0.f;
+  for (int i = 0; i < k; ++i) sum += vals[i];
+  const float mul = static_cast<float>(scale) / (renormalize ? renorm_divisor(sum) : 1.f);
+  for (int i = 0; i < k; ++i) {
+    out_w[i] = vals[i] * mul;
+    out_id[i] = idx[i];
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> moe_topk_route_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& bias,
                                                       int64_t top_k, int64_t scoring, bool renormalize,
                                                       int64_t num_groups, int64_t topk_groups, int64_t group_score,
@@ -118,10 +204,30 @@ std::tuple<at::Tensor, at::Tensor> moe_topk_route_cpu(const at::Tensor& logits, 
     acc_t* w = weights.mutable_data_ptr<acc_t>();
     int32_t* id = ids.mutable_data_ptr<int32_t>();
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(E, 1));
+    const bool fast = std::is_same_v<acc_t, float> && p.scoring == moe::kSoftmax && !b && p.groups == 1;
     at::parallel_for(0, T, grain, [&](int64_t begin, int64_t end) {
       RowScratch<acc_t> scratch(p);
-      for (int64_t t = begin; t < end; ++t)
-        route_row<scalar_t, acc_t>(x + t * E, b, p, scratch, w + t * top_k, id + t * top_k);
+      std::vector<float> row(fast && !std::is_same_v<scalar_t, float> ? E : 0);
+      for (int64_t t = begin; t < end; ++t) {
+        const scalar_t* xt = x + t * E;
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (fast) {
+            const float* xf;
+            if constexpr (std::is_same_v<scalar_t, float>) {
+              xf = xt;
+            } else {
+              for (int64_t e = 0; e < E; ++e) row[e] = static_cast<float>(xt[e]);
+              xf = row.data();
+            }
+            if (softmax_row_fast(xf, (int)E, scratch.score.data())) {
+              select_topk_row(scratch.score.data(), (int)E, (int)top_k, p.scale, p.renormalize, scratch.sel_v.data(),
+                              scratch.sel_id.data(), w + t * top_k, id + t * top_k);
+              continue;
+            }
+          }
+        }
+        route_row<scalar_t, acc_t>(xt, b, p, scratch, w + t * top_k, id + t * top_k);
+      }
     });
   });
   return {weights, ids};

@@ -6,7 +6,9 @@ global view, rescale + normalize, and the zero padding of the tile axis to the b
 returns HF's ``BatchFeature`` layout: ``pixel_values`` [B, max_tiles, 3, S, S] float32 and
 ``image_sizes`` [B, 2] (plus ``batch_num_images`` for OneVision). The numbers are those of HF's PIL
 backend (``LlavaNextImageProcessorPil``), for either class: the torchvision backend itself differs
-from the PIL backend by 1-2 uint8 steps.
+from the PIL backend by 1-2 uint8 steps. The resize follows Pillow >= 13, which runs the vertical
+pass first when the height shrinks much more than the width (python-pillow/Pillow#9549); with an
+older Pillow installed the PIL backend can differ from the fast path on those images.
 
 Inputs: PIL images (converted with HF's ``convert_to_rgb``: alpha composited onto white), uint8
 numpy arrays or torch tensors (HWC or CHW, grayscale replicated, RGBA composited onto white as HF's
