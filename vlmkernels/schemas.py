@@ -82,3 +82,11 @@ SCHEMAS: dict[str, tuple[str, str]] = {
         "(Tensor grad, Tensor features, Tensor plan, Tensor? newline, str backend=\"auto\") -> (Tensor, Tensor)",
     ),
 }
+
+# Ops that no vlmkernels.ops function of the same name exposes, and the public function that uses them
+# (backward passes run through the forward's autograd; batched helpers sit behind a friendlier API).
+SERVED_BY: dict[str, str] = {
+    "fused_moe_backward": "fused_moe",
+    "anyres_pack_backward": "anyres_pack",
+    "anyres_plan_llava": "anyres_plan_batch",
+}

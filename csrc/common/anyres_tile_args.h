@@ -28,8 +28,8 @@ inline TileArgs check_tile_args(const std::vector<at::Tensor>& images, const at:
   a.tile = tile;
   VLMK_CHECK_ARG(tile > 0 && tile <= 65536, "tile_size must be in [1, 65536], got ", tile);
   VLMK_CHECK_TYPE(out.scalar_type() == at::kFloat || out.scalar_type() == at::kHalf ||
-                      out.scalar_type() == at::kBFloat16,
-                  "out_dtype must be float32, float16 or bfloat16, got ", out.scalar_type());
+                      out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kByte,
+                  "out_dtype must be float32, float16, bfloat16 or uint8, got ", out.scalar_type());
   VLMK_CHECK_ARG(out.dim() == 4 && out.size(1) == 3 && out.size(2) == tile && out.size(3) == tile,
                  "out must be [num_tiles, 3, ", tile, ", ", tile, "], got ", out.sizes());
   check_contiguous(out, "out");

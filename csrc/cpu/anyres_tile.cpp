@@ -1,16 +1,19 @@
-// C++ CPU anyres_tile: uint8 images -> normalized LLaVA-NeXT tiles, no PIL.
+// C++ CPU anyres_tile: uint8 images -> normalized (or raw uint8) LLaVA-NeXT tiles, no PIL.
 //
-// Per image: (1) view the source as interleaved RGB rows (3-channel HWC views are used in place;
-// other layouts, grayscale and RGBA are converted once, as HF converts them); (2) Pillow-exact
-// separable bicubic resize to the planned size and to the S x S global view, each pass
-// multithreaded over rows with at::parallel_for; (3) write every canvas pixel (resized image or
-// zero padding) normalized through a 256-entry table straight into its tile. The per-element math
-// lives in common/anyres_resample.h and is shared with the CUDA kernel.
+// Per image: (1) describe the source as three channel planes with a pixel stride: planar CHW and
+// interleaved HWC RGB views are read in place (other layouts, grayscale with odd strides and RGBA
+// are converted once, as HF converts them); (2) Pillow-exact separable bicubic resize to the planned
+// size and to the S x S global view; both resizes share one staging of the source rows, every pass
+// is multithreaded over rows with at::parallel_for and all intermediates are planar; (3) write every
+// canvas pixel (resized image or zero padding) straight into its tile, normalized through a
+// 256-entry table (or as raw bytes for uint8 output). The per-element math lives in
+// common/anyres_resample.h and is shared with the CUDA kernel.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <cstring>
 #include <algorithm>
+#include <type_traits>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -46,23 +49,29 @@ struct AxisTaps {
   }
 };
 
-// A uint8 RGB image with interleaved channels and a row stride (in bytes).
-struct RgbRows {
-  const uint8_t* p;
-  int64_t h, w, stride;
+// A uint8 RGB image: channel c of pixel (y, x) is ch[c][y * row_stride + x * px_stride]; px_stride
+// is 1 (planar / grayscale planes) or 3 (interleaved RGB, ch[c] = base + c).
+struct RgbSrc {
+  const uint8_t* ch[3];
+  int64_t h, w, row_stride, px_stride;
+  bool interleaved() const { return px_stride == 3 && ch[1] == ch[0] + 1 && ch[2] == ch[0] + 2; }
 };
+
+RgbSrc planar_src(const uint8_t* p, int64_t h, int64_t w) {
+  return RgbSrc{{p, p + h * w, p + 2 * h * w}, h, w, w, 1};
+}
 
 constexpr int kBlock = 8;  // rows resampled together by the horizontal pass (one SIMD lane each)
 
-// One horizontal-pass output: its taps and where its rows go.
+// One horizontal-pass output: its taps and where its planar rows go.
 struct HTarget {
   const AxisTaps* ax;
-  uint8_t* dst;  // row 0 = source row 0 of the pass
-  int64_t stride;
+  uint8_t* dst;  // channel 0, row 0 = source row 0 of the pass
+  int64_t stride, plane;
 };
 
-// Tap loop of one channel of a staged block: dst[r, x] for the block's rows r and every output x.
-void hconv_generic(const uint8_t* sc, const AxisTaps& ax, int c, uint8_t* dst, int64_t dst_stride, int nrows) {
+// Tap loop of one channel of a staged block: dst[r * dst_stride + x] for the block's rows r.
+void hconv_generic(const uint8_t* sc, const AxisTaps& ax, uint8_t* dst, int64_t dst_stride, int nrows) {
   for (int x = 0; x < ax.out; ++x) {
     const int32_t* k = &ax.k[size_t(x) * ax.ksize];
     const uint8_t* col = sc + int64_t(ax.xmin[x]) * kBlock;
@@ -70,13 +79,13 @@ void hconv_generic(const uint8_t* sc, const AxisTaps& ax, int c, uint8_t* dst, i
     for (int r = 0; r < kBlock; ++r) acc[r] = kRoundBias;
     for (int t = 0; t < ax.count[x]; ++t)
       for (int r = 0; r < kBlock; ++r) acc[r] += int32_t(col[t * kBlock + r]) * k[t];
-    for (int r = 0; r < nrows; ++r) dst[r * dst_stride + x * 3 + c] = clip8(acc[r]);
+    for (int r = 0; r < nrows; ++r) dst[r * dst_stride + x] = clip8(acc[r]);
   }
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 // Same arithmetic, 8 rows per AVX2 register: widen 8 staged bytes, multiply by the broadcast weight.
-__attribute__((target("avx2"))) void hconv_avx2(const uint8_t* sc, const AxisTaps& ax, int c, uint8_t* dst,
+__attribute__((target("avx2"))) void hconv_avx2(const uint8_t* sc, const AxisTaps& ax, uint8_t* dst,
                                                 int64_t dst_stride, int nrows) {
   const __m256i bias = _mm256_set1_epi32(kRoundBias);
   alignas(32) int32_t acc[kBlock];
@@ -90,7 +99,7 @@ __attribute__((target("avx2"))) void hconv_avx2(const uint8_t* sc, const AxisTap
       a = _mm256_add_epi32(a, _mm256_mullo_epi32(px, _mm256_set1_epi32(k[t])));
     }
     _mm256_store_si256(reinterpret_cast<__m256i*>(acc), a);
-    for (int r = 0; r < nrows; ++r) dst[r * dst_stride + x * 3 + c] = clip8(acc[r]);
+    for (int r = 0; r < nrows; ++r) dst[r * dst_stride + x] = clip8(acc[r]);
   }
 }
 const bool kHasAvx2 = __builtin_cpu_supports("avx2");
@@ -98,44 +107,58 @@ const bool kHasAvx2 = __builtin_cpu_supports("avx2");
 const bool kHasAvx2 = false;
 #endif
 
-// Horizontal pass over up to kBlock rows for every target: the rows are staged once, column-major
-// per channel, so that the tap loop runs over 8 independent rows with a broadcast weight (int32
-// SIMD) and both resizes of an image (grid and global view) share the staging.
-void hpass_block(const uint8_t* src, int64_t src_stride, int nrows, int in_w, const HTarget* targets, int n_targets,
-                 int64_t y, uint8_t* stage) {
-  for (int r = 0; r < kBlock; ++r) {
-    const uint8_t* row = src + int64_t(r < nrows ? r : nrows - 1) * src_stride;
-    uint8_t* s0 = stage + r;
-    uint8_t* s1 = s0 + int64_t(in_w) * kBlock;
-    uint8_t* s2 = s1 + int64_t(in_w) * kBlock;
-    for (int j = 0; j < in_w; ++j) {
-      s0[j * kBlock] = row[j * 3];
-      s1[j * kBlock] = row[j * 3 + 1];
-      s2[j * kBlock] = row[j * 3 + 2];
-    }
-  }
-  for (int g = 0; g < n_targets; ++g) {
-    uint8_t* dst = targets[g].dst + y * targets[g].stride;
-    for (int c = 0; c < 3; ++c) {
-      const uint8_t* sc = stage + int64_t(c) * in_w * kBlock;
-      if (kHasAvx2)
-        hconv_avx2(sc, *targets[g].ax, c, dst, targets[g].stride, nrows);
-      else
-        hconv_generic(sc, *targets[g].ax, c, dst, targets[g].stride, nrows);
-    }
+#if defined(__SSE2__)
+// Columns [j, j + 8) of 8 rows -> 8 staged columns of 8 bytes each (an 8x8 byte transpose).
+inline void transpose8x8(const uint8_t* const* rows, int64_t j, uint8_t* out) {
+  auto ld = [&](int r) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(rows[r] + j)); };
+  const __m128i t0 = _mm_unpacklo_epi8(ld(0), ld(1)), t1 = _mm_unpacklo_epi8(ld(2), ld(3));
+  const __m128i t2 = _mm_unpacklo_epi8(ld(4), ld(5)), t3 = _mm_unpacklo_epi8(ld(6), ld(7));
+  const __m128i u0 = _mm_unpacklo_epi16(t0, t1), u1 = _mm_unpackhi_epi16(t0, t1);
+  const __m128i u2 = _mm_unpacklo_epi16(t2, t3), u3 = _mm_unpackhi_epi16(t2, t3);
+  __m128i* o = reinterpret_cast<__m128i*>(out);
+  _mm_storeu_si128(o + 0, _mm_unpacklo_epi32(u0, u2));
+  _mm_storeu_si128(o + 1, _mm_unpackhi_epi32(u0, u2));
+  _mm_storeu_si128(o + 2, _mm_unpacklo_epi32(u1, u3));
+  _mm_storeu_si128(o + 3, _mm_unpackhi_epi32(u1, u3));
+}
+#endif
+
+// Rows [y, y + nrows) of src staged column-major per channel: stage[c][j][r] (rows past nrows
+// repeat the last one), so the tap loop runs over 8 independent rows with a broadcast weight.
+void stage_block(const RgbSrc& s, int64_t y, int nrows, uint8_t* stage) {
+  for (int c = 0; c < 3; ++c) {
+    const uint8_t* rows[kBlock];
+    for (int r = 0; r < kBlock; ++r) rows[r] = s.ch[c] + (y + std::min(r, nrows - 1)) * s.row_stride;
+    uint8_t* sc = stage + int64_t(c) * s.w * kBlock;
+    int64_t j = 0;
+#if defined(__SSE2__)
+    if (s.px_stride == 1)
+      for (; j + 8 <= s.w; j += 8) transpose8x8(rows, j, sc + j * kBlock);
+#endif
+    const int64_t ps = s.px_stride;
+    for (int r = 0; r < kBlock; ++r)
+      for (int64_t jj = j; jj < s.w; ++jj) sc[jj * kBlock + r] = rows[r][jj * ps];
   }
 }
 
-// Rows [0, src.h) of src through the horizontal pass of every target.
-void hpass(const RgbRows& src, const std::vector<HTarget>& targets) {
+// Rows [0, src.h) of src through the horizontal pass of every target (planar outputs).
+void hpass(const RgbSrc& src, const std::vector<HTarget>& targets) {
   const int64_t blocks = (src.h + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     Bytes stage = bytes(int64_t(3) * src.w * kBlock);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t y = b * kBlock;
       const int nrows = int(std::min<int64_t>(kBlock, src.h - y));
-      hpass_block(src.p + y * src.stride, src.stride, nrows, int(src.w), targets.data(), int(targets.size()), y,
-                  stage.get());
+      stage_block(src, y, nrows, stage.get());
+      for (const HTarget& t : targets)
+        for (int c = 0; c < 3; ++c) {
+          const uint8_t* sc = stage.get() + int64_t(c) * src.w * kBlock;
+          uint8_t* dst = t.dst + c * t.plane + y * t.stride;
+          if (kHasAvx2)
+            hconv_avx2(sc, *t.ax, dst, t.stride, nrows);
+          else
+            hconv_generic(sc, *t.ax, dst, t.stride, nrows);
+        }
     }
   });
 }
@@ -152,20 +175,46 @@ void vpass_row(const uint8_t* src, int64_t src_stride, int64_t n, const int32_t*
   for (int64_t i = 0; i < n; ++i) dst[i] = clip8(acc[i]);
 }
 
-// Vertical resample; tap indices are relative to src row `row0` (the first row src holds).
-void vpass(const RgbRows& src, int64_t row0, const AxisTaps& ax, uint8_t* dst, int64_t dst_stride) {
-  const int64_t n = src.w * 3;
+// Vertical resample of `nplanes` planes of rows of n bytes; tap indices are relative to src row
+// `row0` (the first row the planes hold).
+void vpass(const uint8_t* const* planes, int nplanes, int64_t src_stride, int64_t n, int64_t row0,
+           const AxisTaps& ax, uint8_t* dst, int64_t dst_stride, int64_t dst_plane) {
   at::parallel_for(0, ax.out, 4, [&](int64_t y0, int64_t y1) {
     std::vector<int32_t> acc(n);
     for (int64_t y = y0; y < y1; ++y)
-      vpass_row(src.p + (ax.xmin[y] - row0) * src.stride, src.stride, n, &ax.k[size_t(y) * ax.ksize],
-                ax.count[y], acc.data(), dst + y * dst_stride);
+      for (int p = 0; p < nplanes; ++p)
+        vpass_row(planes[p] + (ax.xmin[y] - row0) * src_stride, src_stride, n, &ax.k[size_t(y) * ax.ksize],
+                  ax.count[y], acc.data(), dst + p * dst_plane + y * dst_stride);
   });
 }
 
-// Pillow-exact bicubic resizes of one interleaved RGB image to several sizes (rows of out_w * 3).
+// Any RgbSrc -> planar [3][h][w].
+void to_planar(const RgbSrc& s, uint8_t* out) {
+  at::parallel_for(0, s.h, 16, [&](int64_t y0, int64_t y1) {
+    for (int c = 0; c < 3; ++c)
+      for (int64_t y = y0; y < y1; ++y) {
+        const uint8_t* row = s.ch[c] + y * s.row_stride;
+        uint8_t* d = out + (c * s.h + y) * s.w;
+        for (int64_t x = 0; x < s.w; ++x) d[x] = row[x * s.px_stride];
+      }
+  });
+}
+
+// Source rows resampled vertically (oh rows, full width) into a new source of the same layout.
+RgbSrc vpass_src(const RgbSrc& src, const AxisTaps& vt, Bytes& tmp) {
+  const int64_t oh = vt.out, w = src.w;
+  tmp = bytes(oh * w * 3);
+  if (src.interleaved()) {  // the vertical pass ignores channels: one plane of 3w-byte rows
+    vpass(src.ch, 1, src.row_stride, w * 3, 0, vt, tmp.get(), w * 3, 0);
+    return RgbSrc{{tmp.get(), tmp.get() + 1, tmp.get() + 2}, oh, w, w * 3, 3};
+  }
+  vpass(src.ch, 3, src.row_stride, w, 0, vt, tmp.get(), w, oh * w);
+  return planar_src(tmp.get(), oh, w);
+}
+
+// Pillow-exact bicubic resizes of one RGB image to several sizes, each planar [3][oh][ow].
 // Resizes whose first pass is horizontal share one staged horizontal pass over the source.
-std::vector<Bytes> resize_rgb(const RgbRows& src, const std::vector<std::pair<int64_t, int64_t>>& sizes) {
+std::vector<Bytes> resize_rgb(const RgbSrc& src, const std::vector<std::pair<int64_t, int64_t>>& sizes) {
   const size_t n = sizes.size();
   std::vector<Bytes> outs(n);
   std::vector<std::unique_ptr<AxisTaps>> htaps(n), vtaps(n);
@@ -190,49 +239,63 @@ std::vector<Bytes> resize_rgb(const RgbRows& src, const std::vector<std::pair<in
   }
   for (size_t i = 0; i < n; ++i) {
     if (!h_first[i]) continue;
-    const int64_t ow = sizes[i].second;
+    const int64_t oh = sizes[i].first, ow = sizes[i].second;
     if (vtaps[i]) {
       tmps[i] = bytes((hi - lo) * ow * 3);
-      shared.push_back(HTarget{htaps[i].get(), tmps[i].get(), ow * 3});
-    } else {
-      shared.push_back(HTarget{htaps[i].get(), outs[i].get() + lo * ow * 3, ow * 3});
+      shared.push_back(HTarget{htaps[i].get(), tmps[i].get(), ow, (hi - lo) * ow});
+    } else {  // lo == 0 here: this target needs every source row
+      shared.push_back(HTarget{htaps[i].get(), outs[i].get() + lo * ow, ow, oh * ow});
     }
   }
-  if (!shared.empty()) hpass(RgbRows{src.p + lo * src.stride, hi - lo, src.w, src.stride}, shared);
+  if (!shared.empty()) {
+    RgbSrc rows = src;
+    for (auto& p : rows.ch) p += lo * src.row_stride;
+    rows.h = hi - lo;
+    hpass(rows, shared);
+  }
   for (size_t i = 0; i < n; ++i) {
-    const int64_t oh = sizes[i].first, ow = sizes[i].second, stride = ow * 3;
+    const int64_t oh = sizes[i].first, ow = sizes[i].second;
     uint8_t* out = outs[i].get();
     if (h_first[i]) {
-      if (vtaps[i]) vpass(RgbRows{tmps[i].get(), hi - lo, ow, stride}, lo, *vtaps[i], out, stride);
+      if (vtaps[i]) {
+        const RgbSrc t = planar_src(tmps[i].get(), hi - lo, ow);
+        vpass(t.ch, 3, ow, ow, lo, *vtaps[i], out, ow, oh * ow);
+      }
     } else if (htaps[i]) {  // vertical first (Pillow >= 13 rule), then horizontal
-      Bytes tmp = bytes(oh * src.w * 3);
-      vpass(src, 0, *vtaps[i], tmp.get(), src.w * 3);
-      hpass(RgbRows{tmp.get(), oh, src.w, src.w * 3}, {HTarget{htaps[i].get(), out, stride}});
+      Bytes tmp;
+      const RgbSrc v = vpass_src(src, *vtaps[i], tmp);
+      hpass(v, {HTarget{htaps[i].get(), out, ow, oh * ow}});
     } else if (vtaps[i]) {
-      vpass(src, 0, *vtaps[i], out, stride);
+      if (src.px_stride == 1) {
+        vpass(src.ch, 3, src.row_stride, ow, 0, *vtaps[i], out, ow, oh * ow);
+      } else {
+        Bytes tmp;
+        to_planar(vpass_src(src, *vtaps[i], tmp), out);
+      }
     } else {
-      at::parallel_for(0, oh, 16, [&](int64_t y0, int64_t y1) {
-        for (int64_t y = y0; y < y1; ++y) std::memcpy(out + y * stride, src.p + y * src.stride, stride);
-      });
+      to_planar(src, out);
     }
   }
   return outs;
 }
 
-// Any uint8 [H, W, C] view -> interleaved RGB rows, converted as HF converts (gray -> RGB,
-// RGBA composited onto white). Contiguous 3-channel HWC rows are used in place.
-RgbRows as_rgb(const at::Tensor& im, Bytes& storage) {
+// Any uint8 [H, W, C] view -> an RgbSrc, converted as HF converts (gray -> RGB, RGBA composited
+// onto white). Planar 3-channel and grayscale views with unit pixel stride and interleaved RGB
+// rows are read in place; anything else is converted once into interleaved `storage`.
+RgbSrc make_src(const at::Tensor& im, Bytes& storage) {
   const int64_t h = im.size(0), w = im.size(1), c = im.size(2);
   const int64_t sh = im.stride(0), sw = im.stride(1), sc = im.stride(2);
   const uint8_t* p = im.data_ptr<uint8_t>();
-  if (c == 3 && sc == 1 && sw == 3) return RgbRows{p, h, w, sh};
+  if (c == 3 && sc == 1 && sw == 3) return RgbSrc{{p, p + 1, p + 2}, h, w, sh, 3};
+  if (c == 3 && sw == 1) return RgbSrc{{p, p + sc, p + 2 * sc}, h, w, sh, 1};
+  if (c == 1 && sw == 1) return RgbSrc{{p, p, p}, h, w, sh, 1};
   storage = bytes(h * w * 3);
   uint8_t* q = storage.get();
   at::parallel_for(0, h, 16, [&](int64_t y0, int64_t y1) {
     for (int64_t y = y0; y < y1; ++y) {
       const uint8_t* s = p + y * sh;
       uint8_t* d = q + y * w * 3;
-      // one loop per case so that each inner loop is branch-free (planar CHW rows vectorise)
+      // one loop per case so that each inner loop is branch-free
       if (c == 1) {
         for (int64_t x = 0; x < w; ++x) d[3 * x] = d[3 * x + 1] = d[3 * x + 2] = s[x * sw];
       } else if (c == 3) {
@@ -251,31 +314,37 @@ RgbRows as_rgb(const at::Tensor& im, Bytes& storage) {
       }
     }
   });
-  return RgbRows{q, h, w, w * 3};
+  return RgbSrc{{q, q + 1, q + 2}, h, w, w * 3, 3};
 }
 
-// Canvas (rows*S x cols*S) -> tiles [first, first + rows*cols), row-major; pixels outside the
-// resized image at (pad_t, pad_l) are zero (black) before normalization.
+// Planar canvas (rows*S x cols*S) -> tiles [first, first + rows*cols), row-major; pixels outside
+// the resized image at (pad_t, pad_l) are zero (black) before normalization. `lut` maps a byte of
+// channel c to its output value (identity for uint8 output).
 template <typename out_t>
 void emit_tiles(const uint8_t* img, int64_t ih, int64_t iw, int64_t pad_t, int64_t pad_l, int64_t rows,
-                int64_t cols, int64_t S, const float (*lut)[256], out_t* out) {
+                int64_t cols, int64_t S, const out_t (*lut)[256], out_t* out) {
   const int64_t canvas_h = rows * S;
-  at::parallel_for(0, canvas_h, 8, [&](int64_t y0, int64_t y1) {
+  at::parallel_for(0, canvas_h, 16, [&](int64_t y0, int64_t y1) {
     for (int64_t cy = y0; cy < y1; ++cy) {
       const int64_t r = cy / S, yy = cy % S, sy = cy - pad_t;
       const bool row_in = sy >= 0 && sy < ih;
-      const uint8_t* srow = row_in ? img + sy * iw * 3 : nullptr;
       for (int64_t tc = 0; tc < cols; ++tc) {
+        // columns [x0, x1) of this tile row come from the image, the rest is padding
+        const int64_t x0 = row_in ? std::clamp<int64_t>(pad_l - tc * S, 0, S) : S;
+        const int64_t x1 = row_in ? std::clamp<int64_t>(pad_l + iw - tc * S, x0, S) : S;
+        const int64_t shift = tc * S - pad_l;  // image column of tile column xx is xx + shift
         for (int c = 0; c < 3; ++c) {
           out_t* o = out + (((r * cols + tc) * 3 + c) * S + yy) * S;
-          const float* l = lut[c];
-          const out_t pad = static_cast<out_t>(l[0]);
-          // columns [x0, x1) of this tile row come from the image, the rest is padding
-          const int64_t x0 = row_in ? std::clamp<int64_t>(pad_l - tc * S, 0, S) : S;
-          const int64_t x1 = row_in ? std::clamp<int64_t>(pad_l + iw - tc * S, x0, S) : S;
-          const int64_t shift = tc * S - pad_l;  // image column of tile column xx is xx + shift
+          const out_t* l = lut[c];
+          const out_t pad = l[0];
           for (int64_t xx = 0; xx < x0; ++xx) o[xx] = pad;
-          for (int64_t xx = x0; xx < x1; ++xx) o[xx] = static_cast<out_t>(l[srow[(xx + shift) * 3 + c]]);
+          if (x1 > x0) {
+            const uint8_t* s = img + (c * ih + sy) * iw + shift;
+            if constexpr (std::is_same_v<out_t, uint8_t>)
+              std::memcpy(o + x0, s + x0, x1 - x0);
+            else
+              for (int64_t xx = x0; xx < x1; ++xx) o[xx] = l[s[xx]];
+          }
           for (int64_t xx = x1; xx < S; ++xx) o[xx] = pad;
         }
       }
@@ -288,17 +357,23 @@ void anyres_tile_cpu(const std::vector<at::Tensor>& images, const at::Tensor& pl
                      bool global_view) {
   const TileArgs a = check_tile_args(images, plan, out, tile, mean, stdv, global_view);
   VLMK_CHECK_ARG(out.device().is_cpu(), "out must be a CPU tensor for the cpu backend");
-  float lut[3][256];
-  for (int c = 0; c < 3; ++c)
-    for (int v = 0; v < 256; ++v) lut[c][v] = normalize_u8(uint8_t(v), a.mean[c], a.stdv[c]);
   const int64_t* p = plan.data_ptr<int64_t>();
   const int64_t tile_elems = 3 * tile * tile;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "anyres_tile_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, out.scalar_type(), "anyres_tile_cpu", [&] {
+    // uint8 output: the raw tile bytes (mean/std ignored); else the exact normalized values
+    scalar_t lut[3][256];
+    for (int c = 0; c < 3; ++c)
+      for (int v = 0; v < 256; ++v) {
+        if constexpr (std::is_same_v<scalar_t, uint8_t>)
+          lut[c][v] = uint8_t(v);
+        else
+          lut[c][v] = static_cast<scalar_t>(normalize_u8(uint8_t(v), a.mean[c], a.stdv[c]));
+      }
     scalar_t* o = out.data_ptr<scalar_t>();
     for (int64_t i = 0; i < a.n; ++i) {
       const int64_t* r = p + i * kPlanCols;
       Bytes storage;
-      const RgbRows src = as_rgb(images[i], storage);
+      const RgbSrc src = make_src(images[i], storage);
       scalar_t* dst = o + r[kFirst] * tile_elems;
       std::vector<std::pair<int64_t, int64_t>> sizes{{r[kResH], r[kResW]}};
       if (global_view) sizes.emplace_back(tile, tile);

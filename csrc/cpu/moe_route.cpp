@@ -172,6 +172,34 @@ inline void select_topk_row(const float* score, int E, int k, double scale, bool
   }
 }
 
+// Rows [begin, end): the fast softmax path where it applies (fp32 math, row finite), else route_row.
+template <typename scalar_t, typename acc_t>
+void route_rows(const scalar_t* x, const acc_t* bias, const RouteParams& p, bool fast, int64_t begin, int64_t end,
+                acc_t* out_w, int32_t* out_id) {
+  const int64_t E = p.E, k = p.k;
+  RowScratch<acc_t> scratch(p);
+  if constexpr (std::is_same_v<acc_t, float>) {
+    std::vector<float> row(fast && !std::is_same_v<scalar_t, float> ? E : 0);
+    for (int64_t t = begin; t < end; ++t) {
+      const scalar_t* xt = x + t * E;
+      const float* xf = reinterpret_cast<const float*>(xt);
+      if constexpr (!std::is_same_v<scalar_t, float>) {
+        if (fast) {
+          for (int64_t e = 0; e < E; ++e) row[e] = static_cast<float>(xt[e]);
+          xf = row.data();
+        }
+      }
+      if (fast && softmax_row_fast(xf, (int)E, scratch.score.data()))
+        select_topk_row(scratch.score.data(), (int)E, (int)k, p.scale, p.renormalize, scratch.sel_v.data(),
+                        scratch.sel_id.data(), out_w + t * k, out_id + t * k);
+      else
+        route_row<scalar_t, acc_t>(xt, bias, p, scratch, out_w + t * k, out_id + t * k);
+    }
+  } else {
+    for (int64_t t = begin; t < end; ++t) route_row<scalar_t, acc_t>(x + t * E, bias, p, scratch, out_w + t * k, out_id + t * k);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> moe_topk_route_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& bias,
                                                       int64_t top_k, int64_t scoring, bool renormalize,
                                                       int64_t num_groups, int64_t topk_groups, int64_t group_score,
@@ -204,30 +232,9 @@ std::tuple<at::Tensor, at::Tensor> moe_topk_route_cpu(const at::Tensor& logits, 
     acc_t* w = weights.mutable_data_ptr<acc_t>();
     int32_t* id = ids.mutable_data_ptr<int32_t>();
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(E, 1));
-    const bool fast = std::is_same_v<acc_t, float> && p.scoring == moe::kSoftmax && !b && p.groups == 1;
+    const bool fast = p.scoring == moe::kSoftmax && !b && p.groups == 1;
     at::parallel_for(0, T, grain, [&](int64_t begin, int64_t end) {
-      RowScratch<acc_t> scratch(p);
-      std::vector<float> row(fast && !std::is_same_v<scalar_t, float> ? E : 0);
-      for (int64_t t = begin; t < end; ++t) {
-        const scalar_t* xt = x + t * E;
-        if constexpr (std::is_same_v<acc_t, float>) {
-          if (fast) {
-            const float* xf;
-            if constexpr (std::is_same_v<scalar_t, float>) {
-              xf = xt;
-            } else {
-              for (int64_t e = 0; e < E; ++e) row[e] = static_cast<float>(xt[e]);
-              xf = row.data();
-            }
-            if (softmax_row_fast(xf, (int)E, scratch.score.data())) {
-              select_topk_row(scratch.score.data(), (int)E, (int)top_k, p.scale, p.renormalize, scratch.sel_v.data(),
-                              scratch.sel_id.data(), w + t * top_k, id + t * top_k);
-              continue;
-            }
-          }
-        }
-        route_row<scalar_t, acc_t>(xt, b, p, scratch, w + t * top_k, id + t * top_k);
-      }
+      route_rows<scalar_t, acc_t>(x, b, p, fast, begin, end, w, id);
     });
   });
   return {weights, ids};

@@ -1,4 +1,5 @@
 // CUDA anyres_tile: the whole batch in one launch, one thread per output tile pixel (3 channels).
+// out is float32/float16/bfloat16 (normalized) or uint8 (the rounded tile bytes, for patch_embed_uint8).
 //
 // A thread finds its image and tile from the uploaded descriptors, maps the pixel into the resized
 // image (or the zero padding), and evaluates Pillow's two separable passes directly: for each tap of
@@ -62,6 +63,16 @@ __device__ void resample_pixel(const ImageDesc& d, const ResizeDesc& rz, const i
   for (int c = 0; c < 3; ++c) out[c] = clip8(acc_b[c]);
 }
 
+// Normalized float tiles, or (out_dtype=uint8) the raw rounded bytes with mean/std ignored.
+template <typename out_t>
+__device__ __forceinline__ out_t tile_value(uint8_t v, float mean, float stdv) {
+  return static_cast<out_t>(normalize_u8(v, mean, stdv));
+}
+template <>
+__device__ __forceinline__ uint8_t tile_value<uint8_t>(uint8_t v, float, float) {
+  return v;
+}
+
 template <typename out_t>
 __global__ void anyres_tile_kernel(const ImageDesc* __restrict__ images, const TileDesc* __restrict__ tiles,
                                    const int32_t* __restrict__ taps, int64_t num_tiles, int S, Norm norm,
@@ -82,7 +93,7 @@ __global__ void anyres_tile_kernel(const ImageDesc* __restrict__ images, const T
     if (ry >= 0 && ry < d.grid.out_h && rx >= 0 && rx < d.grid.out_w) resample_pixel(d, d.grid, taps, ry, rx, v);
   }
   for (int c = 0; c < 3; ++c)
-    out[(tile * 3 + c) * plane + pix] = static_cast<out_t>(normalize_u8(uint8_t(v[c]), norm.mean[c], norm.stdv[c]));
+    out[(tile * 3 + c) * plane + pix] = tile_value<out_t>(uint8_t(v[c]), norm.mean[c], norm.stdv[c]);
 }
 
 }  // namespace
@@ -104,7 +115,7 @@ void launch_anyres_tile(const at::Tensor& meta, int64_t n_images, at::Tensor& ou
   const int64_t blocks = (total + threads - 1) / threads;
   TORCH_CHECK(blocks < (int64_t(1) << 31), "anyres_tile: too many output pixels for one launch");
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "anyres_tile_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, out.scalar_type(), "anyres_tile_cuda", [&] {
     anyres_tile_kernel<scalar_t><<<unsigned(blocks), threads, 0, stream>>>(images, tiles, taps, num_tiles, int(tile),
                                                                            norm, out.data_ptr<scalar_t>());
   });

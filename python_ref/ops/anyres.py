@@ -22,6 +22,7 @@ import torch
 
 __all__ = [
     "AnyResPlan",
+    "anyres_encode",
     "anyres_plan",
     "anyres_tile",
     "image_to_rgb_chw",
@@ -324,7 +325,11 @@ def _as_chw(image, name: str) -> torch.Tensor:
 
 
 def normalize_u8(x: torch.Tensor, mean, std, out_dtype=torch.float32) -> torch.Tensor:
-    """HF PIL backend: float64 ``x * (1/255)`` cast to float32, then ``(x - mean) / std`` in float32."""
+    """HF PIL backend: float64 ``x * (1/255)`` cast to float32, then ``(x - mean) / std`` in float32.
+
+    ``out_dtype=torch.uint8`` returns the bytes unchanged (mean/std ignored)."""
+    if out_dtype == torch.uint8:
+        return x.to(torch.uint8)
     mean = torch.tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
     std = torch.tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
     scaled = (x.to(torch.float64) * (1.0 / 255.0)).to(torch.float32)
@@ -365,6 +370,8 @@ def anyres_tile(
 ) -> tuple[torch.Tensor, list[int]]:
     """uint8 images -> normalized LLaVA-NeXT tiles ``[sum_tiles, 3, S, S]`` and tiles per image.
 
+    ``out_dtype=torch.uint8`` gives the rounded, zero-padded uint8 tiles instead (mean/std ignored).
+
     Per image: choose the pinpoint, PIL-bicubic resize keeping the aspect, zero-pad (in uint8, so pad
     pixels normalize to ``-mean/std``), cut row-major ``S x S`` tiles, and put the global view (the
     whole image squashed to ``S x S``) first. Images are uint8 tensors, ``[H, W]``, ``[C, H, W]`` or
@@ -385,3 +392,27 @@ def anyres_tile(
         dev = images[0].device if len(images) else torch.device("cpu")
         return torch.empty(0, 3, tile, tile, dtype=out_dtype, device=dev), counts
     return torch.stack(out), counts
+
+
+def anyres_encode(
+    images,
+    grid_pinpoints,
+    tile_size: int,
+    mean,
+    std,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    class_embedding: torch.Tensor | None = None,
+    position_embedding: torch.Tensor | None = None,
+    pre_layernorm=None,
+    global_view: bool = True,
+) -> tuple[torch.Tensor, list[int]]:
+    """uint8 images -> (patch embeddings ``[sum_tiles, P(+1), D]``, tiles per image): the composition
+    ``patch_embed(anyres_tile(images, ...), weight, ...)`` with float32 tiles, written out plainly."""
+    from .anyres_embed import patch_embed
+
+    tiles, counts = anyres_tile(images, grid_pinpoints, tile_size, mean, std, global_view=global_view)
+    out = patch_embed(tiles.to(weight.device), weight, bias, class_embedding=class_embedding,
+                      position_embedding=position_embedding, pre_layernorm=pre_layernorm)
+    return out, counts

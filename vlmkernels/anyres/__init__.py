@@ -7,7 +7,7 @@ Each submodule registers its ops' implementations on import and lists its public
 import importlib as _importlib
 
 __all__: list[str] = []
-SUBMODULES = ("plan", "tile", "embed", "pack")
+SUBMODULES = ("plan", "tile", "embed", "pack", "encode")
 for _sub in SUBMODULES:
     try:
         _mod = _importlib.import_module(f"{__name__}.{_sub}")

@@ -26,7 +26,8 @@ __all__ = ["anyres_tile"]
 OP = "anyres_tile"
 PLAN_COLS = 7  # resized_h, resized_w, pad_top, pad_left, rows, cols, first output tile
 _CHANNELS = (1, 3, 4)
-_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8)  # uint8: raw tiles, not normalized
+_IDENTITY_NORM = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 
 def from_numpy(array: np.ndarray) -> torch.Tensor:
@@ -97,6 +98,8 @@ def tile_views(
     pins = pinpoints_tensor(grid_pinpoints)
     if bool((pins % tile != 0).any()):
         raise ValueError(f"every grid pinpoint must be a multiple of tile_size={tile}, got {pins.tolist()}")
+    if out_dtype == torch.uint8:
+        mean, std = _IDENTITY_NORM  # the kernels ignore them; don't reject values nobody reads
     mean, std = _per_channel(mean, "mean"), _per_channel(std, "std")
     devices = {v.device for v in views}
     if len(devices) > 1:
@@ -136,7 +139,9 @@ def anyres_tile(
     ``images``: one image or a list; uint8 torch tensors or numpy arrays, ``[H, W]`` (grayscale),
     ``[C, H, W]`` or ``[H, W, C]`` with C = 1, 3 or 4 (see :func:`hwc_view`), all on one device
     (CPU or CUDA). Grayscale is replicated to RGB and RGBA is composited onto white, as HF does.
-    ``mean``/``std``: 3 floats (or one); ``out_dtype``: float32, float16 or bfloat16.
+    ``mean``/``std``: 3 floats (or one); ``out_dtype``: float32, float16 or bfloat16, or uint8
+    for the resized, zero-padded tile bytes *before* normalization (mean/std are then ignored;
+    feed them to ``patch_embed_uint8``, or use ``anyres_encode``, to normalize on load).
     """
     if resample != "bicubic":
         raise ValueError(f"resample must be 'bicubic' (PIL filter 3), got {resample!r}")
