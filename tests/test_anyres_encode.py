@@ -201,6 +201,10 @@ def test_encode_cuda_matches_float_path():
 
 # ---- errors -----------------------------------------------------------------------------------------
 
+def test_exported_as_functional_op():
+    assert vlmkernels.ops.anyres_encode is anyres_encode
+
+
 def test_encode_errors():
     ims = _images(23)[:1]
     weight, bias, kw = _params(24)
@@ -223,5 +227,7 @@ def test_encode_errors():
         anyres_encode(ims, [[5, 10]], 5, MEAN, STD, weight, bias, backend="reference")
     with pytest.raises(TypeError, match="weight"):
         anyres_encode(ims, PINS, TILE, MEAN, STD, weight.numpy(), bias, backend="reference")
+    with pytest.raises(ValueError, match="images\\[0\\] is on cpu but weight is on meta"):
+        anyres_encode(ims, PINS, TILE, MEAN, STD, weight.to("meta"), backend="reference")
     with pytest.raises(ValueError, match="pinpoint"):
         anyres_encode(ims, [[30, 56]], TILE, MEAN, STD, weight, bias, backend="reference")

@@ -42,7 +42,8 @@ SCHEMAS: dict[str, tuple[str, str]] = {
     # --- AnyRes tile-and-encode ---------------------------------------------------------------
     # uint8 images -> normalized tiles. images: uint8 [H, W, C] views (any strides, C in 1/3/4);
     # plan: CPU int64 [num_images, 7] table (resized_h, resized_w, pad_top, pad_left, rows, cols,
-    # first output tile) built by vlmkernels.anyres.tile.tile_plan; returns [num_tiles, 3, S, S].
+    # first output tile) built by vlmkernels.anyres.tile.tile_plan; returns [num_tiles, 3, S, S]
+    # (out_dtype=uint8: the rounded tile bytes, mean/std unused).
     "anyres_tile": (
         "anyres",
         "(Tensor[] images, Tensor plan, int num_tiles, int tile_size, float[] mean, float[] std, "

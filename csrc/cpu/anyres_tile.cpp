@@ -46,7 +46,23 @@ struct AxisTaps {
     xmin.resize(out_size);
     count.resize(out_size);
     for (int i = 0; i < out_size; ++i) count[i] = tap_weights(s, in_size, i, &k[size_t(i) * ksize], &xmin[i]);
+    // For 16-bit multiply-adds (pmaddwd): k = hi * 2^15 + lo with lo in [0, 2^15), hi in [-2^7, 2^7],
+    // two taps per int32 (tap t in the low half). Integer sums wrap mod 2^32 like the exact int32
+    // sum, so (sum hi) << 15 + (sum lo) is bit-identical to Pillow's accumulator.
+    npairs = (ksize + 1) / 2;
+    klo.assign(size_t(out_size) * npairs, 0);
+    khi.assign(size_t(out_size) * npairs, 0);
+    for (int i = 0; i < out_size; ++i)
+      for (int t = 0; t < count[i]; ++t) {
+        const int32_t v = k[size_t(i) * ksize + t];
+        const uint32_t lo = uint32_t(v) & 0x7fffu, hi = uint32_t(v >> 15) & 0xffffu;
+        const int shift = (t & 1) * 16;
+        klo[size_t(i) * npairs + t / 2] |= int32_t(lo << shift);
+        khi[size_t(i) * npairs + t / 2] |= int32_t(hi << shift);
+      }
   }
+  int npairs = 0;
+  std::vector<int32_t> klo, khi;  // tap pairs (see above)
 };
 
 // A uint8 RGB image: channel c of pixel (y, x) is ch[c][y * row_stride + x * px_stride]; px_stride
@@ -84,20 +100,27 @@ void hconv_generic(const uint8_t* sc, const AxisTaps& ax, uint8_t* dst, int64_t 
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// Same arithmetic, 8 rows per AVX2 register: widen 8 staged bytes, multiply by the broadcast weight.
+// Same arithmetic with AVX2 pmaddwd: per tap pair, 8 rows x 2 taps as 16 int16 (staged columns j
+// and j + 1 interleaved per row) times the broadcast (k[t], k[t+1]) halves. A pair may read one
+// staged column past the taps; its weight is 0.
 __attribute__((target("avx2"))) void hconv_avx2(const uint8_t* sc, const AxisTaps& ax, uint8_t* dst,
                                                 int64_t dst_stride, int nrows) {
   const __m256i bias = _mm256_set1_epi32(kRoundBias);
+  const __m128i interleave = _mm_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
   alignas(32) int32_t acc[kBlock];
   for (int x = 0; x < ax.out; ++x) {
-    const int32_t* k = &ax.k[size_t(x) * ax.ksize];
+    const int32_t* lo = &ax.klo[size_t(x) * ax.npairs];
+    const int32_t* hi = &ax.khi[size_t(x) * ax.npairs];
     const uint8_t* col = sc + int64_t(ax.xmin[x]) * kBlock;
-    __m256i a = bias;
-    const int n = ax.count[x];
+    __m256i alo = _mm256_setzero_si256(), ahi = _mm256_setzero_si256();
+    const int n = (ax.count[x] + 1) / 2;
     for (int t = 0; t < n; ++t) {
-      const __m256i px = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(col + t * kBlock)));
-      a = _mm256_add_epi32(a, _mm256_mullo_epi32(px, _mm256_set1_epi32(k[t])));
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(col + t * 2 * kBlock));
+      const __m256i w = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(v, interleave));
+      alo = _mm256_add_epi32(alo, _mm256_madd_epi16(w, _mm256_set1_epi32(lo[t])));
+      ahi = _mm256_add_epi32(ahi, _mm256_madd_epi16(w, _mm256_set1_epi32(hi[t])));
     }
+    const __m256i a = _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(ahi, 15), alo), bias);
     _mm256_store_si256(reinterpret_cast<__m256i*>(acc), a);
     for (int r = 0; r < nrows; ++r) dst[r * dst_stride + x] = clip8(acc[r]);
   }
@@ -145,7 +168,8 @@ void stage_block(const RgbSrc& s, int64_t y, int nrows, uint8_t* stage) {
 void hpass(const RgbSrc& src, const std::vector<HTarget>& targets) {
   const int64_t blocks = (src.h + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    Bytes stage = bytes(int64_t(3) * src.w * kBlock);
+    Bytes stage = bytes(int64_t(3) * src.w * kBlock + 2 * kBlock);  // + the pair over-read
+    std::memset(stage.get() + int64_t(3) * src.w * kBlock, 0, 2 * kBlock);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t y = b * kBlock;
       const int nrows = int(std::min<int64_t>(kBlock, src.h - y));

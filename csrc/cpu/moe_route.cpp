@@ -92,77 +92,148 @@ void route_row(const scalar_t* x, const acc_t* bias, const RouteParams& p, RowSc
 // exp dominates the row cost and libm's expf is a scalar call, so the row's exps use a polynomial
 // GCC vectorises instead. The selection and weight math below are the shared helpers' exactly.
 
-// exp(x) for x <= 0 (x - row max) in plain arithmetic: Cody-Waite reduction x = n*ln2 + r with
-// |r| <= ln2/2, Cephes' degree-6 polynomial for e^r (within ~1 ulp of expf), and 2^n applied in two
-// halves so that results in the denormal range round as expf's do. x < -104 gives +0; NaN stays NaN.
-inline float exp_nonpositive(float x) {
-  x = x < -104.f ? -104.f : x;
-  const float round_magic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float t = x * 1.44269504088896341f + round_magic;
-  const float n = t - round_magic;
-  int32_t t_bits;
-  std::memcpy(&t_bits, &t, sizeof t_bits);
-  const int32_t ni = t_bits - 0x4B400000;  // n as an integer, in [-150, 0]
-  float r = x - n * 0.693359375f;          // ln2 split in two for an exact n*ln2
+// 8 floats as one value (GCC/Clang vector extension): the loops below are written on it directly
+// because GCC does not vectorise them on its own (-fwrapv, float reductions without -ffast-math).
+// On a CPU without AVX2 the compiler splits each operation into SSE halves, with the same results.
+#pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vectors only pass between inline helpers of this file
+using f32x8 = float __attribute__((vector_size(32)));
+using i32x8 = int32_t __attribute__((vector_size(32)));
+
+template <typename To, typename From>
+inline To bit_cast_(const From& v) {
+  static_assert(sizeof(To) == sizeof(From));
+  To out;
+  std::memcpy(&out, &v, sizeof out);
+  return out;
+}
+
+// exp(x) for x <= 0 (x - row max), on a float (F = float, I = int32_t) or 8 at once (f32x8, i32x8):
+// Cody-Waite reduction x = n*ln2 + r with |r| <= ln2/2, Cephes' degree-6 polynomial for e^r (at most
+// 1 ulp from expf over [-110, 0], checked exhaustively), and 2^n applied in two halves so results in
+// the denormal range round as expf's do. x < -104 gives +0; NaN stays NaN.
+template <typename F, typename I>
+inline F exp_nonpositive(F x) {
+  const F lo = F{} - 104.f;
+  x = x < lo ? lo : x;
+  const F round_magic = F{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  const F t = x * 1.44269504088896341f + round_magic;
+  const F n = t - round_magic;
+  const I ni = bit_cast_<I>(t) - 0x4B400000;  // n as an integer, in [-150, 0]
+  F r = x - n * 0.693359375f;                 // ln2 split in two: n*ln2 is exact
   r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+  F p = F{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.f;
-  const int32_t n1 = ni >> 1, n2 = ni - n1;  // each in [-75, 0]: both 2^n1, 2^n2 are normal floats
-  const int32_t s1_bits = (n1 + 127) << 23, s2_bits = (n2 + 127) << 23;
-  float s1, s2;
-  std::memcpy(&s1, &s1_bits, sizeof s1);
-  std::memcpy(&s2, &s2_bits, sizeof s2);
-  return p * s1 * s2;
+  const I n1 = ni >> 1, n2 = ni - n1;  // each in [-75, 0]: 2^n1 and 2^n2 are normal floats
+  return p * bit_cast_<F>((n1 + 127) << 23) * bit_cast_<F>((n2 + 127) << 23);
 }
 
-constexpr int kLanes = 16;  // independent partial max/sum lanes, so the loops vectorise without -ffast-math
+inline f32x8 load8(const float* p) { return bit_cast_<f32x8>(*reinterpret_cast<const float(*)[8]>(p)); }
+inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
 
-// score[e] = softmax(x)[e] for one row. Returns false (score untouched beyond scratch use) when the
-// row holds a NaN or +-Inf that makes the max or the sum non-finite: the caller then takes the
-// generic path, which implements the NaN rules. AVX2 clone where the CPU has it.
-__attribute__((target_clones("avx2", "default"))) bool softmax_row_fast(const float* x, int E, float* score) {
-  float lane_max[kLanes];
-  for (int j = 0; j < kLanes; ++j) lane_max[j] = -std::numeric_limits<float>::infinity();
-  int e = 0;
-  for (; e + kLanes <= E; e += kLanes)
-    for (int j = 0; j < kLanes; ++j) lane_max[j] = x[e + j] > lane_max[j] ? x[e + j] : lane_max[j];
-  float row_max = -std::numeric_limits<float>::infinity();
-  for (int j = 0; j < kLanes; ++j) row_max = lane_max[j] > row_max ? lane_max[j] : row_max;
-  for (; e < E; ++e) row_max = x[e] > row_max ? x[e] : row_max;
+// score[e] = softmax(x)[e] for one row. Returns false when the row holds a NaN or +-Inf that makes
+// the max or the sum non-finite: the caller then takes the generic path, which implements the NaN
+// rules. The AVX2 clone runs where the CPU has it; both clones round identically (no FMA).
+__attribute__((target_clones("avx2", "default"))) bool softmax_row_fast(const float* x, int64_t E, float* score) {
+  const int64_t body = E / 8 * 8;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  f32x8 vmax = f32x8{} + neg_inf;
+  for (int64_t e = 0; e < body; e += 8) {
+    const f32x8 v = load8(x + e);
+    vmax = v > vmax ? v : vmax;
+  }
+  float row_max = neg_inf;
+  for (int j = 0; j < 8; ++j) row_max = vmax[j] > row_max ? vmax[j] : row_max;
+  for (int64_t e = body; e < E; ++e) row_max = x[e] > row_max ? x[e] : row_max;
   if (!std::isfinite(row_max)) return false;
-  float lane_sum[kLanes] = {};
-  e = 0;
-  for (; e + kLanes <= E; e += kLanes)
-    for (int j = 0; j < kLanes; ++j) {
-      score[e + j] = exp_nonpositive(x[e + j] - row_max);
-      lane_sum[j] += score[e + j];
-    }
+  f32x8 vsum = {};
+  for (int64_t e = 0; e < body; e += 8) {
+    const f32x8 v = exp_nonpositive<f32x8, i32x8>(load8(x + e) - row_max);
+    store8(score + e, v);
+    vsum += v;
+  }
   float sum = 0.f;
-  for (int j = 0; j < kLanes; ++j) sum += lane_sum[j];
-  for (; e < E; ++e) {
-    score[e] = exp_nonpositive(x[e] - row_max);
+  for (int j = 0; j < 8; ++j) sum += vsum[j];
+  for (int64_t e = body; e < E; ++e) {
+    score[e] = exp_nonpositive<float, int32_t>(x[e] - row_max);
     sum += score[e];
   }
   if (!std::isfinite(sum)) return false;  // a NaN logit (max skips NaN; the exp keeps it)
   const float inv_sum = 1.f / sum;
-  for (e = 0; e < E; ++e) score[e] = vlmk::moe::softmax_score(score[e], inv_sum);
+  for (int64_t e = 0; e < body; e += 8) store8(score + e, load8(score + e) * inv_sum);  // finite: no NaN rule needed
+  for (int64_t e = body; e < E; ++e) score[e] = vlmk::moe::softmax_score(score[e], inv_sum);
   return true;
 }
 
+// Ordered top-k (k <= 8) of one row held in two 8-lane registers, best first by moe::ranks_before.
+// Candidates arrive in id order, so an equal value already held ranks before the newcomer; the
+// insertion is branch-free (a lane keeps its entry, takes the newcomer, or its left neighbour's).
+struct Top8 {
+  f32x8 vals;
+  i32x8 ids;
+  void init() {
+    vals = f32x8{} - std::numeric_limits<float>::infinity();
+    ids = i32x8{} + std::numeric_limits<int32_t>::max();
+  }
+  void insert(float v, int32_t id) {
+    const i32x8 keep = vals >= v;                                                   // lanes before the slot
+    const i32x8 first = {-1, 0, 0, 0, 0, 0, 0, 0};
+    const i32x8 at_or_before = __builtin_shuffle(keep, i32x8{0, 0, 1, 2, 3, 4, 5, 6}) | first;
+    const f32x8 vals_right = __builtin_shuffle(vals, i32x8{0, 0, 1, 2, 3, 4, 5, 6});
+    const i32x8 ids_right = __builtin_shuffle(ids, i32x8{0, 0, 1, 2, 3, 4, 5, 6});
+    vals = keep ? vals : (at_or_before ? f32x8{} + v : vals_right);
+    ids = keep ? ids : (at_or_before ? i32x8{} + id : ids_right);
+  }
+};
+
+// Top-k (k <= 8) of score[0, E) into `top`. The lane-wise maxima over the 8-wide blocks are 8
+// distinct entries, so anything below their minimum ranks after >= 8 >= k entries and cannot be
+// chosen: only entries >= that bound (typically a handful) go through the insertion, all of them,
+// branch-free (one that does not make the top k lands past lane k-1).
+__attribute__((target_clones("avx2", "default"))) void top8_scan(const float* score, int64_t E, Top8& top,
+                                                                 int32_t* cand) {
+  const int64_t body = E / 8 * 8;
+  float bound = -std::numeric_limits<float>::infinity();
+  if (body > 0) {
+    f32x8 m = load8(score);
+    for (int64_t e = 8; e < body; e += 8) {
+      const f32x8 v = load8(score + e);
+      m = v > m ? v : m;
+    }
+    bound = m[0];
+    for (int j = 1; j < 8; ++j) bound = m[j] < bound ? m[j] : bound;
+  }
+  int64_t n = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    cand[n] = (int32_t)e;
+    n += score[e] >= bound;
+  }
+  for (int64_t c = 0; c < n; ++c) top.insert(score[cand[c]], cand[c]);
+}
+
 // Softmax top-k of one row without bias or groups: the selection order (score desc, id asc) is
-// already the output order, so one ordered insertion pass gives ids, weights and their sum.
+// already the output order, so one ordered pass gives ids, weights and their sum.
 inline void select_topk_row(const float* score, int E, int k, double scale, bool renormalize, float* vals,
-                            int* idx, float* out_w, int32_t* out_id) {
+                            int* idx, int32_t* idx_scratch, float* out_w, int32_t* out_id) {
   using namespace vlmk::moe;
-  int n = 0;
-  for (int e = 0; e < k; ++e) topk_insert(vals, idx, n, k, score[e], e);
-  for (int e = k; e < E; ++e)
-    if (score[e] > vals[k - 1]) topk_insert(vals, idx, n, k, score[e], e);  // equal loses to the lower id
+  if (k <= 8) {
+    Top8 top;
+    top.init();
+    top8_scan(score, E, top, idx_scratch);
+    for (int i = 0; i < k; ++i) {
+      vals[i] = top.vals[i];
+      idx[i] = top.ids[i];
+    }
+  } else {
+    int n = 0;
+    for (int e = 0; e < k; ++e) topk_insert(vals, idx, n, k, score[e], e);
+    for (int e = k; e < E; ++e)
+      if (score[e] > vals[k - 1]) topk_insert(vals, idx, n, k, score[e], e);  // equal loses to the lower id
+  }
   float sum = 0.f;
   for (int i = 0; i < k; ++i) sum += vals[i];
   const float mul = static_cast<float>(scale) / (renormalize ? renorm_divisor(sum) : 1.f);
@@ -180,6 +251,7 @@ void route_rows(const scalar_t* x, const acc_t* bias, const RouteParams& p, bool
   RowScratch<acc_t> scratch(p);
   if constexpr (std::is_same_v<acc_t, float>) {
     std::vector<float> row(fast && !std::is_same_v<scalar_t, float> ? E : 0);
+    std::vector<int32_t> candidates(fast ? E : 0);
     for (int64_t t = begin; t < end; ++t) {
       const scalar_t* xt = x + t * E;
       const float* xf = reinterpret_cast<const float*>(xt);
@@ -191,7 +263,7 @@ void route_rows(const scalar_t* x, const acc_t* bias, const RouteParams& p, bool
       }
       if (fast && softmax_row_fast(xf, (int)E, scratch.score.data()))
         select_topk_row(scratch.score.data(), (int)E, (int)k, p.scale, p.renormalize, scratch.sel_v.data(),
-                        scratch.sel_id.data(), out_w + t * k, out_id + t * k);
+                        scratch.sel_id.data(), candidates.data(), out_w + t * k, out_id + t * k);
       else
         route_row<scalar_t, acc_t>(xt, bias, p, scratch, out_w + t * k, out_id + t * k);
     }

@@ -4,6 +4,9 @@ The functional :func:`anyres_tile` validates the images, finds each one's layout
 on the host and calls ``torch.ops.vlmkernels.anyres_tile`` with a fixed schema (a list of uint8
 ``[H, W, C]`` views plus an int64 plan table), so the op works with ``torch.compile`` and opcheck.
 
+``out_dtype=torch.uint8`` emits the rounded, zero-padded tile bytes without normalizing (what
+``anyres_encode`` feeds to ``patch_embed_uint8``).
+
 Backends: ``cpu`` (C++, multithreaded, Pillow-exact bicubic), ``cuda`` (one kernel launch for the
 whole batch) and ``reference`` (python_ref, pure PyTorch).
 """
