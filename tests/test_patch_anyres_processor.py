@@ -44,6 +44,10 @@ def fast_calls(monkeypatch):
     return calls
 
 
+# transformers < 5.2x cannot infer the channel axis of a 4-channel numpy array (its oracle raises)
+NUMPY_RGBA = tuple(int(v) for v in transformers.__version__.split(".")[:2]) >= (5, 20)
+
+
 def _images(seed):
     rng = np.random.default_rng(seed)
     rgb = rng.integers(0, 256, (230, 311, 3), dtype=np.uint8)
@@ -55,8 +59,7 @@ def _images(seed):
         Image.fromarray(gray, mode="L"),                             # PIL grayscale
         rng.integers(0, 256, (97, 403, 3), dtype=np.uint8),          # numpy HWC
         torch.from_numpy(rng.integers(0, 256, (3, 301, 150), dtype=np.uint8)),  # torch CHW
-        rng.integers(0, 256, (60, 70, 4), dtype=np.uint8),           # numpy RGBA
-    ]
+    ] + ([rng.integers(0, 256, (60, 70, 4), dtype=np.uint8)] if NUMPY_RGBA else [])  # numpy RGBA
 
 
 def _check_same(got, want, exact):

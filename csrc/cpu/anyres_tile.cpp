@@ -131,11 +131,10 @@ const bool kHasAvx2 = false;
 #endif
 
 #if defined(__SSE2__)
-// Columns [j, j + 8) of 8 rows -> 8 staged columns of 8 bytes each (an 8x8 byte transpose).
-inline void transpose8x8(const uint8_t* const* rows, int64_t j, uint8_t* out) {
-  auto ld = [&](int r) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(rows[r] + j)); };
-  const __m128i t0 = _mm_unpacklo_epi8(ld(0), ld(1)), t1 = _mm_unpacklo_epi8(ld(2), ld(3));
-  const __m128i t2 = _mm_unpacklo_epi8(ld(4), ld(5)), t3 = _mm_unpacklo_epi8(ld(6), ld(7));
+// 8 rows of 8 bytes (the low halves of a[0..7]) -> 8 staged columns of 8 bytes (a byte transpose).
+inline void transpose8x8(const __m128i* a, uint8_t* out) {
+  const __m128i t0 = _mm_unpacklo_epi8(a[0], a[1]), t1 = _mm_unpacklo_epi8(a[2], a[3]);
+  const __m128i t2 = _mm_unpacklo_epi8(a[4], a[5]), t3 = _mm_unpacklo_epi8(a[6], a[7]);
   const __m128i u0 = _mm_unpacklo_epi16(t0, t1), u1 = _mm_unpackhi_epi16(t0, t1);
   const __m128i u2 = _mm_unpacklo_epi16(t2, t3), u3 = _mm_unpackhi_epi16(t2, t3);
   __m128i* o = reinterpret_cast<__m128i*>(out);
@@ -144,19 +143,61 @@ inline void transpose8x8(const uint8_t* const* rows, int64_t j, uint8_t* out) {
   _mm_storeu_si128(o + 2, _mm_unpacklo_epi32(u1, u3));
   _mm_storeu_si128(o + 3, _mm_unpackhi_epi32(u1, u3));
 }
+
+// Planar rows: columns [j, j + 8) of 8 rows -> 8 staged columns.
+inline void stage_plane8x8(const uint8_t* const* rows, int64_t j, uint8_t* out) {
+  __m128i a[kBlock];
+  for (int r = 0; r < kBlock; ++r) a[r] = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(rows[r] + j));
+  transpose8x8(a, out);
+}
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// Interleaved RGB rows: pixels [j, j + 8) of 8 rows (24 bytes each) split into R, G, B with two
+// byte shuffles per row, then one transpose per channel into stage[c] = out + c * cstride.
+__attribute__((target("ssse3"))) void stage_rgb8x8(const uint8_t* const* rows, int64_t j, uint8_t* out,
+                                                   int64_t cstride) {
+  const __m128i rg_lo = _mm_setr_epi8(0, 3, 6, 9, 12, 15, -1, -1, 1, 4, 7, 10, 13, -1, -1, -1);
+  const __m128i rg_hi = _mm_setr_epi8(-1, -1, -1, -1, -1, -1, 2, 5, -1, -1, -1, -1, -1, 0, 3, 6);
+  const __m128i b_lo = _mm_setr_epi8(2, 5, 8, 11, 14, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m128i b_hi = _mm_setr_epi8(-1, -1, -1, -1, -1, 1, 4, 7, -1, -1, -1, -1, -1, -1, -1, -1);
+  __m128i r8[kBlock], g8[kBlock], b8[kBlock];
+  for (int r = 0; r < kBlock; ++r) {
+    const uint8_t* px = rows[r] + 3 * j;
+    const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(px));
+    const __m128i hi = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(px + 16));
+    const __m128i rg = _mm_or_si128(_mm_shuffle_epi8(lo, rg_lo), _mm_shuffle_epi8(hi, rg_hi));
+    r8[r] = rg;
+    g8[r] = _mm_srli_si128(rg, 8);
+    b8[r] = _mm_or_si128(_mm_shuffle_epi8(lo, b_lo), _mm_shuffle_epi8(hi, b_hi));
+  }
+  transpose8x8(r8, out);
+  transpose8x8(g8, out + cstride);
+  transpose8x8(b8, out + 2 * cstride);
+}
+const bool kHasSsse3 = __builtin_cpu_supports("ssse3");
 #endif
 
 // Rows [y, y + nrows) of src staged column-major per channel: stage[c][j][r] (rows past nrows
 // repeat the last one), so the tap loop runs over 8 independent rows with a broadcast weight.
 void stage_block(const RgbSrc& s, int64_t y, int nrows, uint8_t* stage) {
+  const int64_t cstride = s.w * kBlock;
+  int64_t j0 = 0;  // columns [0, j0) of every channel staged by a SIMD path
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (s.interleaved() && kHasSsse3) {
+    const uint8_t* rows[kBlock];
+    for (int r = 0; r < kBlock; ++r) rows[r] = s.ch[0] + (y + std::min(r, nrows - 1)) * s.row_stride;
+    for (; j0 + 8 <= s.w; j0 += 8) stage_rgb8x8(rows, j0, stage + j0 * kBlock, cstride);
+  }
+#endif
   for (int c = 0; c < 3; ++c) {
     const uint8_t* rows[kBlock];
     for (int r = 0; r < kBlock; ++r) rows[r] = s.ch[c] + (y + std::min(r, nrows - 1)) * s.row_stride;
-    uint8_t* sc = stage + int64_t(c) * s.w * kBlock;
-    int64_t j = 0;
+    uint8_t* sc = stage + int64_t(c) * cstride;
+    int64_t j = j0;
 #if defined(__SSE2__)
     if (s.px_stride == 1)
-      for (; j + 8 <= s.w; j += 8) transpose8x8(rows, j, sc + j * kBlock);
+      for (; j + 8 <= s.w; j += 8) stage_plane8x8(rows, j, sc + j * kBlock);
 #endif
     const int64_t ps = s.px_stride;
     for (int r = 0; r < kBlock; ++r)

@@ -163,7 +163,12 @@ def _pil_to_array(img) -> np.ndarray:
         return np.asarray(img)
     from transformers.image_transforms import convert_to_rgb
 
-    return convert_to_rgb(img, return_numpy=True)  # HF's own rule (alpha onto white, palettes, ...)
+    # HF's own rule (alpha onto white, palettes, ...); transformers < 5.2x has no return_numpy and
+    # returns a PIL image
+    try:
+        return np.asarray(convert_to_rgb(img, return_numpy=True))
+    except TypeError:
+        return np.asarray(convert_to_rgb(img))
 
 
 def _to_view(image, idf: str | None, index: int) -> torch.Tensor:
