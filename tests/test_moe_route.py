@@ -300,3 +300,24 @@ def test_cuda_launchers_compiled():
     if not _ext.has_cuda():
         pytest.skip("vlmkernels._C was built without CUDA")
     assert hasattr(_ext.C, "moe_topk_route_cuda") and hasattr(_ext.C, "moe_align_block_size_cuda")
+
+
+@needs_ext
+@pytest.mark.parametrize("E,k", [(8, 2), (64, 8), (67, 1), (67, 9), (130, 16)])
+def test_cpu_softmax_fast_path_edges(E, k):
+    """The C++ softmax fast path (no bias/groups): vector tails, k > 8, ties, -inf entries, and
+    logits spread wide enough that exp underflows into denormals and to exact 0 (ties among zeros)."""
+    x = (torch.randn(41, E) * 2 * 2).round() / 2
+    x[3] = torch.randn(E) * 60  # wide spread: most exps underflow
+    x[4] = -1e4
+    x[4, E // 2] = 0.0  # one finite winner, every other score exactly 0
+    x[5, ::3] = float("-inf")
+    x[6] = 0.0  # all tied
+    x[7, 1] = float("inf")  # non-finite: generic path, all scores 0
+    x[8] = -torch.arange(E, dtype=torch.float32) * 3.0 - 80.0  # denormal range
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        w, ids = vops.moe_topk_route(xd, k, backend="cpu")
+        rw, rids = ref.moe_topk_route(xd, k)
+        assert torch.equal(ids, rids), f"{dtype}: ids differ at {(ids != rids).nonzero()[:5].tolist()}"
+        assert_close(w, rw, dtype=torch.float32)

@@ -43,6 +43,9 @@ _LOGGED: set[tuple[str, str, str]] = set()
 
 
 def _entry(op: str) -> OpEntry:
+    entry = _OPS.get(op)
+    if entry is not None:  # hot path: every op call selects a backend
+        return entry
     from .schemas import SCHEMAS
 
     if op not in _OPS:

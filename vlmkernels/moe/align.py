@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext, library, registry
+from .route import direct_cpu_call
 from python_ref.ops import moe as _ref
 
 __all__ = ["moe_align_block_size"]
@@ -78,7 +79,8 @@ def _narrow(t, num_experts):
     """int32 contiguous copy; int64 values outside [0, E) become -1 (dropped) instead of wrapping."""
     if t.dtype == torch.int64:
         t = torch.where((t >= 0) & (t < num_experts), t, torch.full_like(t, -1))
-    return t.contiguous().to(torch.int32)
+    t = t.contiguous()
+    return t if t.dtype == torch.int32 else t.to(torch.int32)
 
 
 def _kernel_inputs(ids, expert_map, num_experts):
@@ -135,4 +137,8 @@ def moe_align_block_size(
     ``expert_map [E]`` maps global to local expert ids; -1 (and any id outside ``[0, E)``) drops
     the entry. ``T == 0`` gives empty buffers and ``num_tokens_post_padded == [0]``.
     """
+    if type(num_experts) is int and type(block_size) is int:
+        direct = direct_cpu_call(OP, backend, (ids, expert_map))
+        if direct is not None:
+            return direct(ids, num_experts, block_size, expert_map)
     return library.op(OP)(ids, num_experts, block_size, expert_map, backend)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..anyres.embed import patch_embed
 from ..anyres.pack import pack_rows
-from .core import PatchRule, SkipPatch, patch_info, register_rule
+from .core import PatchRule, SkipPatch, patch_info, register_rule, require_backend
 
 FAMILY = "anyres"
 
@@ -105,6 +105,7 @@ def _mark_pre_layernorm(model) -> None:
 
 
 def _build_llava_next(model, backend):
+    require_backend("anyres_pack", backend, next(model.parameters(), None))
     conf = _pack_config(model)
     _mark_pre_layernorm(model)
 
@@ -115,6 +116,7 @@ def _build_llava_next(model, backend):
 
 
 def _build_llava_onevision(model, backend):
+    require_backend("anyres_pack", backend, next(model.parameters(), None))
     conf = _pack_config(model)
     _mark_pre_layernorm(model)  # SigLIP towers have none; a CLIP tower would
 
@@ -164,6 +166,7 @@ def _fused_pre_ln(emb):
 
 def _build_embeddings(emb, backend, *, with_cls: bool):
     _check_conv(emb)
+    require_backend("patch_embed", backend, emb.patch_embedding.weight)
     cls_forward = type(emb).forward
     n_pos = emb.position_ids.shape[-1]
 

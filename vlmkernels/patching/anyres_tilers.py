@@ -23,9 +23,9 @@ import torch
 
 from python_ref.ops.anyres import anyres_plan
 
-from .. import library, registry
+from .. import library
 from ..anyres.tile import OP, PLAN_COLS, _per_channel, hwc_view
-from .core import PatchRule, SkipPatch, register_rule
+from .core import PatchRule, SkipPatch, register_rule, require_backend
 
 FAMILY = "anyres"
 
@@ -55,13 +55,8 @@ def _tiles(images, canvases, tile: int, mean, std, global_view: bool, backend: s
     return out.view(len(views), per_image, 3, tile, tile)
 
 
-def _check_backend(backend: str) -> None:
-    if backend != "auto" and backend not in registry.ops()[OP].impls:
-        raise SkipPatch(f"{OP} has no {backend!r} backend")
-
-
 def _build_multiscale(tiler, backend):
-    _check_backend(backend)
+    require_backend(OP, backend)
     from python_ref.models._doc_parts import as_image_list  # the original's input rules and errors
 
     def forward(self, images) -> torch.Tensor:
@@ -73,7 +68,7 @@ def _build_multiscale(tiler, backend):
 
 
 def _build_document(tiler, backend):
-    _check_backend(backend)
+    require_backend(OP, backend)
     from python_ref.models._doc_parts import as_image_list
 
     def forward(self, images) -> torch.Tensor:

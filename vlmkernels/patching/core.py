@@ -27,6 +27,22 @@ class SkipPatch(Exception):
     """Raised by a rule's ``build`` when a matching module cannot be accelerated; the message is the reason."""
 
 
+def require_backend(op: str, backend: str, like=None) -> None:
+    """Skip (raise :class:`SkipPatch`) when a forced ``backend`` cannot run ``op`` -- on the device of
+    the tensor ``like`` when given -- so that the module keeps its original forward instead of
+    failing at its first call."""
+    if backend == "auto":
+        return
+    from .. import registry
+
+    if hasattr(like, "device"):
+        ok, why = registry.availability(op, backend, like.device.type)
+    else:
+        ok, why = backend in registry.ops()[op].impls, f"{op} has no {backend!r} backend"
+    if not ok:
+        raise SkipPatch(f"backend {backend!r}: {why}")
+
+
 @dataclass
 class PatchRule:
     """How one family accelerates one kind of object.

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .core import PatchRule, SkipPatch, register_rule
+from .core import PatchRule, SkipPatch, register_rule, require_backend
 
 FAMILY = "moe"
 
@@ -62,18 +62,6 @@ def _ops():
     return ops
 
 
-def _require_backend(op: str, backend: str, tensor) -> None:
-    """A forced backend that cannot run this op on the module's device skips the module (its
-    original forward stays) instead of failing at the first call."""
-    from .. import registry
-
-    if backend == "auto" or not isinstance(tensor, torch.Tensor):
-        return
-    ok, why = registry.availability(op, backend, tensor.device.type)
-    if not ok:
-        raise SkipPatch(f"backend {backend!r}: {why}")
-
-
 # ---- HF routers ---------------------------------------------------------------------------------
 
 def _build_softmax_router(router, backend):
@@ -82,7 +70,7 @@ def _build_softmax_router(router, backend):
         raise SkipPatch("router has no 2-D weight")
     if renorm_attr is not True and not hasattr(router, renorm_attr):
         raise SkipPatch(f"router has no {renorm_attr}")
-    _require_backend("moe_topk_route", backend, router.weight)
+    require_backend("moe_topk_route", backend, router.weight)
     ops = _ops()
 
     def forward(self, hidden_states):
@@ -105,7 +93,7 @@ def _build_deepseek_router(router, backend):
             raise SkipPatch(f"router has no {attr}")
     if router.num_experts % router.num_group:
         raise SkipPatch(f"num_experts={router.num_experts} is not divisible by n_group={router.num_group}")
-    _require_backend("moe_topk_route", backend, router.weight)
+    require_backend("moe_topk_route", backend, router.weight)
     ops = _ops()
 
     def forward(self, hidden_states):
@@ -188,7 +176,7 @@ def _build_experts(experts, backend):
     why = _experts_unsupported(experts)
     if why:
         raise SkipPatch(why)
-    _require_backend("fused_moe", backend, experts.gate_up_proj)
+    require_backend("fused_moe", backend, experts.gate_up_proj)
     return {"forward": _experts_forward(backend, _activation_name(experts))}
 
 
@@ -219,7 +207,7 @@ def _first_parameter(module):
 
 
 def _build_token_selector(selector, backend):
-    _require_backend("topk_select_tokens", backend, _first_parameter(selector))
+    require_backend("topk_select_tokens", backend, _first_parameter(selector))
     ops = _ops()
 
     def forward(self, scores, tokens):
@@ -234,7 +222,7 @@ def _build_token_selector(selector, backend):
 def _build_expert_router(router, backend):
     if getattr(router, "top_k", None) is None:
         raise SkipPatch("dense softmax routing (top_k=None): nothing to fuse")
-    _require_backend("moe_topk_route", backend, _first_parameter(router))
+    require_backend("moe_topk_route", backend, _first_parameter(router))
     ops = _ops()
 
     def forward(self, features, image_type=None):
