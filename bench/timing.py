@@ -53,52 +53,12 @@ def timer_precision() -> float:
     return _PRECISION
 
 
-def time_cpu(fn: Callable[[], Any], *, budget_s: float, warmup: int = 2, min_rounds: int = 3,
-             max_rounds: int = 200) -> Sample:
+def time_cpu(fn: Callable[[], Any], *, budget_s: float, min_rounds: int = 3, max_rounds: int = 200) -> Sample:
     """Median of rounds of ``fn()``; each round loops ``fn`` enough times to dwarf timer precision."""
-    try:
-        from pytest_benchmark.stats import Stats
-        from pytest_benchmark.timers import default_timer as clock
-    except Exception:
-        Stats, clock = None, time.perf_counter
-    t0 = clock()
-    fn()  # first call: compiles, allocates, warms caches
-    first = clock() - t0
-    for _ in range(warmup - 1 if first < 0.1 else 0):
-        fn()
-    # calibrate the inner loop like pytest-benchmark: a round must last >= 100x the timer precision
-    min_round = max(100 * timer_precision(), 20e-6)
-    loops = 1
-    while True:
-        t0 = clock()
-        for _ in range(loops):
-            fn()
-        dt = clock() - t0
-        if dt >= min_round or loops >= 1 << 16:
-            break
-        loops *= 2 if dt <= 0 else max(2, min(10, int(min_round / dt) + 1))
-    per_round = max(dt, 1e-9)
-    rounds = int(min(max_rounds, max(min_rounds, budget_s / per_round)))
-    stats = Stats() if Stats else None
-    values = [dt / loops]  # the calibration round counts: on a slow call it is a full sample
-    gc_was = gc.isenabled()
-    gc.disable()  # pytest-benchmark also runs rounds with the collector off
-    try:
-        for _ in range(rounds - 1):
-            t0 = clock()
-            for _ in range(loops):
-                fn()
-            values.append((clock() - t0) / loops)
-    finally:
-        if gc_was:
-            gc.enable()
-    if stats is not None:
-        for v in values:
-            stats.update(v)
-    p50, p20, p80 = _quantiles(values)
-    if stats is not None:
-        p50 = stats.median
-    return Sample(p50, p20, p80, len(values), "pytest-benchmark" if Stats else "perf_counter")
+    sample = time_cpu_interleaved({"fn": fn}, budget_s=budget_s, min_rounds=min_rounds, max_rounds=max_rounds)["fn"]
+    if isinstance(sample, Exception):
+        raise sample
+    return sample
 
 
 def time_cpu_interleaved(fns: dict[str, Callable[[], Any]], *, budget_s: float, min_rounds: int = 3,
@@ -282,9 +242,9 @@ def measure_ceilings(device: str, quick: bool = True) -> Ceilings:
     n_bytes = 64 << 20
     src = torch.ones(n_bytes, dtype=torch.uint8)
     dst = torch.empty_like(src)
-    s = time_cpu(lambda: dst.copy_(src), budget_s=0.2, warmup=1, min_rounds=3, max_rounds=20)
+    s = time_cpu(lambda: dst.copy_(src), budget_s=0.2, min_rounds=3, max_rounds=20)
     bw = 2 * n_bytes / s.p50
     n = 512
     a, b = torch.randn(n, n), torch.randn(n, n)
-    s = time_cpu(lambda: a @ b, budget_s=0.2, warmup=1, min_rounds=3, max_rounds=50)
+    s = time_cpu(lambda: a @ b, budget_s=0.2, min_rounds=3, max_rounds=50)
     return Ceilings(bw, 2 * n ** 3 / s.p50)
