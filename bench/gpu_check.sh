@@ -101,8 +101,16 @@ export MAX_JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 4)}"
 if [ "$HAS_GPU" = 1 ]; then
   unset TORCH_CUDA_ARCH_LIST  # setup.py then targets the visible GPU's arch
   export VLMKERNELS_FORCE_CUDA=1
-  stage "build _C for the local GPU" 170 "$OUT_DIR/build.log" "$PY" setup.py build_ext --inplace
+  # the documented install (editable, so the repo root stays importable); in-place build_ext if the
+  # machine's pip/setuptools cannot do an editable install
+  stage "pip install --no-build-isolation -e . (local GPU arch)" 240 "$OUT_DIR/build.log" \
+    "$PY" -m pip install --no-build-isolation --no-deps --no-index -e "$ROOT"
   BUILD_RC=$?
+  if [ $BUILD_RC != 0 ]; then
+    stage "fallback: setup.py build_ext --inplace" 200 "$OUT_DIR/build.log" "$PY" setup.py build_ext --inplace
+    BUILD_RC=$?
+    [ $BUILD_RC = 0 ] && FAILED=0  # the build stage is the first that can fail
+  fi
 elif [ "$FORCE_BUILD" = 1 ]; then
   export MAX_JOBS=1
   stage "build _C (dry run, shared lock)" 900 "$OUT_DIR/build.log" flock /tmp/vlmk_build.lock "$PY" setup.py -q build_ext --inplace

@@ -13,13 +13,33 @@ namespace vlmk {
 namespace {
 
 // Local expert of entry id, or -1 when the entry is dropped (out of range or not on this rank).
+template <bool kHasMap>
 inline int32_t local_expert(int32_t id, int64_t E, const int32_t* expert_map) {
-  if (id < 0 || id >= E) return -1;
-  if (expert_map) {
+  if (static_cast<uint64_t>(static_cast<int64_t>(id)) >= static_cast<uint64_t>(E)) return -1;
+  if constexpr (kHasMap) {
     id = expert_map[id];
-    if (id < 0 || id >= E) return -1;
+    if (static_cast<uint64_t>(static_cast<int64_t>(id)) >= static_cast<uint64_t>(E)) return -1;
   }
   return id;
+}
+
+// The two passes over one chunk [lo, hi) of the flattened entries. Plain functions with local
+// pointers: inside the parallel_for lambdas GCC reloaded the captured pointers on every entry.
+template <bool kHasMap>
+void count_chunk(const int32_t* in, int64_t lo, int64_t hi, int64_t E, const int32_t* map, int64_t* count) {
+  for (int64_t i = lo; i < hi; ++i) {
+    const int32_t e = local_expert<kHasMap>(in[i], E, map);
+    if (e >= 0) ++count[e];
+  }
+}
+
+template <bool kHasMap>
+void scatter_chunk(const int32_t* in, int64_t lo, int64_t hi, int64_t E, const int32_t* map, int64_t* next,
+                   int32_t* out) {
+  for (int64_t i = lo; i < hi; ++i) {
+    const int32_t e = local_expert<kHasMap>(in[i], E, map);
+    if (e >= 0) out[next[e]++] = static_cast<int32_t>(i);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_size_cpu(const at::Tensor& ids, int64_t num_experts,
@@ -53,11 +73,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_size_cpu(const at
   const int64_t per = (n + P - 1) / std::max<int64_t>(P, 1);
   std::vector<int64_t> offs(P * E, 0);  // counts, then start position per (chunk, expert)
   at::parallel_for(0, P, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c)
-      for (int64_t i = c * per; i < std::min(n, (c + 1) * per); ++i) {
-        int32_t e = local_expert(in[i], E, map);
-        if (e >= 0) ++offs[c * E + e];
-      }
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t lo = c * per, hi = std::min(n, (c + 1) * per);
+      if (map)
+        count_chunk<true>(in, lo, hi, E, map, offs.data() + c * E);
+      else
+        count_chunk<false>(in, lo, hi, E, map, offs.data() + c * E);
+    }
   });
   int64_t pos = 0;
   std::vector<int64_t> seg_start(E), seg_padded(E);
@@ -75,11 +97,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_size_cpu(const at
   TORCH_CHECK(pos <= max_padded, "internal: padded total ", pos, " exceeds buffer ", max_padded);
   std::fill(out, out + max_padded, static_cast<int32_t>(n));  // the sentinel
   at::parallel_for(0, P, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c)
-      for (int64_t i = c * per; i < std::min(n, (c + 1) * per); ++i) {
-        int32_t e = local_expert(in[i], E, map);
-        if (e >= 0) out[offs[c * E + e]++] = static_cast<int32_t>(i);
-      }
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t lo = c * per, hi = std::min(n, (c + 1) * per);
+      if (map)
+        scatter_chunk<true>(in, lo, hi, E, map, offs.data() + c * E, out);
+      else
+        scatter_chunk<false>(in, lo, hi, E, map, offs.data() + c * E, out);
+    }
   });
   int32_t* eid = expert_ids.mutable_data_ptr<int32_t>();
   std::fill(eid, eid + expert_ids.numel(), -1);
