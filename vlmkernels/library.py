@@ -8,7 +8,10 @@ through :func:`register_fake` and :func:`register_autograd`.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import registry
 from .schemas import SCHEMAS
@@ -80,3 +83,27 @@ def register_fake(name: str):
 
 def register_autograd(name: str, backward, setup_context):
     torch.library.register_autograd(qualname(name), backward, setup_context=setup_context)
+
+
+def direct_cpu_call(op: str, backend: str, tensors) -> Callable | None:
+    """The ``cpu`` implementation of ``op`` when an eager call may skip the torch.ops dispatcher.
+
+    At a few thousand tokens the dispatcher round trip (Python dispatch, autograd wrapper, schema
+    defaults) costs as much as the C++ kernel, so plain eager CPU calls that need no autograd go
+    straight to the implementation ``registry.select`` picks. Anything else — tracing/compile,
+    tensor subclasses (fake tensors), dispatch or torch-function modes, functorch transforms,
+    inputs requiring grad, another backend — returns None and goes through ``torch.ops``.
+    """
+    if backend not in ("auto", "cpu") or torch.compiler.is_compiling():
+        return None
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not torch.Tensor or t.device.type != "cpu" or (grad and t.requires_grad):
+            return None
+    if (_get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled()
+            or torch._C._are_functorch_transforms_active()):
+        return None
+    name, fn = registry.select(op, backend, "cpu")
+    return fn if name == "cpu" else None

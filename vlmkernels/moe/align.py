@@ -21,7 +21,6 @@ from __future__ import annotations
 import torch
 
 from .. import _ext, library, registry
-from .route import direct_cpu_call
 from python_ref.ops import moe as _ref
 
 __all__ = ["moe_align_block_size"]
@@ -138,7 +137,7 @@ def moe_align_block_size(
     the entry. ``T == 0`` gives empty buffers and ``num_tokens_post_padded == [0]``.
     """
     if type(num_experts) is int and type(block_size) is int:
-        direct = direct_cpu_call(OP, backend, (ids, expert_map))
+        direct = library.direct_cpu_call(OP, backend, (ids, expert_map))
         if direct is not None:
             return direct(ids, num_experts, block_size, expert_map)
     return library.op(OP)(ids, num_experts, block_size, expert_map, backend)

@@ -13,10 +13,7 @@ recomputing the scores); ``bias`` gets no gradient (it only steers the discrete 
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import _ext, library, registry
 from python_ref.ops import moe as _ref
@@ -66,30 +63,6 @@ def check_route_args(logits, top_k, scoring, renormalize, bias, num_groups, topk
             raise ValueError(f"moe_topk_route: bias is on {bias.device} but logits on {logits.device}")
     if weights_dtype not in FLOAT_DTYPES:
         raise TypeError(f"moe_topk_route: weights_dtype must be a float dtype, got {weights_dtype}")
-
-
-def direct_cpu_call(op: str, backend: str, tensors) -> Callable | None:
-    """The ``cpu`` implementation of ``op`` when an eager call may skip the torch.ops dispatcher.
-
-    At a few thousand tokens the dispatcher round trip (Python dispatch, autograd wrapper, schema
-    defaults) costs as much as the C++ kernel, so plain eager CPU calls that need no autograd go
-    straight to the implementation ``registry.select`` picks. Anything else — tracing/compile,
-    tensor subclasses (fake tensors), dispatch or torch-function modes, functorch transforms,
-    inputs requiring grad, another backend — returns None and goes through ``torch.ops``.
-    """
-    if backend not in ("auto", "cpu") or torch.compiler.is_compiling():
-        return None
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if t is None:
-            continue
-        if type(t) is not torch.Tensor or t.device.type != "cpu" or (grad and t.requires_grad):
-            return None
-    if (_get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled()
-            or torch._C._are_functorch_transforms_active()):
-        return None
-    name, fn = registry.select(op, backend, "cpu")
-    return fn if name == "cpu" else None
 
 
 def _compute_dtype(dtype):
@@ -251,7 +224,7 @@ def moe_topk_route(
     differ from the selection order; a negative ``scaling_factor`` keeps the unscaled order).
     ``T == 0`` returns empty ``[0, k]`` tensors. Weights are differentiable w.r.t. ``logits``.
     """
-    direct = direct_cpu_call(OP, backend, (logits, bias)) if type(top_k) is int else None
+    direct = library.direct_cpu_call(OP, backend, (logits, bias)) if type(top_k) is int else None
     if direct is not None:
         return direct(logits, top_k, scoring, renormalize, bias, num_groups, topk_groups, group_score,
                       scaling_factor, weights_dtype)
