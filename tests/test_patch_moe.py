@@ -113,11 +113,12 @@ def expected_paths(model):
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_patched_logits_match(name, dtype):
+    # "reference": on CPU, backend="auto" keeps HF's experts forward (test_auto_cpu_experts_keep_hf_forward)
     model = build(name, dtype)
     ids = token_ids()
     want = run(model, ids)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    report = vlmkernels.patch(model, families=["moe"])
+    report = vlmkernels.patch(model, families=["moe"], backend="reference")
     assert sorted(report.paths("moe")) == expected_paths(model) and not report.skipped, str(report)
     assert {e.rule for e in report.patched} == {"hf_router", "hf_experts"}
     got = run(model, ids)
@@ -129,13 +130,16 @@ def test_patched_logits_match(name, dtype):
     assert torch.equal(run(model, ids), want)  # unpatched: bit-for-bit the original
 
 
-def test_router_outputs_keep_hf_dtypes_and_values():
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_router_outputs_keep_hf_dtypes_and_values(backend):
+    if backend == "cpu" and vlmkernels._ext.C is None:
+        pytest.skip("vlmkernels._C is not built")
     for name in ("mixtral", "qwen3_moe", "deepseek_v3"):
         model = build(name, torch.bfloat16)
         router = next(m for m in model.modules() if type(m).__name__.endswith(("TopKRouter", "TopkRouter")))
         x = torch.randn(5, 32, dtype=torch.bfloat16)
         logits0, w0, i0 = router(x)
-        vlmkernels.patch(router, families=["moe"])
+        vlmkernels.patch(router, families=["moe"], backend=backend)  # auto on CPU keeps HF's forward
         logits1, w1, i1 = router(x)
         assert (logits1.dtype, w1.dtype, i1.dtype) == (logits0.dtype, w0.dtype, i0.dtype), name
         assert torch.equal(logits1, logits0)
@@ -198,11 +202,41 @@ def test_unknown_activation_is_skipped():
 
 def test_patched_experts_training_mode_gets_gradients():
     model = build("mixtral").train()
-    vlmkernels.patch(model, families=["moe"])
-    out = model(input_ids=token_ids(4), labels=token_ids(4))
-    out.loss.backward()
-    experts = model.model.layers[0].mlp.experts
-    assert experts.gate_up_proj.grad is not None and experts.gate_up_proj.grad.abs().sum() > 0
+    twin = build("mixtral").train()
+    twin.load_state_dict(model.state_dict())
+    vlmkernels.patch(model, families=["moe"], backend="reference")
+    for m in (model, twin):
+        m(input_ids=token_ids(4), labels=token_ids(4)).loss.backward()
+    for name in ("gate_up_proj", "down_proj"):
+        got = getattr(model.model.layers[0].mlp.experts, name).grad
+        want = getattr(twin.model.layers[0].mlp.experts, name).grad
+        assert got is not None and got.abs().sum() > 0
+        assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3"])
+def test_auto_cpu_keeps_hf_forwards(monkeypatch, name):
+    """backend="auto" on CPU tensors: routers and experts are patched but run HF's own forwards (no
+    vlmkernels op is called; training included); a forced backend runs the ops."""
+    import vlmkernels.ops as vops
+
+    calls = []
+    for op in ("fused_moe", "moe_topk_route"):
+        real = getattr(vops, op)
+        monkeypatch.setattr(vops, op, lambda *a, _op=op, _real=real, **k: calls.append((_op, k["backend"]))
+                            or _real(*a, **k))
+    model = build(name)
+    ids = token_ids(5)
+    want = run(model, ids)
+    report = vlmkernels.patch(model, families=["moe"])
+    assert {e.rule for e in report.patched} == {"hf_router", "hf_experts"}
+    assert torch.equal(run(model, ids), want)
+    model.train()(input_ids=ids, labels=ids).loss.backward()
+    assert calls == []
+    vlmkernels.unpatch(model)
+    vlmkernels.patch(model.eval(), families=["moe"], backend="reference")
+    assert_close(run(model, ids), want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+    assert set(calls) == {("fused_moe", "reference"), ("moe_topk_route", "reference")}
 
 
 # ---- python_ref -------------------------------------------------------------------------------------

@@ -55,17 +55,22 @@ def moe_activation_grad(x: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"activation must be one of {sorted(MOE_ACTIVATIONS)}, got {activation!r}")
 
 
-def _slots_by_expert(ids: torch.Tensor, num_experts: int):
-    """Yields ``(expert, slot indices)`` for every expert that received slots (ids outside [0, E) skipped)."""
+def _expert_groups(ids: torch.Tensor, num_experts: int):
+    """The slots routed to an expert in ``[0, E)``, sorted by expert (stable: slot order within an
+    expert), and ``(expert, start, end)`` row ranges of that order for every expert that received
+    slots. Ids outside ``[0, E)`` are left out. One host sync (the range bounds)."""
     flat_ids = ids.reshape(-1).long()
-    order = torch.argsort(flat_ids, stable=True)
-    sorted_ids = flat_ids[order]
-    in_range = (sorted_ids >= 0) & (sorted_ids < num_experts)
-    start = int((sorted_ids < 0).sum())  # negative sentinels sort first
-    for e, n in enumerate(torch.bincount(sorted_ids[in_range], minlength=num_experts).tolist()):
-        if n:
-            yield e, order[start:start + n]
-            start += n
+    sorted_ids, order = torch.sort(flat_ids, stable=True)
+    edges = torch.arange(num_experts + 1, device=ids.device, dtype=sorted_ids.dtype)
+    bounds = torch.searchsorted(sorted_ids, edges).tolist()
+    lo = bounds[0]
+    groups = [(e, bounds[e] - lo, bounds[e + 1] - lo) for e in range(num_experts) if bounds[e + 1] > bounds[e]]
+    return order[lo:bounds[-1]], groups
+
+
+def _per_expert(rows: torch.Tensor, groups, weight_of) -> torch.Tensor:
+    """``rows[start:end] @ weight_of(e)`` for every group, stacked in the groups' order."""
+    return torch.cat([rows[a:b] @ weight_of(e) for e, a, b in groups])
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -92,19 +97,19 @@ def fused_moe(
     k = ids.shape[1]
     acc = _acc_dtype(hidden.dtype)
     flat_w = weights.reshape(-1).to(acc)
-    token_of_slot = torch.arange(T * k, device=hidden.device) // k
     contrib = hidden.new_zeros((T * k, H), dtype=acc)
-    # Loop over the experts that received tokens: dense per-slot weight gathers would need
-    # T*k*3*H*I memory. The .tolist() sync is fine for a reference.
-    for e, slots in _slots_by_expert(ids, E):
-        x = hidden[token_of_slot[slots]].to(acc)
-        gu = x @ gate_up_proj[e].to(acc).t()
+    # Slots sorted by expert, one GEMM per expert that received tokens (dense per-slot weight
+    # gathers would need T*k*3*H*I memory); gathers, activation and scatter run once over all
+    # slots. The .tolist() sync in _expert_groups is fine for a reference.
+    slots, groups = _expert_groups(ids, E)
+    if groups:
+        x = hidden.index_select(0, torch.div(slots, k, rounding_mode="floor")).to(acc)
+        gu = _per_expert(x, groups, lambda e: gate_up_proj[e].to(acc).t())
         h = moe_activation(gu[:, :inter], activation) * gu[:, inter:]
         h = h.to(hidden.dtype).to(acc)
-        contrib = contrib.index_copy(0, slots, h @ down_proj[e].to(acc).t())
+        contrib = contrib.index_copy(0, slots, _per_expert(h, groups, lambda e: down_proj[e].to(acc).t()))
     out = (contrib * flat_w[:, None]).view(T, k, H).sum(dim=1)
     return out.to(hidden.dtype)
-
 
 
 def fused_moe_backward(
@@ -126,27 +131,29 @@ def fused_moe_backward(
     acc = _acc_dtype(hidden.dtype)
     g_out = grad.to(acc)
     flat_w = weights.reshape(-1).to(acc)
-    token_of_slot = torch.arange(T * k, device=hidden.device) // k
     d_hidden = torch.zeros((T, H), dtype=acc, device=hidden.device)
     d_gate_up = torch.zeros(gate_up_proj.shape, dtype=acc, device=hidden.device)
     d_down = torch.zeros(down_proj.shape, dtype=acc, device=hidden.device)
     d_w = torch.zeros(T * k, dtype=acc, device=hidden.device)
-    for e, slots in _slots_by_expert(ids, E):
-        tok = token_of_slot[slots]
-        x = hidden[tok].to(acc)
-        w_gu, w_dn = gate_up_proj[e].to(acc), down_proj[e].to(acc)
-        gu = x @ w_gu.t()
+    slots, groups = _expert_groups(ids, E)
+    if groups:
+        w_gu = {e: gate_up_proj[e].to(acc) for e, _, _ in groups}
+        w_dn = {e: down_proj[e].to(acc) for e, _, _ in groups}
+        tok = torch.div(slots, k, rounding_mode="floor")
+        x = hidden.index_select(0, tok).to(acc)
+        gu = _per_expert(x, groups, lambda e: w_gu[e].t())
         gate, up = gu[:, :inter], gu[:, inter:]
         a = moe_activation(gate, activation)
         h = (a * up).to(hidden.dtype).to(acc)
-        y = h @ w_dn.t()
-        g = g_out[tok]
-        d_w[slots] = (g * y).sum(-1)
-        dy = g * flat_w[slots, None]
-        d_down[e] = dy.t() @ h
-        dh = dy @ w_dn
+        y = _per_expert(h, groups, lambda e: w_dn[e].t())
+        g = g_out.index_select(0, tok)
+        d_w.index_copy_(0, slots, (g * y).sum(-1))
+        dy = g * flat_w.index_select(0, slots)[:, None]
+        dh = _per_expert(dy, groups, lambda e: w_dn[e])
         d_gu = torch.cat([dh * up * moe_activation_grad(gate, activation), dh * a], dim=1)
-        d_gate_up[e] = d_gu.t() @ x
-        d_hidden.index_add_(0, tok, d_gu @ w_gu)
+        for e, lo, hi in groups:
+            torch.mm(dy[lo:hi].t(), h[lo:hi], out=d_down[e])
+            torch.mm(d_gu[lo:hi].t(), x[lo:hi], out=d_gate_up[e])
+        d_hidden.index_add_(0, tok, _per_expert(d_gu, groups, lambda e: w_gu[e]))
     return (d_hidden.to(hidden.dtype), d_gate_up.to(gate_up_proj.dtype), d_down.to(down_proj.dtype),
             d_w.view(T, k).to(weights.dtype))

@@ -5,15 +5,18 @@ returns ``sum_j weights[t,j] * down[e](act(gate[e] x_t) * up[e] x_t)`` with ``e 
 (exact math in :mod:`python_ref.ops.moe_experts`).
 
 Backends: ``triton`` (CUDA, and CPU tensors under ``TRITON_INTERPRET=1``; the kernel is in
-:mod:`vlmkernels.triton.fused_moe`) and ``reference`` (any device). ``auto`` picks triton on CUDA and
-the reference on CPU.
+:mod:`vlmkernels.triton.fused_moe`) and ``reference`` (any device): python_ref's math in plain
+PyTorch, computed like HF's ``grouped_mm`` experts (slots sorted by expert, one gather, one GEMM per
+expert that received tokens -- ``torch._grouped_mm`` for fp32 CPU tensors where torch has it --
+into preallocated buffers, activation and scatter once over all slots), so that on CPU the patched
+experts run no slower than HF's. ``auto`` picks triton on CUDA and the reference on CPU.
 
 Autograd: the forward always runs the selected backend; the backward is the op
 ``fused_moe_backward`` (opaque to ``torch.compile``, so a compiled training step traces), which
 recomputes the layer's intermediates and applies the hand-written vjp of
 :func:`python_ref.ops.moe_experts.fused_moe_backward`: gradients for hidden, both expert weights and
-the routing weights, at reference speed (a loop over the experts that received tokens, one host
-sync). ``ids`` get no gradient.
+the routing weights, with the same grouped GEMMs as the forward (one host sync). ``ids`` get no
+gradient.
 """
 
 from __future__ import annotations
@@ -124,12 +127,119 @@ def fused_moe(
 
 # ---- backends -----------------------------------------------------------------------------------
 
+# ---- reference backend: python_ref's math as grouped GEMMs ----------------------------------------
+#
+# The same operations as python_ref.ops.moe_experts (fp32 accumulation, h rounded to the activation
+# dtype, the k-slot sum in fp32 over a [T*k, H] buffer in slot order) without autograd recording,
+# so every intermediate is written once into a preallocated buffer.
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _Groups:
+    """Slots routed to experts in ``[0, E)``, sorted by expert (stable), as GEMM row ranges."""
+
+    def __init__(self, ids: torch.Tensor, num_experts: int):
+        flat_ids = ids.reshape(-1).long()
+        sorted_ids, order = torch.sort(flat_ids, stable=True)
+        edges = torch.arange(num_experts + 1, device=ids.device, dtype=sorted_ids.dtype)
+        bounds = torch.searchsorted(sorted_ids, edges, out_int32=True)
+        self._bounds = bounds.tolist()  # the one host sync
+        lo, hi = self._bounds[0], self._bounds[-1]
+        self.slots = order if (lo, hi) == (0, flat_ids.numel()) else order[lo:hi]
+        self.rows = hi - lo
+        self.complete = self.rows == flat_ids.numel()  # no slot dropped (every id in range)
+        # torch._grouped_mm's offs: cumulative row counts per expert
+        self.offsets = bounds[1:] if lo == 0 else bounds[1:] - lo
+
+    @property
+    def ranges(self):
+        """``(expert, start row, end row)`` for every expert that received slots."""
+        b, lo = self._bounds, self._bounds[0]
+        return [(e, b[e] - lo, b[e + 1] - lo) for e in range(len(b) - 1) if b[e + 1] > b[e]]
+
+
+_HAS_CPU_GROUPED_MM = hasattr(torch, "_grouped_mm") and torch.__version__ >= (2, 9)
+
+
+def _aligned_16(t: torch.Tensor) -> bool:
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in t.stride() if st != 1)
+
+
+def _grouped_mm_ok(rows: torch.Tensor, weight: torch.Tensor) -> bool:
+    # CPU torch._grouped_mm (no kernel before torch 2.9) wants 16-byte aligned pointers and strides
+    # (inputs and output); fp32 only here: the half types go through fp32 (python_ref's
+    # accumulation) in the per-expert loop.
+    return (_HAS_CPU_GROUPED_MM and rows.device.type == "cpu" and rows.dtype == weight.dtype == torch.float32
+            and rows.is_contiguous() and weight.is_contiguous() and _aligned_16(rows) and _aligned_16(weight)
+            and weight.shape[-1] % 4 == 0 and weight.shape[-2] % 4 == 0)
+
+
+def _grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, groups: _Groups, *, transpose: bool) -> torch.Tensor:
+    """``rows[range of e] @ (weight[e].T if transpose else weight[e])`` for every expert range, in
+    ``rows``' dtype (the accumulation dtype); ``weight`` is cast per used expert."""
+    if _grouped_mm_ok(rows, weight):
+        try:
+            return torch._grouped_mm(rows, weight.transpose(-2, -1) if transpose else weight,
+                                     offs=groups.offsets)
+        except (RuntimeError, NotImplementedError):  # a layout this torch's CPU kernel refuses
+            pass
+    n = weight.shape[-2] if transpose else weight.shape[-1]
+    out = rows.new_empty(rows.shape[0], n)
+    for e, a, b in groups.ranges:
+        w = weight[e].to(rows.dtype)
+        torch.mm(rows[a:b], w.t() if transpose else w, out=out[a:b])
+    return out
+
+
+def _grouped_outer(a: torch.Tensor, b: torch.Tensor, groups: _Groups, num_experts: int) -> torch.Tensor:
+    """Per expert ``a[range of e].T @ b[range of e]`` -> ``[E, a.shape[1], b.shape[1]]`` (weight
+    gradients); zero for experts without rows."""
+    A, B = a.shape[1], b.shape[1]
+    if (_HAS_CPU_GROUPED_MM and a.device.type == "cpu" and a.dtype == b.dtype == torch.float32
+            and a.is_contiguous() and b.is_contiguous() and A % 4 == 0 and B % 4 == 0
+            and _aligned_16(a) and _aligned_16(b)):
+        try:
+            out = torch._grouped_mm(a.t(), b, offs=groups.offsets)
+            if len(groups.ranges) < num_experts:  # don't rely on how a torch version fills empty groups
+                counts = torch.diff(groups.offsets, prepend=groups.offsets.new_zeros(1))
+                out.masked_fill_((counts == 0)[:, None, None], 0)
+            return out
+        except (RuntimeError, NotImplementedError):
+            pass
+    out = a.new_zeros(num_experts, A, B)
+    for e, lo, hi in groups.ranges:
+        torch.mm(a[lo:hi].t(), b[lo:hi], out=out[e])
+    return out
+
+
+def _round_trip(h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``h`` rounded to the activation dtype (python_ref: every HF implementation does)."""
+    return h if h.dtype == dtype else h.to(dtype).to(h.dtype)
+
+
 def _reference_impl(hidden, gate_up_proj, down_proj, weights, ids, activation):
-    from python_ref.ops.moe_experts import fused_moe as reference
+    from python_ref.ops.moe_experts import moe_activation
 
     _check(hidden, gate_up_proj, down_proj, weights, ids, activation)
+    T, H = hidden.shape
+    inter = gate_up_proj.shape[1] // 2
+    k = ids.shape[1]
+    acc = _acc_dtype(hidden.dtype)
     with torch.no_grad():
-        return reference(hidden, gate_up_proj, down_proj, weights, ids, activation=activation)
+        groups = _Groups(ids, gate_up_proj.shape[0])
+        # every slot gets written when no id was dropped: skip the zero fill then
+        contrib = (torch.empty if groups.complete else torch.zeros)((T * k, H), dtype=acc, device=hidden.device)
+        if groups.rows:
+            x = hidden.index_select(0, torch.div(groups.slots, k, rounding_mode="floor")).to(acc)
+            gu = _grouped_matmul(x, gate_up_proj, groups, transpose=True)
+            h = moe_activation(gu[:, :inter], activation).mul_(gu[:, inter:])
+            y = _grouped_matmul(_round_trip(h, hidden.dtype), down_proj, groups, transpose=True)
+            contrib.index_copy_(0, groups.slots, y)
+        contrib.mul_(weights.reshape(-1, 1).to(acc))
+        return contrib.view(T, k, H).sum(dim=1).to(hidden.dtype)
 
 
 def _triton_impl(hidden, gate_up_proj, down_proj, weights, ids, activation):
@@ -165,11 +275,42 @@ def fused_moe_backward(grad, hidden, gate_up_proj, down_proj, weights, ids, *, a
 
 
 def _reference_backward(grad, hidden, gate_up_proj, down_proj, weights, ids, activation):
-    from python_ref.ops.moe_experts import fused_moe_backward as reference
+    """python_ref's hand-written vjp (:func:`python_ref.ops.moe_experts.fused_moe_backward`) as
+    grouped GEMMs."""
+    from python_ref.ops.moe_experts import moe_activation, moe_activation_grad
 
     _check(hidden, gate_up_proj, down_proj, weights, ids, activation)
+    T, H = hidden.shape
+    inter = gate_up_proj.shape[1] // 2
+    k = ids.shape[1]
+    acc = _acc_dtype(hidden.dtype)
     with torch.no_grad():
-        return reference(grad, hidden, gate_up_proj, down_proj, weights, ids, activation=activation)
+        d_hidden = torch.zeros((T, H), dtype=acc, device=hidden.device)
+        d_w = torch.zeros(T * k, dtype=acc, device=hidden.device)
+        E = gate_up_proj.shape[0]
+        groups = _Groups(ids, E)
+        d_gate_up = d_down = None
+        if groups.rows:
+            tok = torch.div(groups.slots, k, rounding_mode="floor")
+            x = hidden.index_select(0, tok).to(acc)
+            gu = _grouped_matmul(x, gate_up_proj, groups, transpose=True)
+            gate, up = gu[:, :inter], gu[:, inter:]
+            a = moe_activation(gate, activation)
+            h = _round_trip(a * up, hidden.dtype)
+            y = _grouped_matmul(h, down_proj, groups, transpose=True)
+            g = grad.index_select(0, tok).to(acc)
+            d_w.index_copy_(0, groups.slots, (g * y).sum(-1))
+            dy = g.mul_(weights.reshape(-1).to(acc).index_select(0, groups.slots)[:, None])
+            dh = _grouped_matmul(dy, down_proj, groups, transpose=False)
+            d_gu = torch.cat([dh * up * moe_activation_grad(gate, activation), dh.mul_(a)], dim=1)
+            d_down = _grouped_outer(dy, h, groups, E)
+            d_gate_up = _grouped_outer(d_gu, x, groups, E)
+            d_hidden.index_add_(0, tok, _grouped_matmul(d_gu, gate_up_proj, groups, transpose=False))
+        if d_down is None:  # no slot routed to an expert in [0, E)
+            d_gate_up = torch.zeros(gate_up_proj.shape, dtype=acc, device=hidden.device)
+            d_down = torch.zeros(down_proj.shape, dtype=acc, device=hidden.device)
+        return (d_hidden.to(hidden.dtype), d_gate_up.to(gate_up_proj.dtype), d_down.to(down_proj.dtype),
+                d_w.view(T, k).to(weights.dtype))
 
 
 registry.register(BWD, "reference", _reference_backward, devices=("cpu", "cuda"))
