@@ -16,6 +16,9 @@ CCACHE := $(shell command -v ccache 2>/dev/null)
 NVCC_BIN := $(firstword $(wildcard $(CUDA_HOME)/bin/nvcc) $(wildcard /usr/local/cuda/bin/nvcc))
 ifneq ($(CCACHE),)
 export PATH := /usr/lib/ccache:$(PATH)
+# paths relative to the checkout, so that another clone of the repo hits the same cache entries
+export CCACHE_BASEDIR ?= $(CURDIR)
+export CCACHE_NOHASHDIR ?= 1
 ifneq ($(NVCC_BIN),)
 export PYTORCH_NVCC ?= ccache $(NVCC_BIN)
 endif
