@@ -71,6 +71,20 @@ SCHEMAS: dict[str, tuple[str, str]] = {
         "Tensor? position_embedding=None, Tensor? ln_weight=None, Tensor? ln_bias=None, "
         "float? ln_eps=None, str backend=\"auto\") -> Tensor",
     ),
+    # one-kernel tile-and-encode (vlmkernels.anyres.encode_fused): src = all images' bytes, flat
+    # uint8; desc = CPU int64 [num_tiles, 15] per-tile descriptors; taps = CPU int32 tap rows; lut
+    # float [3, 256]; returns [num_tiles, (S//p)**2 (+1), D] like patch_embed_uint8 of the tiles.
+    "anyres_encode_fused": (
+        "anyres",
+        "(Tensor src, Tensor desc, Tensor taps, Tensor lut, int tile_size, Tensor weight, Tensor? bias=None, "
+        "Tensor? class_embedding=None, Tensor? position_embedding=None, Tensor? ln_weight=None, "
+        "Tensor? ln_bias=None, float? ln_eps=None, str backend=\"auto\") -> Tensor",
+    ),
+    # the uint8 tiles [num_tiles, 3, S, S] those tables describe (the fused op's backward recomputes them)
+    "anyres_encode_fused_tiles": (
+        "anyres",
+        "(Tensor src, Tensor desc, Tensor taps, int tile_size, str backend=\"auto\") -> Tensor",
+    ),
     # HF pack_image_features as one gather: plan is the int64 [num_images, 12] table built by
     # vlmkernels.anyres.pack.pack_plan; returns the packed rows of all images, [total_rows, C].
     "anyres_pack": (
@@ -90,4 +104,6 @@ SERVED_BY: dict[str, str] = {
     "fused_moe_backward": "fused_moe",
     "anyres_pack_backward": "anyres_pack",
     "anyres_plan_llava": "anyres_plan_batch",
+    "anyres_encode_fused": "anyres_encode",
+    "anyres_encode_fused_tiles": "anyres_encode",
 }

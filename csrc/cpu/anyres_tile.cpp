@@ -3,21 +3,22 @@
 // Per image: (1) describe the source as three channel planes with a pixel stride: planar CHW and
 // interleaved HWC RGB views are read in place (other layouts, grayscale with odd strides and RGBA
 // are converted once, as HF converts them); (2) Pillow-exact separable bicubic resize to the planned
-// size and to the S x S global view; both resizes share one staging of the source rows, every pass
-// is multithreaded over rows with at::parallel_for and all intermediates are planar; (3) write every
-// canvas pixel (resized image or zero padding) straight into its tile, normalized through a
-// 256-entry table (or as raw bytes for uint8 output). The per-element math lives in
-// common/anyres_resample.h and is shared with the CUDA kernel.
+// size and to the S x S global view: one staged horizontal pass over the source feeds both; (3) the
+// vertical pass is fused with the tile writer: each output row is resampled into a small buffer
+// and normalized straight into its tiles (padding is written as normalize(0)), so the resized
+// image never exists. Everything runs on at::parallel_for; multi-MB intermediates live in per-thread
+// scratch that outlives the call (fresh buffers cost as much in page faults as the resize itself).
+// The per-element math is in common/anyres_resample.h (shared with the CUDA kernel) and the SIMD
+// loops in cpu/anyres_simd.h.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
-#include <cstring>
 #include <algorithm>
-#include <type_traits>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include <array>
+#include <cstring>
 #include <memory>
+#include <optional>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -26,43 +27,54 @@
 #include "common/anyres_resample.h"
 #include "common/anyres_tile_args.h"
 #include "common/check.h"
+#include "cpu/anyres_simd.h"
 
 namespace vlmk {
 namespace {
 using namespace vlmk::anyres;
 
-using Bytes = std::unique_ptr<uint8_t[]>;
-Bytes bytes(int64_t n) { return Bytes(new uint8_t[n]); }  // uninitialised: every byte gets written
+#if VLMK_X86
+const bool kHasAvx2 = __builtin_cpu_supports("avx2");
+const bool kHasSsse3 = __builtin_cpu_supports("ssse3");
+#else
+constexpr bool kHasAvx2 = false;
+#endif
 
-// Fixed-point taps of one axis (Pillow's bounds + normalised coefficients).
-struct AxisTaps {
-  int in, out, ksize;
-  std::vector<int32_t> k;
-  std::vector<int> xmin, count;
-  AxisTaps(int in_size, int out_size) : in(in_size), out(out_size) {
-    const AxisScale s = axis_scale(in_size, out_size);
-    ksize = s.ksize;
-    k.resize(static_cast<size_t>(out_size) * ksize);
-    xmin.resize(out_size);
-    count.resize(out_size);
-    for (int i = 0; i < out_size; ++i) count[i] = tap_weights(s, in_size, i, &k[size_t(i) * ksize], &xmin[i]);
-    // For 16-bit multiply-adds (pmaddwd): k = hi * 2^15 + lo with lo in [0, 2^15), hi in [-2^7, 2^7],
-    // two taps per int32 (tap t in the low half). Integer sums wrap mod 2^32 like the exact int32
-    // sum, so (sum hi) << 15 + (sum lo) is bit-identical to Pillow's accumulator.
-    npairs = (ksize + 1) / 2;
-    klo.assign(size_t(out_size) * npairs, 0);
-    khi.assign(size_t(out_size) * npairs, 0);
-    for (int i = 0; i < out_size; ++i)
-      for (int t = 0; t < count[i]; ++t) {
-        const int32_t v = k[size_t(i) * ksize + t];
-        const uint32_t lo = uint32_t(v) & 0x7fffu, hi = uint32_t(v >> 15) & 0xffffu;
-        const int shift = (t & 1) * 16;
-        klo[size_t(i) * npairs + t / 2] |= int32_t(lo << shift);
-        khi[size_t(i) * npairs + t / 2] |= int32_t(hi << shift);
-      }
+// ---- per-thread scratch -------------------------------------------------------------------------
+
+// Slots: one buffer per (thread, slot), grown on demand and kept between calls up to kKeepBytes.
+enum Slot : int { kSrcCopy, kHTmp0, kHTmp1, kVFirst, kResized0, kResized1, kStage, kRow, kSlots };
+constexpr int64_t kKeepBytes = int64_t(64) << 20;
+
+struct ScratchPool {
+  std::array<std::unique_ptr<uint8_t[]>, kSlots> buf;
+  std::array<int64_t, kSlots> cap{};
+};
+ScratchPool& scratch_pool() {
+  thread_local ScratchPool p;
+  return p;
+}
+
+// A buffer of n bytes from this thread's slot (a slot is used by one Scratch at a time).
+class Scratch {
+ public:
+  Scratch(Slot slot, int64_t n) : slot_(slot), n_(n) {
+    ScratchPool& p = scratch_pool();
+    if (p.cap[slot] < n) p.buf[slot].reset(new uint8_t[n]), p.cap[slot] = n;
+    ptr_ = p.buf[slot].get();
   }
-  int npairs = 0;
-  std::vector<int32_t> klo, khi;  // tap pairs (see above)
+  ~Scratch() {
+    ScratchPool& p = scratch_pool();
+    if (n_ > kKeepBytes) p.buf[slot_].reset(), p.cap[slot_] = 0;
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  uint8_t* get() const { return ptr_; }
+
+ private:
+  Slot slot_;
+  int64_t n_;
+  uint8_t* ptr_;
 };
 
 // A uint8 RGB image: channel c of pixel (y, x) is ch[c][y * row_stride + x * px_stride]; px_stride
@@ -77,58 +89,12 @@ RgbSrc planar_src(const uint8_t* p, int64_t h, int64_t w) {
   return RgbSrc{{p, p + h * w, p + 2 * h * w}, h, w, w, 1};
 }
 
-constexpr int kBlock = 8;  // rows resampled together by the horizontal pass (one SIMD lane each)
-
 // One horizontal-pass output: its taps and where its planar rows go.
 struct HTarget {
   const AxisTaps* ax;
   uint8_t* dst;  // channel 0, row 0 = source row 0 of the pass
   int64_t stride, plane;
 };
-
-// Tap loop of one channel of a staged block: dst[r * dst_stride + x] for the block's rows r.
-void hconv_generic(const uint8_t* sc, const AxisTaps& ax, uint8_t* dst, int64_t dst_stride, int nrows) {
-  for (int x = 0; x < ax.out; ++x) {
-    const int32_t* k = &ax.k[size_t(x) * ax.ksize];
-    const uint8_t* col = sc + int64_t(ax.xmin[x]) * kBlock;
-    int32_t acc[kBlock];
-    for (int r = 0; r < kBlock; ++r) acc[r] = kRoundBias;
-    for (int t = 0; t < ax.count[x]; ++t)
-      for (int r = 0; r < kBlock; ++r) acc[r] += int32_t(col[t * kBlock + r]) * k[t];
-    for (int r = 0; r < nrows; ++r) dst[r * dst_stride + x] = clip8(acc[r]);
-  }
-}
-
-#if defined(__x86_64__) && defined(__GNUC__)
-// Same arithmetic with AVX2 pmaddwd: per tap pair, 8 rows x 2 taps as 16 int16 (staged columns j
-// and j + 1 interleaved per row) times the broadcast (k[t], k[t+1]) halves. A pair may read one
-// staged column past the taps; its weight is 0.
-__attribute__((target("avx2"))) void hconv_avx2(const uint8_t* sc, const AxisTaps& ax, uint8_t* dst,
-                                                int64_t dst_stride, int nrows) {
-  const __m256i bias = _mm256_set1_epi32(kRoundBias);
-  const __m128i interleave = _mm_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
-  alignas(32) int32_t acc[kBlock];
-  for (int x = 0; x < ax.out; ++x) {
-    const int32_t* lo = &ax.klo[size_t(x) * ax.npairs];
-    const int32_t* hi = &ax.khi[size_t(x) * ax.npairs];
-    const uint8_t* col = sc + int64_t(ax.xmin[x]) * kBlock;
-    __m256i alo = _mm256_setzero_si256(), ahi = _mm256_setzero_si256();
-    const int n = (ax.count[x] + 1) / 2;
-    for (int t = 0; t < n; ++t) {
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(col + t * 2 * kBlock));
-      const __m256i w = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(v, interleave));
-      alo = _mm256_add_epi32(alo, _mm256_madd_epi16(w, _mm256_set1_epi32(lo[t])));
-      ahi = _mm256_add_epi32(ahi, _mm256_madd_epi16(w, _mm256_set1_epi32(hi[t])));
-    }
-    const __m256i a = _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(ahi, 15), alo), bias);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(acc), a);
-    for (int r = 0; r < nrows; ++r) dst[r * dst_stride + x] = clip8(acc[r]);
-  }
-}
-const bool kHasAvx2 = __builtin_cpu_supports("avx2");
-#else
-const bool kHasAvx2 = false;
-#endif
 
 #if defined(__SSE2__)
 // 8 rows of 8 bytes (the low halves of a[0..7]) -> 8 staged columns of 8 bytes (a byte transpose).
@@ -175,7 +141,6 @@ __attribute__((target("ssse3"))) void stage_rgb8x8(const uint8_t* const* rows, i
   transpose8x8(g8, out + cstride);
   transpose8x8(b8, out + 2 * cstride);
 }
-const bool kHasSsse3 = __builtin_cpu_supports("ssse3");
 #endif
 
 // Rows [y, y + nrows) of src staged column-major per channel: stage[c][j][r] (rows past nrows
@@ -209,35 +174,39 @@ void stage_block(const RgbSrc& s, int64_t y, int nrows, uint8_t* stage) {
 void hpass(const RgbSrc& src, const std::vector<HTarget>& targets) {
   const int64_t blocks = (src.h + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    Bytes stage = bytes(int64_t(3) * src.w * kBlock + 2 * kBlock);  // + the pair over-read
-    std::memset(stage.get() + int64_t(3) * src.w * kBlock, 0, 2 * kBlock);
+    const int64_t stage_bytes = int64_t(3) * src.w * kBlock;
+    Scratch stage(kStage, stage_bytes + 2 * kBlock + 32 * (src.w + 1));  // + the tap pair over-read (weight 0)
+    std::memset(stage.get() + stage_bytes, 0, 2 * kBlock);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t y = b * kBlock;
       const int nrows = int(std::min<int64_t>(kBlock, src.h - y));
       stage_block(src, y, nrows, stage.get());
-      for (const HTarget& t : targets)
-        for (int c = 0; c < 3; ++c) {
-          const uint8_t* sc = stage.get() + int64_t(c) * src.w * kBlock;
-          uint8_t* dst = t.dst + c * t.plane + y * t.stride;
-          if (kHasAvx2)
-            hconv_avx2(sc, *t.ax, dst, t.stride, nrows);
-          else
-            hconv_generic(sc, *t.ax, dst, t.stride, nrows);
+      for (int c = 0; c < 3; ++c) {
+        const uint8_t* sc = stage.get() + int64_t(c) * src.w * kBlock;
+#if VLMK_X86
+        if (kHasAvx2) {
+          // channel c's pairs after the staged bytes, 32-byte aligned
+          const uintptr_t end = reinterpret_cast<uintptr_t>(stage.get() + stage_bytes + 2 * kBlock);
+          __m256i* pairs = reinterpret_cast<__m256i*>((end + 31) & ~uintptr_t(31));
+          // the last column's pair reads the zeroed bytes past channel 2; for c < 2 it reads the
+          // next channel's first column, which only ever meets a weight of 0
+          widen_pairs(sc, src.w, pairs);
+          for (const HTarget& t : targets) hconv_avx2(pairs, *t.ax, t.dst + c * t.plane + y * t.stride, t.stride, nrows);
+          continue;
         }
+#endif
+        for (const HTarget& t : targets) hconv_scalar(sc, *t.ax, t.dst + c * t.plane + y * t.stride, t.stride, nrows);
+      }
     }
   });
 }
 
-__attribute__((target_clones("avx2", "default")))
-void vpass_row(const uint8_t* src, int64_t src_stride, int64_t n, const int32_t* k, int count, int32_t* acc,
-               uint8_t* dst) {
-  for (int64_t i = 0; i < n; ++i) acc[i] = kRoundBias;
-  for (int t = 0; t < count; ++t) {
-    const uint8_t* row = src + t * src_stride;
-    const int32_t w = k[t];
-    for (int64_t i = 0; i < n; ++i) acc[i] += int32_t(row[i]) * w;
-  }
-  for (int64_t i = 0; i < n; ++i) dst[i] = clip8(acc[i]);
+inline void vconv_row(const uint8_t* src, int64_t stride, int64_t n, const AxisTaps& ax, int64_t y, uint8_t* dst) {
+  const int32_t* k = &ax.k[size_t(y) * ax.ksize];
+#if VLMK_X86
+  if (kHasAvx2) return vconv_row_avx2(src, stride, n, k, ax.count[y], dst);
+#endif
+  vconv_row_scalar(src, stride, n, k, ax.count[y], dst);
 }
 
 // Vertical resample of `nplanes` planes of rows of n bytes; tap indices are relative to src row
@@ -245,11 +214,10 @@ void vpass_row(const uint8_t* src, int64_t src_stride, int64_t n, const int32_t*
 void vpass(const uint8_t* const* planes, int nplanes, int64_t src_stride, int64_t n, int64_t row0,
            const AxisTaps& ax, uint8_t* dst, int64_t dst_stride, int64_t dst_plane) {
   at::parallel_for(0, ax.out, 4, [&](int64_t y0, int64_t y1) {
-    std::vector<int32_t> acc(n);
     for (int64_t y = y0; y < y1; ++y)
       for (int p = 0; p < nplanes; ++p)
-        vpass_row(planes[p] + (ax.xmin[y] - row0) * src_stride, src_stride, n, &ax.k[size_t(y) * ax.ksize],
-                  ax.count[y], acc.data(), dst + p * dst_plane + y * dst_stride);
+        vconv_row(planes[p] + (ax.xmin[y] - row0) * src_stride, src_stride, n, ax, y,
+                  dst + p * dst_plane + y * dst_stride);
   });
 }
 
@@ -265,97 +233,194 @@ void to_planar(const RgbSrc& s, uint8_t* out) {
   });
 }
 
-// Source rows resampled vertically (oh rows, full width) into a new source of the same layout.
-RgbSrc vpass_src(const RgbSrc& src, const AxisTaps& vt, Bytes& tmp) {
-  const int64_t oh = vt.out, w = src.w;
-  tmp = bytes(oh * w * 3);
-  if (src.interleaved()) {  // the vertical pass ignores channels: one plane of 3w-byte rows
-    vpass(src.ch, 1, src.row_stride, w * 3, 0, vt, tmp.get(), w * 3, 0);
-    return RgbSrc{{tmp.get(), tmp.get() + 1, tmp.get() + 2}, oh, w, w * 3, 3};
-  }
-  vpass(src.ch, 3, src.row_stride, w, 0, vt, tmp.get(), w, oh * w);
-  return planar_src(tmp.get(), oh, w);
-}
+// ---- resize plans ---------------------------------------------------------------------------------
 
-// Pillow-exact bicubic resizes of one RGB image to several sizes, each planar [3][oh][ow].
-// Resizes whose first pass is horizontal share one staged horizontal pass over the source.
-std::vector<Bytes> resize_rgb(const RgbSrc& src, const std::vector<std::pair<int64_t, int64_t>>& sizes) {
-  const size_t n = sizes.size();
-  std::vector<Bytes> outs(n);
-  std::vector<std::unique_ptr<AxisTaps>> htaps(n), vtaps(n);
-  std::vector<Bytes> tmps(n);
-  std::vector<HTarget> shared;
-  int64_t lo = src.h, hi = 0;  // source rows the shared horizontal pass must cover
-  std::vector<char> h_first(n, 0);
-  for (size_t i = 0; i < n; ++i) {
-    const int64_t oh = sizes[i].first, ow = sizes[i].second;
-    outs[i] = bytes(oh * ow * 3);
-    const bool need_h = ow != src.w, need_v = oh != src.h;
-    if (need_h) htaps[i] = std::make_unique<AxisTaps>(int(src.w), int(ow));
-    if (need_v) vtaps[i] = std::make_unique<AxisTaps>(int(src.h), int(oh));
-    if (need_h && !(need_v && vertical_first(int(src.h), int(src.w), int(oh), int(ow)))) {
-      h_first[i] = 1;
-      // like Pillow, only the source rows the vertical pass reads
-      const int64_t first = need_v ? vtaps[i]->xmin[0] : 0;
-      const int64_t last = need_v ? vtaps[i]->xmin[oh - 1] + vtaps[i]->count[oh - 1] : src.h;
-      lo = std::min(lo, first);
-      hi = std::max(hi, last);
-    }
+// How the rows of one resized image (oh x ow, planar) are produced: either read from a planar
+// image (`planar`), or resampled on demand by the vertical pass from the planar horizontal-pass
+// output `hrows` (rows [row0, row0 + hrows_h) of the source), which is the fused common case.
+struct ResizedRows {
+  int64_t oh = 0, ow = 0;
+  const uint8_t* planar = nullptr;
+  const uint8_t* hrows = nullptr;
+  int64_t hrows_h = 0, row0 = 0;
+  const AxisTaps* vt = nullptr;
+  // row y of channel c: a pointer to its ow bytes (buf is used when the row is computed)
+  const uint8_t* row(int c, int64_t y, uint8_t* buf) const {
+    if (planar) return planar + (c * oh + y) * ow;
+    vconv_row(hrows + c * hrows_h * ow + (vt->xmin[y] - row0) * ow, ow, ow, *vt, y, buf);
+    return buf;
   }
-  for (size_t i = 0; i < n; ++i) {
-    if (!h_first[i]) continue;
-    const int64_t oh = sizes[i].first, ow = sizes[i].second;
-    if (vtaps[i]) {
-      tmps[i] = bytes((hi - lo) * ow * 3);
-      shared.push_back(HTarget{htaps[i].get(), tmps[i].get(), ow, (hi - lo) * ow});
-    } else {  // lo == 0 here: this target needs every source row
-      shared.push_back(HTarget{htaps[i].get(), outs[i].get() + lo * ow, ow, oh * ow});
-    }
-  }
-  if (!shared.empty()) {
-    RgbSrc rows = src;
-    for (auto& p : rows.ch) p += lo * src.row_stride;
-    rows.h = hi - lo;
-    hpass(rows, shared);
-  }
-  for (size_t i = 0; i < n; ++i) {
-    const int64_t oh = sizes[i].first, ow = sizes[i].second;
-    uint8_t* out = outs[i].get();
-    if (h_first[i]) {
-      if (vtaps[i]) {
-        const RgbSrc t = planar_src(tmps[i].get(), hi - lo, ow);
-        vpass(t.ch, 3, ow, ow, lo, *vtaps[i], out, ow, oh * ow);
+};
+
+// Pillow-exact bicubic resizes of one RGB image to two sizes (the planned one and the global view).
+// Resizes whose first pass is horizontal share one staged pass over the source rows they read.
+class Resizer {
+ public:
+  Resizer(const RgbSrc& src, const std::vector<std::pair<int64_t, int64_t>>& sizes) {
+    const size_t n = sizes.size();
+    TORCH_INTERNAL_ASSERT(n <= 2);
+    out_.resize(n);
+    int64_t lo = src.h, hi = 0;  // source rows the shared horizontal pass must cover
+    std::vector<char> h_first(n, 0);
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t oh = sizes[i].first, ow = sizes[i].second;
+      out_[i].oh = oh;
+      out_[i].ow = ow;
+      const bool need_h = ow != src.w, need_v = oh != src.h;
+      if (need_h) htaps_[i].emplace(int(src.w), int(ow));
+      if (need_v) vtaps_[i].emplace(int(src.h), int(oh));
+      if (need_h && !(need_v && vertical_first(int(src.h), int(src.w), int(oh), int(ow)))) {
+        h_first[i] = 1;
+        // like Pillow, only the source rows the vertical pass reads
+        lo = std::min<int64_t>(lo, need_v ? vtaps_[i]->xmin[0] : 0);
+        hi = std::max<int64_t>(hi, need_v ? vtaps_[i]->xmin[oh - 1] + vtaps_[i]->count[oh - 1] : src.h);
       }
-    } else if (htaps[i]) {  // vertical first (Pillow >= 13 rule), then horizontal
-      Bytes tmp;
-      const RgbSrc v = vpass_src(src, *vtaps[i], tmp);
-      hpass(v, {HTarget{htaps[i].get(), out, ow, oh * ow}});
-    } else if (vtaps[i]) {
-      if (src.px_stride == 1) {
-        vpass(src.ch, 3, src.row_stride, ow, 0, *vtaps[i], out, ow, oh * ow);
+    }
+    std::vector<HTarget> shared;
+    for (size_t i = 0; i < n; ++i) {
+      if (!h_first[i]) continue;
+      const int64_t ow = out_[i].ow;
+      hbuf_[i].emplace(i ? kHTmp1 : kHTmp0, (hi - lo) * ow * 3);
+      shared.push_back(HTarget{&*htaps_[i], hbuf_[i]->get(), ow, (hi - lo) * ow});
+      ResizedRows& r = out_[i];
+      if (vtaps_[i]) {
+        r.hrows = hbuf_[i]->get(), r.hrows_h = hi - lo, r.row0 = lo, r.vt = &*vtaps_[i];
       } else {
-        Bytes tmp;
-        to_planar(vpass_src(src, *vtaps[i], tmp), out);
+        r.planar = hbuf_[i]->get();  // lo == 0, hi == src.h here: the pass output is the image
+      }
+    }
+    if (!shared.empty()) {
+      RgbSrc rows = src;
+      for (auto& p : rows.ch) p += lo * src.row_stride;
+      rows.h = hi - lo;
+      hpass(rows, shared);
+    }
+    for (size_t i = 0; i < n; ++i)
+      if (!h_first[i]) unfused(src, i);
+  }
+  const ResizedRows& operator[](size_t i) const { return out_[i]; }
+
+ private:
+  // Vertical-first, vertical-only and copy cases: a planar resized image.
+  void unfused(const RgbSrc& src, size_t i) {
+    ResizedRows& r = out_[i];
+    const int64_t oh = r.oh, ow = r.ow;
+    rbuf_[i].emplace(i ? kResized1 : kResized0, oh * ow * 3);
+    uint8_t* out = rbuf_[i]->get();
+    r.planar = out;
+    if (htaps_[i]) {  // vertical first (Pillow >= 13 rule), then horizontal
+      Scratch tmp(kVFirst, oh * src.w * 3);
+      const RgbSrc v = vpass_src(src, *vtaps_[i], tmp.get());
+      hpass(v, {HTarget{&*htaps_[i], out, ow, oh * ow}});
+    } else if (vtaps_[i]) {
+      if (src.px_stride == 1) {
+        vpass(src.ch, 3, src.row_stride, ow, 0, *vtaps_[i], out, ow, oh * ow);
+      } else {
+        Scratch tmp(kVFirst, oh * src.w * 3);
+        to_planar(vpass_src(src, *vtaps_[i], tmp.get()), out);
       }
     } else {
       to_planar(src, out);
     }
   }
-  return outs;
+
+  // Source rows resampled vertically (vt.out rows, full width) into tmp, same layout as src.
+  static RgbSrc vpass_src(const RgbSrc& src, const AxisTaps& vt, uint8_t* tmp) {
+    const int64_t oh = vt.out, w = src.w;
+    if (src.interleaved()) {  // the vertical pass ignores channels: one plane of 3w-byte rows
+      vpass(src.ch, 1, src.row_stride, w * 3, 0, vt, tmp, w * 3, 0);
+      return RgbSrc{{tmp, tmp + 1, tmp + 2}, oh, w, w * 3, 3};
+    }
+    vpass(src.ch, 3, src.row_stride, w, 0, vt, tmp, w, oh * w);
+    return planar_src(tmp, oh, w);
+  }
+
+  std::vector<ResizedRows> out_;
+  std::optional<AxisTaps> htaps_[2], vtaps_[2];
+  std::optional<Scratch> hbuf_[2], rbuf_[2];
+};
+
+// ---- tile writer ----------------------------------------------------------------------------------
+
+// Byte -> output value of one channel: the exact normalization (or the byte itself for uint8 output).
+template <typename out_t>
+struct Normalizer {
+  out_t lut[3][256];
+  float mean[3], stdv[3];
+  Normalizer(const float* m, const float* s) {
+    for (int c = 0; c < 3; ++c) {
+      mean[c] = m[c], stdv[c] = s[c];
+      for (int v = 0; v < 256; ++v) {
+        if constexpr (std::is_same_v<out_t, uint8_t>)
+          lut[c][v] = uint8_t(v);
+        else
+          lut[c][v] = static_cast<out_t>(normalize_u8(uint8_t(v), m[c], s[c]));
+      }
+    }
+  }
+  void convert(int c, const uint8_t* in, out_t* out, int64_t n) const {
+    int64_t i = 0;
+    if constexpr (std::is_same_v<out_t, uint8_t>) {
+      std::memcpy(out, in, n);
+      return;
+    }
+#if VLMK_X86
+    if constexpr (std::is_same_v<out_t, float>)
+      if (kHasAvx2)
+        for (; i + 8 <= n; i += 8) normalize8_avx2(in + i, mean[c], stdv[c], out + i);
+#endif
+    for (; i < n; ++i) out[i] = lut[c][in[i]];
+  }
+};
+
+// Where a resized image lands: a canvas of rows x cols tiles of S x S with the image at (pad_t,
+// pad_l) and zero bytes around it; tile (r, tc) is out tile r * cols + tc, row-major.
+struct Canvas {
+  int64_t ih, iw, pad_t, pad_l, rows, cols, S;
+};
+
+// Canvas row Y of channel c (`row`: the image's bytes for that row, or nullptr in the padding).
+template <typename out_t>
+void emit_row(const Canvas& cv, int64_t Y, int c, const uint8_t* row, const Normalizer<out_t>& norm, out_t* out) {
+  const int64_t S = cv.S, r = Y / S, yy = Y % S;
+  const out_t pad = norm.lut[c][0];
+  for (int64_t tc = 0; tc < cv.cols; ++tc) {
+    out_t* o = out + (((r * cv.cols + tc) * 3 + c) * S + yy) * S;
+    // tile columns [x0, x1) come from the image (image column xx + shift), the rest is padding
+    const int64_t x0 = row ? std::clamp<int64_t>(cv.pad_l - tc * S, 0, S) : S;
+    const int64_t x1 = row ? std::clamp<int64_t>(cv.pad_l + cv.iw - tc * S, x0, S) : S;
+    const int64_t shift = tc * S - cv.pad_l;
+    std::fill(o, o + x0, pad);
+    if (x1 > x0) norm.convert(c, row + shift + x0, o + x0, x1 - x0);
+    std::fill(o + x1, o + S, pad);
+  }
+}
+
+// Every row of the canvas: image rows are fetched (vertical pass fused here) and converted.
+template <typename out_t>
+void emit_canvas(const ResizedRows& img, const Canvas& cv, const Normalizer<out_t>& norm, out_t* out) {
+  at::parallel_for(0, cv.rows * cv.S, 8, [&](int64_t Y0, int64_t Y1) {
+    Scratch buf(kRow, img.ow + 32);
+    for (int64_t Y = Y0; Y < Y1; ++Y) {
+      const int64_t y = Y - cv.pad_t;
+      const bool in = y >= 0 && y < cv.ih;
+      for (int c = 0; c < 3; ++c) emit_row(cv, Y, c, in ? img.row(c, y, buf.get()) : nullptr, norm, out);
+    }
+  });
 }
 
 // Any uint8 [H, W, C] view -> an RgbSrc, converted as HF converts (gray -> RGB, RGBA composited
 // onto white). Planar 3-channel and grayscale views with unit pixel stride and interleaved RGB
 // rows are read in place; anything else is converted once into interleaved `storage`.
-RgbSrc make_src(const at::Tensor& im, Bytes& storage) {
+RgbSrc make_src(const at::Tensor& im, std::optional<Scratch>& storage) {
   const int64_t h = im.size(0), w = im.size(1), c = im.size(2);
   const int64_t sh = im.stride(0), sw = im.stride(1), sc = im.stride(2);
   const uint8_t* p = im.data_ptr<uint8_t>();
   if (c == 3 && sc == 1 && sw == 3) return RgbSrc{{p, p + 1, p + 2}, h, w, sh, 3};
   if (c == 3 && sw == 1) return RgbSrc{{p, p + sc, p + 2 * sc}, h, w, sh, 1};
   if (c == 1 && sw == 1) return RgbSrc{{p, p, p}, h, w, sh, 1};
-  storage = bytes(h * w * 3);
-  uint8_t* q = storage.get();
+  storage.emplace(kSrcCopy, h * w * 3);
+  uint8_t* q = storage->get();
   at::parallel_for(0, h, 16, [&](int64_t y0, int64_t y1) {
     for (int64_t y = y0; y < y1; ++y) {
       const uint8_t* s = p + y * sh;
@@ -382,41 +447,6 @@ RgbSrc make_src(const at::Tensor& im, Bytes& storage) {
   return RgbSrc{{q, q + 1, q + 2}, h, w, w * 3, 3};
 }
 
-// Planar canvas (rows*S x cols*S) -> tiles [first, first + rows*cols), row-major; pixels outside
-// the resized image at (pad_t, pad_l) are zero (black) before normalization. `lut` maps a byte of
-// channel c to its output value (identity for uint8 output).
-template <typename out_t>
-void emit_tiles(const uint8_t* img, int64_t ih, int64_t iw, int64_t pad_t, int64_t pad_l, int64_t rows,
-                int64_t cols, int64_t S, const out_t (*lut)[256], out_t* out) {
-  const int64_t canvas_h = rows * S;
-  at::parallel_for(0, canvas_h, 16, [&](int64_t y0, int64_t y1) {
-    for (int64_t cy = y0; cy < y1; ++cy) {
-      const int64_t r = cy / S, yy = cy % S, sy = cy - pad_t;
-      const bool row_in = sy >= 0 && sy < ih;
-      for (int64_t tc = 0; tc < cols; ++tc) {
-        // columns [x0, x1) of this tile row come from the image, the rest is padding
-        const int64_t x0 = row_in ? std::clamp<int64_t>(pad_l - tc * S, 0, S) : S;
-        const int64_t x1 = row_in ? std::clamp<int64_t>(pad_l + iw - tc * S, x0, S) : S;
-        const int64_t shift = tc * S - pad_l;  // image column of tile column xx is xx + shift
-        for (int c = 0; c < 3; ++c) {
-          out_t* o = out + (((r * cols + tc) * 3 + c) * S + yy) * S;
-          const out_t* l = lut[c];
-          const out_t pad = l[0];
-          for (int64_t xx = 0; xx < x0; ++xx) o[xx] = pad;
-          if (x1 > x0) {
-            const uint8_t* s = img + (c * ih + sy) * iw + shift;
-            if constexpr (std::is_same_v<out_t, uint8_t>)
-              std::memcpy(o + x0, s + x0, x1 - x0);
-            else
-              for (int64_t xx = x0; xx < x1; ++xx) o[xx] = l[s[xx]];
-          }
-          for (int64_t xx = x1; xx < S; ++xx) o[xx] = pad;
-        }
-      }
-    }
-  });
-}
-
 void anyres_tile_cpu(const std::vector<at::Tensor>& images, const at::Tensor& plan, at::Tensor out,
                      int64_t tile, const std::vector<double>& mean, const std::vector<double>& stdv,
                      bool global_view) {
@@ -426,28 +456,22 @@ void anyres_tile_cpu(const std::vector<at::Tensor>& images, const at::Tensor& pl
   const int64_t tile_elems = 3 * tile * tile;
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, out.scalar_type(), "anyres_tile_cpu", [&] {
     // uint8 output: the raw tile bytes (mean/std ignored); else the exact normalized values
-    scalar_t lut[3][256];
-    for (int c = 0; c < 3; ++c)
-      for (int v = 0; v < 256; ++v) {
-        if constexpr (std::is_same_v<scalar_t, uint8_t>)
-          lut[c][v] = uint8_t(v);
-        else
-          lut[c][v] = static_cast<scalar_t>(normalize_u8(uint8_t(v), a.mean[c], a.stdv[c]));
-      }
+    const auto norm = std::make_unique<Normalizer<scalar_t>>(a.mean, a.stdv);
     scalar_t* o = out.data_ptr<scalar_t>();
     for (int64_t i = 0; i < a.n; ++i) {
       const int64_t* r = p + i * kPlanCols;
-      Bytes storage;
+      std::optional<Scratch> storage;
       const RgbSrc src = make_src(images[i], storage);
       scalar_t* dst = o + r[kFirst] * tile_elems;
       std::vector<std::pair<int64_t, int64_t>> sizes{{r[kResH], r[kResW]}};
       if (global_view) sizes.emplace_back(tile, tile);
-      std::vector<Bytes> res = resize_rgb(src, sizes);
+      const Resizer res(src, sizes);
       if (global_view) {
-        emit_tiles<scalar_t>(res[1].get(), tile, tile, 0, 0, 1, 1, tile, lut, dst);
+        emit_canvas<scalar_t>(res[1], Canvas{tile, tile, 0, 0, 1, 1, tile}, *norm, dst);
         dst += tile_elems;
       }
-      emit_tiles<scalar_t>(res[0].get(), r[kResH], r[kResW], r[kPadT], r[kPadL], r[kRows], r[kCols], tile, lut, dst);
+      emit_canvas<scalar_t>(res[0], Canvas{r[kResH], r[kResW], r[kPadT], r[kPadL], r[kRows], r[kCols], tile}, *norm,
+                            dst);
     }
   });
 }

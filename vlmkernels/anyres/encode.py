@@ -11,6 +11,12 @@ So the float32 tiles (4 bytes per value) never exist; the only intermediate is t
 tensor (1 byte per value, a quarter of the traffic). The result equals
 ``patch_embed(anyres_tile(..., out_dtype=torch.float32), ...)``: the table holds the very float32
 values the float path would have stored.
+
+``fused=True`` selects the one-kernel variant (``encode_fused.py``, Triton): the patch GEMM computes
+every tile pixel straight from the source bytes, so no tiles at all are materialized. It is opt-in
+(``fused=None`` means the two-kernel path) because it recomputes each pixel's bicubic taps
+(``k_v * k_h`` gathers) for every D block of the GEMM, while the tiler does that once per pixel;
+whether the saved uint8 round trip pays for that has not been measured on a GPU yet.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .embed import patch_embed_uint8
+from .encode_fused import anyres_encode_fused
 from .tile import anyres_tile
 
 __all__ = ["anyres_encode"]
@@ -53,6 +60,7 @@ def anyres_encode(
     pre_layernorm=None,
     global_view: bool = True,
     backend: str = "auto",
+    fused: bool | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """uint8 images -> (``embeddings [sum_tiles, P(+1), D]``, ``tiles_per_image``).
 
@@ -66,7 +74,18 @@ def anyres_encode(
     :func:`patch_embed` (``position_embedding`` has ``(S//p)**2 (+1)`` rows). ``backend``: ``auto``,
     ``reference`` (both steps in python_ref), ``cpu``/``cuda`` (that tiler), ``triton`` (the triton
     embedding). Output dtype is ``weight.dtype``; gradients reach the weights, not the images.
+
+    ``fused``: ``True`` runs the one-kernel tile-and-encode (``backend`` ``auto``/``triton``: the
+    Triton kernel, one launch per batch, on CUDA tensors; ``auto`` on CPU tensors and ``reference``:
+    PyTorch, slow, for checking); ``None`` (default) or ``False`` the
+    two-kernel path above (see the module docstring for why the default is not fused yet).
     """
+    if fused not in (None, True, False):
+        raise TypeError(f"fused must be None, True or False, got {fused!r}")
+    if fused:
+        return anyres_encode_fused(images, grid_pinpoints, tile_size, mean, std, weight, bias,
+                                   class_embedding=class_embedding, position_embedding=position_embedding,
+                                   pre_layernorm=pre_layernorm, global_view=global_view, backend=backend)
     tile_backend, embed_backend = _split_backend(backend)
     if not torch.is_tensor(weight):
         raise TypeError(f"weight must be a tensor, got {type(weight).__name__}")

@@ -1,0 +1,185 @@
+// SIMD inner loops of the CPU AnyRes tiler (x86 AVX2 with portable fallbacks). Every path does
+// Pillow's exact int32 fixed-point arithmetic (common/anyres_resample.h), so the SIMD and scalar
+// results are bit-identical; the fallbacks are what non-x86 builds and the tests' scalar checks run.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define VLMK_X86 1
+#endif
+
+#include "common/anyres_resample.h"
+
+namespace vlmk {
+namespace anyres {
+
+// Fixed-point taps of one axis (Pillow's bounds + normalised coefficients).
+struct AxisTaps {
+  int in, out, ksize, npairs;
+  std::vector<int32_t> k;  // [out][ksize]
+  std::vector<int> xmin, count;
+  // For 16-bit multiply-adds (pmaddwd): k = hi * 2^15 + lo with lo in [0, 2^15), hi in [-2^7, 2^7],
+  // two taps per int32 (tap t in the low half). Integer sums wrap mod 2^32 like the exact int32
+  // sum, so (sum hi) << 15 + (sum lo) is bit-identical to Pillow's accumulator.
+  std::vector<int32_t> klo, khi;  // [out][npairs]
+
+  AxisTaps(int in_size, int out_size) : in(in_size), out(out_size) {
+    const AxisScale s = axis_scale(in_size, out_size);
+    ksize = s.ksize;
+    npairs = (ksize + 1) / 2;
+    k.resize(size_t(out_size) * ksize);
+    xmin.resize(out_size);
+    count.resize(out_size);
+    klo.assign(size_t(out_size) * npairs, 0);
+    khi.assign(size_t(out_size) * npairs, 0);
+    for (int i = 0; i < out_size; ++i) {
+      count[i] = tap_weights(s, in_size, i, &k[size_t(i) * ksize], &xmin[i]);
+      for (int t = 0; t < count[i]; ++t) {
+        const int32_t v = k[size_t(i) * ksize + t];
+        const uint32_t lo = uint32_t(v) & 0x7fffu, hi = uint32_t(v >> 15) & 0xffffu;
+        const int shift = (t & 1) * 16;
+        klo[size_t(i) * npairs + t / 2] |= int32_t(lo << shift);
+        khi[size_t(i) * npairs + t / 2] |= int32_t(hi << shift);
+      }
+    }
+  }
+};
+
+constexpr int kBlock = 8;  // rows the horizontal pass resamples together (one SIMD lane each)
+
+// ---- horizontal pass: a staged block (stage[j * kBlock + r] = row r, column j) -> nrows rows --
+
+inline void hconv_scalar(const uint8_t* sc, const AxisTaps& ax, uint8_t* dst, int64_t dst_stride, int nrows) {
+  for (int x = 0; x < ax.out; ++x) {
+    const int32_t* k = &ax.k[size_t(x) * ax.ksize];
+    const uint8_t* col = sc + int64_t(ax.xmin[x]) * kBlock;
+    int32_t acc[kBlock];
+    for (int r = 0; r < kBlock; ++r) acc[r] = kRoundBias;
+    for (int t = 0; t < ax.count[x]; ++t)
+      for (int r = 0; r < kBlock; ++r) acc[r] += int32_t(col[t * kBlock + r]) * k[t];
+    for (int r = 0; r < nrows; ++r) dst[r * dst_stride + x] = clip8(acc[r]);
+  }
+}
+
+#if VLMK_X86
+// One staged channel (sc[j * kBlock + r], w columns plus kBlock zero bytes) -> pairs[j] = the 8
+// rows' (column j, column j + 1) as 16 interleaved int16: the operand of a tap pair at column j.
+// Widened once per column, not once per (output column, tap pair) that reads it.
+__attribute__((target("avx2"))) inline void widen_pairs(const uint8_t* sc, int64_t w, __m256i* pairs) {
+  const __m128i interleave = _mm_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+  for (int64_t j = 0; j < w; ++j) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + j * kBlock));
+    _mm256_store_si256(pairs + j, _mm256_cvtepu8_epi16(_mm_shuffle_epi8(v, interleave)));
+  }
+}
+
+// (acc >> 22) of output column x for the 8 staged rows: per tap pair, 8 rows x 2 taps as 16 int16
+// times the broadcast (k[t], k[t+1]) halves. A pair may read one column past the taps; its
+// weight is 0.
+__attribute__((target("avx2"))) inline __m256i hconv_column(const __m256i* pairs, const AxisTaps& ax, int x) {
+  const int32_t* lo = &ax.klo[size_t(x) * ax.npairs];
+  const int32_t* hi = &ax.khi[size_t(x) * ax.npairs];
+  const __m256i* col = pairs + ax.xmin[x];
+  __m256i alo = _mm256_set1_epi32(kRoundBias), ahi = _mm256_setzero_si256();
+  const int n = (ax.count[x] + 1) / 2;
+  for (int t = 0; t < n; ++t) {
+    const __m256i w = _mm256_load_si256(col + 2 * t);
+    alo = _mm256_add_epi32(alo, _mm256_madd_epi16(w, _mm256_set1_epi32(lo[t])));
+    ahi = _mm256_add_epi32(ahi, _mm256_madd_epi16(w, _mm256_set1_epi32(hi[t])));
+  }
+  return _mm256_srai_epi32(_mm256_add_epi32(_mm256_slli_epi32(ahi, 15), alo), kPrecisionBits);
+}
+
+// Eight output columns at a time: the 8x8 int32 results are saturated to bytes (packs/packus clip
+// exactly like clip8) and transposed in registers, so each row gets one 8-byte store.
+__attribute__((target("avx2"))) inline void hconv_avx2(const __m256i* pairs, const AxisTaps& ax, uint8_t* dst,
+                                                       int64_t dst_stride, int nrows) {
+  // in-lane 4x4 byte transpose: [x0 r0..3, x1 r0..3, ...] -> [r0 x0..3, r1 x0..3, ...]
+  const __m256i tr = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                      0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  for (int x = 0; x < ax.out; x += 8) {
+    const int nx = std::min(8, ax.out - x);
+    __m256i a[8];
+    for (int i = 0; i < 8; ++i) a[i] = hconv_column(pairs, ax, x + std::min(i, nx - 1));
+    // lane l of q0 holds columns x0..x3 for rows 4l..4l+3; q1 the same for x4..x7
+    const __m256i q0 = _mm256_shuffle_epi8(
+        _mm256_packus_epi16(_mm256_packs_epi32(a[0], a[1]), _mm256_packs_epi32(a[2], a[3])), tr);
+    const __m256i q1 = _mm256_shuffle_epi8(
+        _mm256_packus_epi16(_mm256_packs_epi32(a[4], a[5]), _mm256_packs_epi32(a[6], a[7])), tr);
+    // rows (0, 1 | 4, 5) and (2, 3 | 6, 7), 8 bytes each
+    alignas(32) uint64_t rows[8];
+    const __m256i lo = _mm256_unpacklo_epi32(q0, q1), hi = _mm256_unpackhi_epi32(q0, q1);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(rows), lo);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(rows + 4), hi);
+    static constexpr int kSlot[8] = {0, 1, 4, 5, 2, 3, 6, 7};  // row r lives in rows[kSlot[r]]
+    if (nx == 8) {
+      for (int r = 0; r < nrows; ++r) std::memcpy(dst + r * dst_stride + x, &rows[kSlot[r]], 8);
+    } else {
+      for (int r = 0; r < nrows; ++r) std::memcpy(dst + r * dst_stride + x, &rows[kSlot[r]], nx);
+    }
+  }
+}
+#endif
+
+// ---- vertical pass: one output row of n bytes from `count` source rows ----------------------
+
+inline void vconv_row_scalar(const uint8_t* src, int64_t stride, int64_t n, const int32_t* k, int count,
+                             uint8_t* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    int32_t acc = kRoundBias;
+    for (int t = 0; t < count; ++t) acc += int32_t(src[t * stride + i]) * k[t];
+    dst[i] = clip8(acc);
+  }
+}
+
+#if VLMK_X86
+__attribute__((target("avx2"))) inline __m256i load8_epi32(const uint8_t* q) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+}
+
+// 32 columns per step with the accumulators in registers across all taps.
+__attribute__((target("avx2"))) inline void vconv_row_avx2(const uint8_t* src, int64_t stride, int64_t n,
+                                                           const int32_t* k, int count, uint8_t* dst) {
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undo packs' lane interleave
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    __m256i a0 = _mm256_set1_epi32(kRoundBias), a1 = a0, a2 = a0, a3 = a0;
+    for (int t = 0; t < count; ++t) {
+      const uint8_t* p = src + t * stride + i;
+      const __m256i w = _mm256_set1_epi32(k[t]);
+      a0 = _mm256_add_epi32(a0, _mm256_mullo_epi32(load8_epi32(p), w));
+      a1 = _mm256_add_epi32(a1, _mm256_mullo_epi32(load8_epi32(p + 8), w));
+      a2 = _mm256_add_epi32(a2, _mm256_mullo_epi32(load8_epi32(p + 16), w));
+      a3 = _mm256_add_epi32(a3, _mm256_mullo_epi32(load8_epi32(p + 24), w));
+    }
+    a0 = _mm256_srai_epi32(a0, kPrecisionBits);
+    a1 = _mm256_srai_epi32(a1, kPrecisionBits);
+    a2 = _mm256_srai_epi32(a2, kPrecisionBits);
+    a3 = _mm256_srai_epi32(a3, kPrecisionBits);
+    const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(a0, a1), _mm256_packs_epi32(a2, a3));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_permutevar8x32_epi32(b, order));
+  }
+  if (i < n) vconv_row_scalar(src + i, stride, n - i, k, count, dst + i);
+}
+#endif
+
+// ---- normalization: bytes -> (x / 255 - mean) / std, HF's PIL-backend arithmetic ------------
+
+#if VLMK_X86
+// normalize_u8 for 8 bytes: the same IEEE operations in the same order (double multiply, round to
+// float, float subtract, float divide), so it equals the scalar table bit for bit.
+__attribute__((target("avx2"))) inline void normalize8_avx2(const uint8_t* in, float mean, float stdv, float* out) {
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(in)));
+  const __m256d scale = _mm256_set1_pd(1.0 / 255.0);
+  const __m128 lo = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(v)), scale));
+  const __m128 hi = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(v, 1)), scale));
+  const __m256 x = _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
+  _mm256_storeu_ps(out, _mm256_div_ps(_mm256_sub_ps(x, _mm256_set1_ps(mean)), _mm256_set1_ps(stdv)));
+}
+#endif
+
+}  // namespace anyres
+}  // namespace vlmk
