@@ -19,6 +19,7 @@ namespace anyres {
 // Fixed-point taps of one axis (Pillow's bounds + normalised coefficients).
 struct AxisTaps {
   int in, out, ksize, npairs;
+  int maxpairs = 0;  // tap pairs of the widest output: a fixed trip count (no mispredicted loop exits)
   std::vector<int32_t> k;  // [out][ksize]
   std::vector<int> xmin, count;
   // For 16-bit multiply-adds (pmaddwd): k = hi * 2^15 + lo with lo in [0, 2^15), hi in [-2^7, 2^7],
@@ -37,6 +38,7 @@ struct AxisTaps {
     khi.assign(size_t(out_size) * npairs, 0);
     for (int i = 0; i < out_size; ++i) {
       count[i] = tap_weights(s, in_size, i, &k[size_t(i) * ksize], &xmin[i]);
+      maxpairs = std::max(maxpairs, (count[i] + 1) / 2);
       for (int t = 0; t < count[i]; ++t) {
         const int32_t v = k[size_t(i) * ksize + t];
         const uint32_t lo = uint32_t(v) & 0x7fffu, hi = uint32_t(v >> 15) & 0xffffu;
@@ -76,51 +78,76 @@ __attribute__((target("avx2"))) inline void widen_pairs(const uint8_t* sc, int64
   }
 }
 
-// (acc >> 22) of output column x for the 8 staged rows: per tap pair, 8 rows x 2 taps as 16 int16
-// times the broadcast (k[t], k[t+1]) halves. A pair may read one column past the taps; its
-// weight is 0.
-__attribute__((target("avx2"))) inline __m256i hconv_column(const __m256i* pairs, const AxisTaps& ax, int x) {
+// (acc >> 22) of output column x for 8 staged rows (p0) and, when p1 is set, 8 more (p1): per tap
+// pair, 8 rows x 2 taps as 16 int16 times the broadcast (k[t], k[t+1]) halves, each weight load
+// shared by both row blocks. Every output runs ax.maxpairs pairs: pairs past its taps have weight
+// 0 and may read up to 2 * maxpairs columns past the staged ones (any bytes: 0 * x = 0 exactly).
+template <bool kTwo>
+__attribute__((target("avx2"))) inline void hconv_column(const __m256i* p0, const __m256i* p1, const AxisTaps& ax,
+                                                         int x, __m256i* r0, __m256i* r1) {
   const int32_t* lo = &ax.klo[size_t(x) * ax.npairs];
   const int32_t* hi = &ax.khi[size_t(x) * ax.npairs];
-  const __m256i* col = pairs + ax.xmin[x];
-  __m256i alo = _mm256_set1_epi32(kRoundBias), ahi = _mm256_setzero_si256();
-  const int n = (ax.count[x] + 1) / 2;
-  for (int t = 0; t < n; ++t) {
-    const __m256i w = _mm256_load_si256(col + 2 * t);
-    alo = _mm256_add_epi32(alo, _mm256_madd_epi16(w, _mm256_set1_epi32(lo[t])));
-    ahi = _mm256_add_epi32(ahi, _mm256_madd_epi16(w, _mm256_set1_epi32(hi[t])));
+  const int64_t j = ax.xmin[x];
+  __m256i alo0 = _mm256_set1_epi32(kRoundBias), ahi0 = _mm256_setzero_si256(), alo1 = alo0, ahi1 = ahi0;
+  for (int t = 0; t < ax.maxpairs; ++t) {
+    const __m256i wl = _mm256_set1_epi32(lo[t]), wh = _mm256_set1_epi32(hi[t]);
+    const __m256i v0 = _mm256_load_si256(p0 + j + 2 * t);
+    alo0 = _mm256_add_epi32(alo0, _mm256_madd_epi16(v0, wl));
+    ahi0 = _mm256_add_epi32(ahi0, _mm256_madd_epi16(v0, wh));
+    if constexpr (kTwo) {
+      const __m256i v1 = _mm256_load_si256(p1 + j + 2 * t);
+      alo1 = _mm256_add_epi32(alo1, _mm256_madd_epi16(v1, wl));
+      ahi1 = _mm256_add_epi32(ahi1, _mm256_madd_epi16(v1, wh));
+    }
   }
-  return _mm256_srai_epi32(_mm256_add_epi32(_mm256_slli_epi32(ahi, 15), alo), kPrecisionBits);
+  *r0 = _mm256_srai_epi32(_mm256_add_epi32(_mm256_slli_epi32(ahi0, 15), alo0), kPrecisionBits);
+  if constexpr (kTwo) *r1 = _mm256_srai_epi32(_mm256_add_epi32(_mm256_slli_epi32(ahi1, 15), alo1), kPrecisionBits);
 }
 
-// Eight output columns at a time: the 8x8 int32 results are saturated to bytes (packs/packus clip
-// exactly like clip8) and transposed in registers, so each row gets one 8-byte store.
-__attribute__((target("avx2"))) inline void hconv_avx2(const __m256i* pairs, const AxisTaps& ax, uint8_t* dst,
-                                                       int64_t dst_stride, int nrows) {
+// 8 columns x 8 rows of (acc >> 22) -> bytes (packs/packus clip exactly like clip8), transposed in
+// registers so that each row gets one store.
+__attribute__((target("avx2"))) inline void store_8x8(const __m256i* a, int nx, uint8_t* dst, int64_t dst_stride,
+                                                      int nrows) {
   // in-lane 4x4 byte transpose: [x0 r0..3, x1 r0..3, ...] -> [r0 x0..3, r1 x0..3, ...]
   const __m256i tr = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
                                       0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  // lane l of q0 holds columns x0..x3 for rows 4l..4l+3; q1 the same for x4..x7
+  const __m256i q0 = _mm256_shuffle_epi8(
+      _mm256_packus_epi16(_mm256_packs_epi32(a[0], a[1]), _mm256_packs_epi32(a[2], a[3])), tr);
+  const __m256i q1 = _mm256_shuffle_epi8(
+      _mm256_packus_epi16(_mm256_packs_epi32(a[4], a[5]), _mm256_packs_epi32(a[6], a[7])), tr);
+  // rows (0, 1 | 4, 5) and (2, 3 | 6, 7), 8 bytes each
+  alignas(32) uint64_t rows[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(rows), _mm256_unpacklo_epi32(q0, q1));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(rows + 4), _mm256_unpackhi_epi32(q0, q1));
+  static constexpr int kSlot[8] = {0, 1, 4, 5, 2, 3, 6, 7};  // row r lives in rows[kSlot[r]]
+  if (nx == 8) {  // a fixed-size copy compiles to one store
+    for (int r = 0; r < nrows; ++r) std::memcpy(dst + r * dst_stride, &rows[kSlot[r]], 8);
+  } else {
+    for (int r = 0; r < nrows; ++r) std::memcpy(dst + r * dst_stride, &rows[kSlot[r]], size_t(nx));
+  }
+}
+
+// Eight output columns at a time for one or two staged 8-row blocks (p1 may be null; block 1's
+// rows start kBlock rows below block 0's in dst).
+template <bool kTwo>
+__attribute__((target("avx2"))) inline void hconv_blocks(const __m256i* p0, const __m256i* p1, const AxisTaps& ax,
+                                                         uint8_t* dst, int64_t dst_stride, const int* nrows) {
   for (int x = 0; x < ax.out; x += 8) {
     const int nx = std::min(8, ax.out - x);
-    __m256i a[8];
-    for (int i = 0; i < 8; ++i) a[i] = hconv_column(pairs, ax, x + std::min(i, nx - 1));
-    // lane l of q0 holds columns x0..x3 for rows 4l..4l+3; q1 the same for x4..x7
-    const __m256i q0 = _mm256_shuffle_epi8(
-        _mm256_packus_epi16(_mm256_packs_epi32(a[0], a[1]), _mm256_packs_epi32(a[2], a[3])), tr);
-    const __m256i q1 = _mm256_shuffle_epi8(
-        _mm256_packus_epi16(_mm256_packs_epi32(a[4], a[5]), _mm256_packs_epi32(a[6], a[7])), tr);
-    // rows (0, 1 | 4, 5) and (2, 3 | 6, 7), 8 bytes each
-    alignas(32) uint64_t rows[8];
-    const __m256i lo = _mm256_unpacklo_epi32(q0, q1), hi = _mm256_unpackhi_epi32(q0, q1);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(rows), lo);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(rows + 4), hi);
-    static constexpr int kSlot[8] = {0, 1, 4, 5, 2, 3, 6, 7};  // row r lives in rows[kSlot[r]]
-    if (nx == 8) {
-      for (int r = 0; r < nrows; ++r) std::memcpy(dst + r * dst_stride + x, &rows[kSlot[r]], 8);
-    } else {
-      for (int r = 0; r < nrows; ++r) std::memcpy(dst + r * dst_stride + x, &rows[kSlot[r]], nx);
-    }
+    __m256i a0[8], a1[8];
+    for (int i = 0; i < 8; ++i) hconv_column<kTwo>(p0, p1, ax, x + std::min(i, nx - 1), &a0[i], &a1[i]);
+    store_8x8(a0, nx, dst + x, dst_stride, nrows[0]);
+    if constexpr (kTwo) store_8x8(a1, nx, dst + kBlock * dst_stride + x, dst_stride, nrows[1]);
   }
+}
+
+__attribute__((target("avx2"))) inline void hconv_avx2(const __m256i* p0, const __m256i* p1, const AxisTaps& ax,
+                                                       uint8_t* dst, int64_t dst_stride, const int* nrows) {
+  if (p1)
+    hconv_blocks<true>(p0, p1, ax, dst, dst_stride, nrows);
+  else
+    hconv_blocks<false>(p0, p1, ax, dst, dst_stride, nrows);
 }
 #endif
 

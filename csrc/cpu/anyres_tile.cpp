@@ -16,7 +16,9 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -174,28 +176,42 @@ void stage_block(const RgbSrc& s, int64_t y, int nrows, uint8_t* stage) {
 void hpass(const RgbSrc& src, const std::vector<HTarget>& targets) {
   const int64_t blocks = (src.h + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    const int64_t stage_bytes = int64_t(3) * src.w * kBlock;
-    Scratch stage(kStage, stage_bytes + 2 * kBlock + 32 * (src.w + 1));  // + the tap pair over-read (weight 0)
-    std::memset(stage.get() + stage_bytes, 0, 2 * kBlock);
-    for (int64_t b = b0; b < b1; ++b) {
+    const int64_t stage_bytes = int64_t(3) * src.w * kBlock;  // one block: [3][w][kBlock]
+    // two blocks staged, then one channel of each as pairs, each followed by the columns that
+    // zero-weight tap pairs may read (see hconv_column)
+    int spare = 2;
+    for (const HTarget& t : targets) spare = std::max(spare, 2 * t.ax->maxpairs + 2);
+    const int64_t pstride = src.w + spare;
+    Scratch stage(kStage, 2 * stage_bytes + 2 * kBlock + 32 * (2 * pstride + 1));
+    uint8_t* staged[2] = {stage.get(), stage.get() + stage_bytes};
+    std::memset(stage.get() + 2 * stage_bytes, 0, 2 * kBlock);
+    for (int64_t b = b0; b < b1; b += 2) {
+      // blocks b and b + 1 share every weight load (16 rows per tap pair)
       const int64_t y = b * kBlock;
-      const int nrows = int(std::min<int64_t>(kBlock, src.h - y));
-      stage_block(src, y, nrows, stage.get());
+      const int nb = b + 1 < b1 ? 2 : 1;
+      int nrows[2] = {0, 0};
+      for (int i = 0; i < nb; ++i) {
+        nrows[i] = int(std::min<int64_t>(kBlock, src.h - y - i * kBlock));
+        stage_block(src, y + i * kBlock, nrows[i], staged[i]);
+      }
       for (int c = 0; c < 3; ++c) {
-        const uint8_t* sc = stage.get() + int64_t(c) * src.w * kBlock;
 #if VLMK_X86
         if (kHasAvx2) {
-          // channel c's pairs after the staged bytes, 32-byte aligned
-          const uintptr_t end = reinterpret_cast<uintptr_t>(stage.get() + stage_bytes + 2 * kBlock);
+          const uintptr_t end = reinterpret_cast<uintptr_t>(stage.get() + 2 * stage_bytes + 2 * kBlock);
           __m256i* pairs = reinterpret_cast<__m256i*>((end + 31) & ~uintptr_t(31));
-          // the last column's pair reads the zeroed bytes past channel 2; for c < 2 it reads the
-          // next channel's first column, which only ever meets a weight of 0
-          widen_pairs(sc, src.w, pairs);
-          for (const HTarget& t : targets) hconv_avx2(pairs, *t.ax, t.dst + c * t.plane + y * t.stride, t.stride, nrows);
+          // a column's pair reads the next column: past the last one that is the next channel's
+          // (or block's) first column or the zeroed tail, only ever met by a weight of 0
+          for (int i = 0; i < nb; ++i) widen_pairs(staged[i] + int64_t(c) * src.w * kBlock, src.w, pairs + i * pstride);
+          for (const HTarget& t : targets)
+            hconv_avx2(pairs, nb == 2 ? pairs + pstride : nullptr, *t.ax, t.dst + c * t.plane + y * t.stride, t.stride,
+                       nrows);
           continue;
         }
 #endif
-        for (const HTarget& t : targets) hconv_scalar(sc, *t.ax, t.dst + c * t.plane + y * t.stride, t.stride, nrows);
+        for (int i = 0; i < nb; ++i)
+          for (const HTarget& t : targets)
+            hconv_scalar(staged[i] + int64_t(c) * src.w * kBlock, *t.ax,
+                         t.dst + c * t.plane + (y + i * kBlock) * t.stride, t.stride, nrows[i]);
       }
     }
   });
@@ -233,6 +249,24 @@ void to_planar(const RgbSrc& s, uint8_t* out) {
   });
 }
 
+// Tap tables by (in, out) size: images of a dataset repeat a few sizes, and building a table costs
+// two bicubic evaluations per tap. Bounded: cleared when full.
+std::shared_ptr<const AxisTaps> axis_taps(int in, int out) {
+  static std::mutex mu;
+  static std::map<std::pair<int, int>, std::shared_ptr<const AxisTaps>> cache;
+  constexpr size_t kMaxEntries = 64;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find({in, out});
+    if (it != cache.end()) return it->second;
+  }
+  auto taps = std::make_shared<const AxisTaps>(in, out);
+  std::lock_guard<std::mutex> lock(mu);
+  if (cache.size() >= kMaxEntries) cache.clear();
+  cache.emplace(std::make_pair(in, out), taps);
+  return taps;
+}
+
 // ---- resize plans ---------------------------------------------------------------------------------
 
 // How the rows of one resized image (oh x ow, planar) are produced: either read from a planar
@@ -267,8 +301,8 @@ class Resizer {
       out_[i].oh = oh;
       out_[i].ow = ow;
       const bool need_h = ow != src.w, need_v = oh != src.h;
-      if (need_h) htaps_[i].emplace(int(src.w), int(ow));
-      if (need_v) vtaps_[i].emplace(int(src.h), int(oh));
+      if (need_h) htaps_[i] = axis_taps(int(src.w), int(ow));
+      if (need_v) vtaps_[i] = axis_taps(int(src.h), int(oh));
       if (need_h && !(need_v && vertical_first(int(src.h), int(src.w), int(oh), int(ow)))) {
         h_first[i] = 1;
         // like Pillow, only the source rows the vertical pass reads
@@ -336,7 +370,7 @@ class Resizer {
   }
 
   std::vector<ResizedRows> out_;
-  std::optional<AxisTaps> htaps_[2], vtaps_[2];
+  std::shared_ptr<const AxisTaps> htaps_[2], vtaps_[2];
   std::optional<Scratch> hbuf_[2], rbuf_[2];
 };
 
