@@ -430,15 +430,31 @@ void emit_row(const Canvas& cv, int64_t Y, int c, const uint8_t* row, const Norm
   }
 }
 
-// Every row of the canvas: image rows are fetched (vertical pass fused here) and converted.
+// One resized image and where it lands.
 template <typename out_t>
-void emit_canvas(const ResizedRows& img, const Canvas& cv, const Normalizer<out_t>& norm, out_t* out) {
-  at::parallel_for(0, cv.rows * cv.S, 8, [&](int64_t Y0, int64_t Y1) {
-    Scratch buf(kRow, img.ow + 32);
-    for (int64_t Y = Y0; Y < Y1; ++Y) {
-      const int64_t y = Y - cv.pad_t;
-      const bool in = y >= 0 && y < cv.ih;
-      for (int c = 0; c < 3; ++c) emit_row(cv, Y, c, in ? img.row(c, y, buf.get()) : nullptr, norm, out);
+struct CanvasJob {
+  const ResizedRows* img;
+  Canvas cv;
+  out_t* out;
+};
+
+// Every row of every canvas (one parallel region for all of them): image rows are fetched (the
+// vertical pass is fused here) and converted; padding rows are filled.
+template <typename out_t>
+void emit_canvases(const std::vector<CanvasJob<out_t>>& jobs, const Normalizer<out_t>& norm) {
+  int64_t total = 0, ow = 0;
+  for (const auto& j : jobs) total += j.cv.rows * j.cv.S, ow = std::max(ow, j.img->ow);
+  at::parallel_for(0, total, 8, [&](int64_t g0, int64_t g1) {
+    Scratch buf(kRow, ow + 32);
+    int64_t base = 0;
+    for (const auto& j : jobs) {
+      const int64_t rows = j.cv.rows * j.cv.S;
+      for (int64_t Y = std::max(g0, base) - base; Y < std::min(g1, base + rows) - base; ++Y) {
+        const int64_t y = Y - j.cv.pad_t;
+        const bool in = y >= 0 && y < j.cv.ih;
+        for (int c = 0; c < 3; ++c) emit_row(j.cv, Y, c, in ? j.img->row(c, y, buf.get()) : nullptr, norm, j.out);
+      }
+      base += rows;
     }
   });
 }
@@ -500,12 +516,13 @@ void anyres_tile_cpu(const std::vector<at::Tensor>& images, const at::Tensor& pl
       std::vector<std::pair<int64_t, int64_t>> sizes{{r[kResH], r[kResW]}};
       if (global_view) sizes.emplace_back(tile, tile);
       const Resizer res(src, sizes);
+      std::vector<CanvasJob<scalar_t>> jobs;
       if (global_view) {
-        emit_canvas<scalar_t>(res[1], Canvas{tile, tile, 0, 0, 1, 1, tile}, *norm, dst);
+        jobs.push_back({&res[1], Canvas{tile, tile, 0, 0, 1, 1, tile}, dst});
         dst += tile_elems;
       }
-      emit_canvas<scalar_t>(res[0], Canvas{r[kResH], r[kResW], r[kPadT], r[kPadL], r[kRows], r[kCols], tile}, *norm,
-                            dst);
+      jobs.push_back({&res[0], Canvas{r[kResH], r[kResW], r[kPadT], r[kPadL], r[kRows], r[kCols], tile}, dst});
+      emit_canvases(jobs, *norm);
     }
   });
 }

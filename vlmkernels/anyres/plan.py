@@ -76,7 +76,9 @@ def anyres_plan_batch(sizes, grid_pinpoints, tile_size: int, *, backend: str = "
         raise ValueError("sizes must be positive")
     if int(tile_size) <= 0:
         raise ValueError(f"tile_size must be positive, got {tile_size}")
-    return library.op(OP)(sizes.cpu().contiguous(), pinpoints_tensor(grid_pinpoints), int(tile_size), backend)
+    args = (sizes.cpu().contiguous(), pinpoints_tensor(grid_pinpoints), int(tile_size))
+    direct = library.direct_cpu_call(OP, backend, args[:2])  # eager CPU: skip the dispatcher round trip
+    return direct(*args) if direct is not None else library.op(OP)(*args, backend)
 
 
 def _plan_reference(sizes: torch.Tensor, pins: torch.Tensor, tile: int) -> torch.Tensor:

@@ -116,7 +116,9 @@ def tile_views(
         table.append([p[2], p[3], p[5], p[4], p[8], p[9], first])
         first += slot if pad_to_max else n
     plan = torch.tensor(table, dtype=torch.int64).reshape(-1, PLAN_COLS)
-    out = library.op(OP)(list(views), plan, first, tile, mean, std, bool(global_view), out_dtype, backend)
+    args = (list(views), plan, first, tile, mean, std, bool(global_view), out_dtype)
+    direct = library.direct_cpu_call(OP, backend, views)  # eager CPU: skip the dispatcher round trip
+    out = direct(*args) if direct is not None else library.op(OP)(*args, backend)
     return out, counts
 
 
