@@ -267,3 +267,23 @@ def test_cuda_matches_cpu():
     bf, _ = anyres_tile([im.cuda() for im in imgs], SMALL_PINS, SMALL, CLIP_MEAN, CLIP_STD,
                         out_dtype=torch.bfloat16, backend="cuda")
     assert_close(bf.cpu(), want.bfloat16(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpu_thread_splits_and_wide_downscales(threads):
+    # Row counts that split into odd numbers of 8-row blocks per thread (a lone block takes the
+    # single-block path), output widths that are not multiples of 8 (the column tail) and
+    # downscales with 100+ taps per output pixel, each exact against the reference.
+    cpu_ok()
+    g = torch.Generator().manual_seed(11)
+    images = [rand_u8(137, 411, 3, gen=g), rand_u8(3, 97, 1003, gen=g), rand_u8(251, 23, 3, gen=g)]
+    pins = [[28, 56], [56, 28], [84, 28], [28, 84]]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got, n_got = anyres_tile(images, pins, 28, CLIP_MEAN, CLIP_STD, backend="cpu")
+    finally:
+        torch.set_num_threads(before)
+    want, n_want = anyres_tile(images, pins, 28, CLIP_MEAN, CLIP_STD, backend="reference")
+    assert n_got == n_want
+    assert_close(got, want, atol=0, rtol=0)
