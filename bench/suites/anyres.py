@@ -170,6 +170,55 @@ def embed_cases(full: bool, device: str, tiles=None, D: int = 1024, tile: int = 
     return [one(N) for N in tiles]
 
 
+def encode_cases(full: bool, device: str) -> list[Case]:
+    """uint8 images -> CLIP-L/14-336 patch embeddings (2x2 grid + global view per 4:3 image): HF's
+    torchvision processor followed by HF's CLIP embeddings + pre-LN, against anyres_encode (tiler +
+    uint8 GEMM) and, on CUDA, its one-kernel variant. Issue 4's GPU row: <= 20 us per image."""
+    encode = functional("anyres_encode")
+    if encode is None:
+        return []
+    procs = _hf_processors()
+    if device == "cuda":
+        configs, dname = ([8, 32] if full else [32]), "bfloat16"
+    else:
+        configs, dname = [1], "float32"
+    dtype = DTYPES[dname]
+    try:
+        emb, ln = _hf_clip_embed(1024, dtype, device)
+    except Exception as e:  # noqa: BLE001
+        log(f"  anyres_encode: HF CLIP embeddings unavailable ({type(e).__name__}: {e})")
+        return []
+    weight, cls, pos = emb.patch_embedding.weight, emb.class_embedding, emb.position_embedding.weight
+    H, W = 768, 1024
+
+    def one(B):
+        def make(i):
+            g = torch.Generator(device=device).manual_seed(i)
+            return [torch.randint(0, 256, (3, H, W), dtype=torch.uint8, device=device, generator=g) for _ in range(B)]
+        inp = Inputs(make, nbytes=B * 3 * H * W)
+        providers = {}
+        if "hf-torchvision" in procs:
+            p = procs["hf-torchvision"]
+
+            def hf():
+                kw = {"device": device} if device == "cuda" else {}
+                px = p(images=inp(), return_tensors="pt", **kw)["pixel_values"]
+                with torch.no_grad():
+                    return ln(emb(px.flatten(0, 1).to(device, dtype)))
+            providers["hf-torchvision+clip"] = hf
+        args = lambda: (inp(), PINPOINTS, TILE, CLIP_MEAN, CLIP_STD, weight)  # noqa: E731
+        kw = dict(class_embedding=cls, position_embedding=pos, pre_layernorm=ln)
+        providers["ours-two-kernel"] = lambda: encode(*args(), **kw)
+        if device == "cuda":
+            providers["ours-fused"] = lambda: encode(*args(), **kw, fused=True)
+        base = "hf-torchvision+clip" if "hf-torchvision+clip" in providers else "ours-two-kernel"
+        return Case("anyres_encode", FAMILY, {"images": B, "H": H, "W": W, "D": 1024}, f"uint8->{dname}", providers,
+                    base, x="images", inputs=[inp], timing="events",
+                    note="per call for the whole batch; per image = time / images")
+
+    return [one(B) for B in configs]
+
+
 def _hf_pack():
     """HF LlavaNextModel.pack_image_features bound to a stand-in holding just what it reads."""
     from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
@@ -244,7 +293,7 @@ def cases(full: bool, device: str) -> list[Case]:
     except Exception as e:  # noqa: BLE001
         raise SkipSuite(f"vlmkernels is not importable: {type(e).__name__}: {e}")
     out = []
-    for make in (tile_cases, embed_cases, pack_cases):
+    for make in (tile_cases, embed_cases, encode_cases, pack_cases):
         try:
             out += make(full, device)
         except Exception as e:  # noqa: BLE001 - a half-landed op must not stop the other benches

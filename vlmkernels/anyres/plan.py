@@ -8,6 +8,8 @@ with the CUDA kernels, or the ``reference`` backend).
 
 from __future__ import annotations
 
+import functools
+
 from typing import Sequence
 
 import torch
@@ -25,7 +27,32 @@ PLAN_FIELDS = ("best_h", "best_w", "resized_h", "resized_w", "pad_l", "pad_t", "
 
 
 def pinpoints_tensor(grid_pinpoints, name: str = "grid_pinpoints") -> torch.Tensor:
-    """(height, width) pairs -> int64 [m, 2], validated."""
+    """(height, width) pairs -> int64 [m, 2], validated. Callers must not modify the result: for
+    lists of int pairs (the usual config value) it is cached, as the checks cost more than a
+    small image's planning."""
+    key = _pins_key(grid_pinpoints)
+    if key is not None:
+        return _pins_cached(key, name)
+    return _pins_checked(grid_pinpoints, name)
+
+
+def _pins_key(grid_pinpoints):
+    if not isinstance(grid_pinpoints, (list, tuple)):
+        return None
+    try:
+        key = tuple((p[0], p[1]) for p in grid_pinpoints if len(p) == 2)
+    except TypeError:
+        return None
+    ok = len(key) == len(grid_pinpoints) and all(type(v) is int for pair in key for v in pair)
+    return key if ok else None
+
+
+@functools.lru_cache(maxsize=64)
+def _pins_cached(key, name: str) -> torch.Tensor:
+    return _pins_checked(key, name)
+
+
+def _pins_checked(grid_pinpoints, name: str) -> torch.Tensor:
     try:
         pins = torch.as_tensor(grid_pinpoints, dtype=torch.int64)
     except (TypeError, ValueError, RuntimeError):
