@@ -49,3 +49,22 @@ def assert_close(actual, expected, *, atol=None, rtol=None, dtype=None, max_prin
         t = tuple(i)
         lines.append(f"  at {t}: actual {float(a[t])!r} expected {float(e[t])!r}")
     raise AssertionError("\n".join(lines))
+
+
+def run_without_interpreter(code: str, timeout: int = 300) -> None:
+    """Run ``code`` in a fresh Python without TRITON_INTERPRET (ahead-of-time kernel builds need the
+    real compiler); skips when triton's ptxas is missing, fails with the child's stderr otherwise."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=timeout)
+    if res.returncode and "ptxas" in res.stderr and "not found" in res.stderr.lower():
+        pytest.skip("triton's ptxas is not available")
+    assert res.returncode == 0, res.stderr[-3000:]

@@ -7,7 +7,7 @@ import torch
 
 import vlmkernels
 from python_ref.ops import anyres as ref
-from tests.helpers import assert_close, tol
+from tests.helpers import assert_close, run_without_interpreter, tol
 from vlmkernels import _ext, registry
 from vlmkernels.anyres.encode import anyres_encode
 from vlmkernels.anyres.encode_fused import axis_rows, build_tables
@@ -302,3 +302,12 @@ def test_op_rejects_tables_that_read_out_of_bounds():
 def test_exported_functional_takes_fused():
     assert vlmkernels.ops.anyres_encode is anyres_encode
     assert "anyres_encode_fused" in vlmkernels.schemas.SERVED_BY
+
+
+def test_kernels_compile_for_sm90():
+    """The one-kernel tile-and-encode and the (uint8 / float) patch GEMM build to sm_90 cubins."""
+    run_without_interpreter(
+        "from vlmkernels.triton import anyres_encode, patch_embed\n"
+        "assert anyres_encode.aot_compile(dtype='bf16').asm['cubin']\n"
+        "assert patch_embed.aot_compile(from_u8=True, dtype='bf16').asm['cubin']\n"
+        "assert patch_embed.aot_compile(from_u8=False, dtype='fp32').asm['cubin']\n")

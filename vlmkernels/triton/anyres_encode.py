@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .patch_embed import _row_layernorm_kernel
+from .patch_embed import _gemm_step, _row_layernorm_kernel, _store_epilogue
 
 # columns of the per-tile descriptor table (int64 [num_tiles, NDESC])
 D_SRC = 0          # offset of the image's element [0, 0, channel 0] in src
@@ -127,31 +127,9 @@ def _anyres_encode_kernel(
             acc_b += _clip8(acc_a) * wb
         byte = tl.where(inside, _clip8(acc_b), 0)
         a = tl.load(lut_ptr + c[None, :] * 256 + byte, mask=amask, other=0.0)
-        # HF casts pixels to the weight dtype before the conv
-        a = a.to(w_ptr.dtype.element_ty)
-        wt = tl.load(w_ptr + d[None, :].to(tl.int64) * K + k[:, None], mask=kmask[:, None] & dmask[None, :], other=0.0)
-        if UPCAST:
-            acc += tl.dot(a.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
-        elif IEEE:
-            acc += tl.dot(a, wt, input_precision="ieee")
-        else:
-            acc += tl.dot(a, wt)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-    row = m + (1 if HAS_CLS else 0)  # output row of each patch
-    if HAS_POS:
-        pos = tl.load(pos_ptr + row[:, None].to(tl.int64) * D + d[None, :], mask=mmask[:, None] & dmask[None, :],
-                      other=0.0)
-        acc += pos.to(tl.float32)
-    out_rows = n.to(tl.int64) * ROWS + row
-    tl.store(out_ptr + out_rows[:, None] * D + d[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=mmask[:, None] & dmask[None, :])
-    if HAS_CLS:
-        if pid_m == 0:
-            v = tl.load(cls_ptr + d, mask=dmask, other=0.0).to(tl.float32)
-            if HAS_POS:
-                v += tl.load(pos_ptr + d, mask=dmask, other=0.0).to(tl.float32)
-            tl.store(out_ptr + n.to(tl.int64) * ROWS * D + d, v.to(out_ptr.dtype.element_ty), mask=dmask)
+        acc = _gemm_step(acc, a, w_ptr, d, k, K, kmask, dmask, IEEE, UPCAST)
+    _store_epilogue(acc, n, m, d, mmask, dmask, pid_m, b_ptr, cls_ptr, pos_ptr, out_ptr, D, ROWS,
+                    HAS_BIAS, HAS_CLS, HAS_POS)
 
 
 def anyres_encode(src, desc, taps, lut, tile, weight, bias, class_embedding, position_embedding,
@@ -195,3 +173,14 @@ def anyres_encode(src, desc, taps, lut, tile, weight, bias, class_embedding, pos
             BLOCK_D=triton.next_power_of_2(d),
         )
     return out
+
+
+def aot_compile(arch: int = 90, dtype: str = "bf16"):
+    """The one-kernel tile-and-encode built for ``sm_<arch>`` without a GPU (see triton/aot.py)."""
+    from .aot import aot_compile as compile_for
+
+    types = {n: "*" + dtype for n in _anyres_encode_kernel.arg_names if n.endswith("_ptr")}
+    types.update(src_ptr="*u8", desc_ptr="*i64", taps_ptr="*i32", lut_ptr="*fp32", out_ptr="*fp32")
+    consts = dict(PATCH=14, NDESC=NDESC, HAS_BIAS=True, HAS_CLS=True, HAS_POS=True, IEEE=dtype == "fp32",
+                  UPCAST=False, BLOCK_M=64, BLOCK_D=128, BLOCK_K=32)
+    return compile_for(_anyres_encode_kernel, types, consts, arch=arch)

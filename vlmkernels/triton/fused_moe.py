@@ -258,9 +258,6 @@ def _fused_moe_chunk(hidden, gate_up_proj, down_proj, weights, ids, activation, 
 
 # ---- ahead-of-time compile check and tuning ---------------------------------------------------------
 
-_CONSTEXPRS = ("A_ROW_DIV", "GATED", "ACTIVATION", "MUL_ROUTED_WEIGHT", "DOT_PRECISION", "DOT_UPCAST", "NAIVE",
-               "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
-
 
 def aot_compile(dtype: str = "bf16", gated: bool = True, arch: int = 90, cfg: dict | None = None,
                 activation: str = "silu", naive: bool = False):
@@ -268,32 +265,24 @@ def aot_compile(dtype: str = "bf16", gated: bool = True, arch: int = 90, cfg: di
 
     Needs a process without ``TRITON_INTERPRET=1`` (under it ``triton.jit`` returns an interpreter).
     """
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from .aot import aot_compile as compile_for
 
     cfg = cfg or default_config(4096, 8, 128, 128, torch.bfloat16, "cuda")
-    names = _moe_gemm_kernel.arg_names
-    sig = {}
-    for n in names:
-        if n in _CONSTEXPRS:
-            sig[n] = "constexpr"
-        elif n in ("a_ptr", "b_ptr"):
-            sig[n] = "*" + dtype
+    types = {}
+    for n in _moe_gemm_kernel.arg_names:
+        if n in ("a_ptr", "b_ptr"):
+            types[n] = "*" + dtype
         elif n == "c_ptr":
-            sig[n] = "*" + (dtype if gated else "fp32")
+            types[n] = "*" + (dtype if gated else "fp32")
         elif n == "w_ptr":
-            sig[n] = "*fp32"
+            types[n] = "*fp32"
         elif n.endswith("_ptr"):
-            sig[n] = "*i32"
-        else:
-            sig[n] = "i32"
+            types[n] = "*i32"
     values = dict(A_ROW_DIV=2 if gated else 1, GATED=gated, ACTIVATION=ACTIVATION_CODES[activation],
                   MUL_ROUTED_WEIGHT=not gated, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
                   DOT_UPCAST=False, NAIVE=naive, **{k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")})
-    src = ASTSource(fn=_moe_gemm_kernel, signature=sig,
-                    constexprs={(names.index(n),): v for n, v in values.items()})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    return compile_for(_moe_gemm_kernel, types, values, arch=arch, num_warps=cfg["num_warps"],
+                       num_stages=cfg["num_stages"])
 
 
 TUNE_SPACE = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=s)

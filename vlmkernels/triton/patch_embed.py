@@ -19,6 +19,42 @@ import triton.language as tl
 
 
 @triton.jit
+def _gemm_step(acc, a, w_ptr, d, k, K, kmask, dmask, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += A[:, k] @ W[d, k]^T, with A cast to the weight dtype first (HF casts pixels before the conv)."""
+    a = a.to(w_ptr.dtype.element_ty)
+    wt = tl.load(w_ptr + d[None, :].to(tl.int64) * K + k[:, None], mask=kmask[:, None] & dmask[None, :], other=0.0)
+    if UPCAST:
+        acc += tl.dot(a.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        acc += tl.dot(a, wt, input_precision="ieee")
+    else:
+        acc += tl.dot(a, wt)
+    return acc
+
+
+@triton.jit
+def _store_epilogue(acc, n, m, d, mmask, dmask, pid_m, b_ptr, cls_ptr, pos_ptr, out_ptr, D, ROWS,
+                    HAS_BIAS: tl.constexpr, HAS_CLS: tl.constexpr, HAS_POS: tl.constexpr):
+    """Patches m of image n: + bias + positions, stored at rows m (+1 after the class token); the
+    first M block also writes the class-token row (cls + pos[0])."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    t = m + (1 if HAS_CLS else 0)  # output row of each patch
+    if HAS_POS:
+        pos = tl.load(pos_ptr + t[:, None].to(tl.int64) * D + d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
+        acc += pos.to(tl.float32)
+    out_rows = n.to(tl.int64) * ROWS + t
+    tl.store(out_ptr + out_rows[:, None] * D + d[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mmask[:, None] & dmask[None, :])
+    if HAS_CLS:
+        if pid_m == 0:
+            v = tl.load(cls_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+            if HAS_POS:
+                v += tl.load(pos_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + n.to(tl.int64) * ROWS * D + d, v.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
 def _patch_gemm_kernel(
     px_ptr, lut_ptr, w_ptr, b_ptr, cls_ptr, pos_ptr, out_ptr,
     P, GW, D, K,
@@ -53,30 +89,9 @@ def _patch_gemm_kernel(
             a = tl.load(lut_ptr + c[None, :] * 256 + u, mask=amask, other=0.0)
         else:
             a = tl.load(px_ptr + row_base[:, None] + k_off[None, :], mask=amask, other=0.0)
-        # HF casts pixels to the weight dtype before the conv
-        a = a.to(w_ptr.dtype.element_ty)
-        wt = tl.load(w_ptr + d[None, :].to(tl.int64) * K + k[:, None], mask=kmask[:, None] & dmask[None, :], other=0.0)
-        if UPCAST:
-            acc += tl.dot(a.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
-        elif IEEE:
-            acc += tl.dot(a, wt, input_precision="ieee")
-        else:
-            acc += tl.dot(a, wt)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-    t = m + (1 if HAS_CLS else 0)  # output row of each patch
-    if HAS_POS:
-        pos = tl.load(pos_ptr + t[:, None].to(tl.int64) * D + d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
-        acc += pos.to(tl.float32)
-    out_rows = n.to(tl.int64) * ROWS + t
-    tl.store(out_ptr + out_rows[:, None] * D + d[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=mmask[:, None] & dmask[None, :])
-    if HAS_CLS:
-        if pid_m == 0:
-            v = tl.load(cls_ptr + d, mask=dmask, other=0.0).to(tl.float32)
-            if HAS_POS:
-                v += tl.load(pos_ptr + d, mask=dmask, other=0.0).to(tl.float32)
-            tl.store(out_ptr + n.to(tl.int64) * ROWS * D + d, v.to(out_ptr.dtype.element_ty), mask=dmask)
+        acc = _gemm_step(acc, a, w_ptr, d, k, K, kmask, dmask, IEEE, UPCAST)
+    _store_epilogue(acc, n, m, d, mmask, dmask, pid_m, b_ptr, cls_ptr, pos_ptr, out_ptr, D, ROWS,
+                    HAS_BIAS, HAS_CLS, HAS_POS)
 
 
 @triton.jit
@@ -134,3 +149,15 @@ def patch_embed(pixels, weight, bias, class_embedding, position_embedding, ln_we
             BLOCK_D=triton.next_power_of_2(d),
         )
     return out
+
+
+def aot_compile(arch: int = 90, from_u8: bool = True, dtype: str = "bf16"):
+    """The patch GEMM built for ``sm_<arch>`` without a GPU (see triton/aot.py)."""
+    from .aot import aot_compile as compile_for
+
+    types = {n: "*" + dtype for n in _patch_gemm_kernel.arg_names if n.endswith("_ptr")}
+    types.update(px_ptr="*u8" if from_u8 else "*" + dtype, lut_ptr="*fp32", out_ptr="*fp32")
+    types.update({n: "i64" for n in ("s_n", "s_c", "s_h", "s_w")})
+    consts = dict(PATCH=14, FROM_U8=from_u8, HAS_BIAS=True, HAS_CLS=True, HAS_POS=True, IEEE=dtype == "fp32",
+                  UPCAST=False, BLOCK_M=64, BLOCK_D=128, BLOCK_K=32)
+    return compile_for(_patch_gemm_kernel, types, consts, arch=arch)
