@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .patch_embed import _gemm_step, _row_layernorm_kernel, _store_epilogue
+from .patch_embed import _gemm_step, _store_epilogue, gemm_blocks, row_layernorm
 
 # columns of the per-tile descriptor table (int64 [num_tiles, NDESC])
 D_SRC = 0          # offset of the image's element [0, 0, channel 0] in src
@@ -150,8 +150,7 @@ def anyres_encode(src, desc, taps, lut, tile, weight, bias, class_embedding, pos
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     # untuned (no GPU was at hand); the same M/D tiles as patch_embed. Under the interpreter one wide
     # K block saves Python-level iterations of the tap loops (the numpy arrays stay tiny).
-    block_m = 64 if P >= 256 else (32 if P >= 32 else max(16, triton.next_power_of_2(P)))
-    block_d = 128 if d >= 512 else (64 if d >= 64 else max(16, triton.next_power_of_2(d)))
+    block_m, block_d = gemm_blocks(P, d)
     block_k = min(256, max(16, triton.next_power_of_2(K))) if interpret else 32
     dummy = weight
     grid = (num_tiles, triton.cdiv(P, block_m), triton.cdiv(d, block_d))
@@ -167,11 +166,7 @@ def anyres_encode(src, desc, taps, lut, tile, weight, bias, class_embedding, pos
         BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=block_k,
     )
     if ln_eps is not None:
-        _row_layernorm_kernel[(num_tiles * rows,)](
-            staged, ln_weight if ln_weight is not None else dummy, ln_bias if ln_bias is not None else dummy,
-            out, d, float(ln_eps), HAS_W=ln_weight is not None, HAS_B=ln_bias is not None,
-            BLOCK_D=triton.next_power_of_2(d),
-        )
+        row_layernorm(staged, ln_weight, ln_bias, ln_eps, out)
     return out
 
 

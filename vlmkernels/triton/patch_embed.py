@@ -126,8 +126,7 @@ def patch_embed(pixels, weight, bias, class_embedding, position_embedding, ln_we
         return out
     staged = out if ln_eps is None else torch.empty(n, rows, d, dtype=torch.float32, device=pixels.device)
     # untuned (no GPU was at hand): 64x128 tiles for CLIP/SigLIP-sized problems, smaller for tiny ones
-    block_m = 64 if P >= 256 else (32 if P >= 32 else max(16, triton.next_power_of_2(P)))
-    block_d = 128 if d >= 512 else (64 if d >= 64 else max(16, triton.next_power_of_2(d)))
+    block_m, block_d = gemm_blocks(P, d)
     block_k = 32
     dummy = weight
     grid = (n, triton.cdiv(P, block_m), triton.cdiv(d, block_d))
@@ -143,12 +142,26 @@ def patch_embed(pixels, weight, bias, class_embedding, position_embedding, ln_we
         BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=block_k,
     )
     if ln_eps is not None:
-        _row_layernorm_kernel[(n * rows,)](
-            staged, ln_weight if ln_weight is not None else dummy, ln_bias if ln_bias is not None else dummy,
-            out, d, float(ln_eps), HAS_W=ln_weight is not None, HAS_B=ln_bias is not None,
-            BLOCK_D=triton.next_power_of_2(d),
-        )
+        row_layernorm(staged, ln_weight, ln_bias, ln_eps, out)
     return out
+
+
+def gemm_blocks(P: int, d: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_D) of the patch GEMMs for P patches and width d (untuned: no GPU at hand)."""
+    block_m = 64 if P >= 256 else (32 if P >= 32 else max(16, triton.next_power_of_2(P)))
+    block_d = 128 if d >= 512 else (64 if d >= 64 else max(16, triton.next_power_of_2(d)))
+    return block_m, block_d
+
+
+def row_layernorm(staged: torch.Tensor, ln_weight, ln_bias, ln_eps: float, out: torch.Tensor) -> None:
+    """out[..., :] = LayerNorm over the last dim of the fp32 rows in ``staged`` (same shape)."""
+    d = staged.shape[-1]
+    dummy = staged
+    _row_layernorm_kernel[(staged.numel() // d,)](
+        staged, ln_weight if ln_weight is not None else dummy, ln_bias if ln_bias is not None else dummy,
+        out, d, float(ln_eps), HAS_W=ln_weight is not None, HAS_B=ln_bias is not None,
+        BLOCK_D=triton.next_power_of_2(d),
+    )
 
 
 def aot_compile(arch: int = 90, from_u8: bool = True, dtype: str = "bf16"):
