@@ -8,6 +8,8 @@ import torch
 import vlmkernels
 from python_ref.ops import anyres as ref
 from tests.helpers import assert_close, run_without_interpreter, tol
+from tests.test_anyres_encode import _images as _two_kernel_images
+from tests.test_anyres_encode import _params
 from vlmkernels import _ext, registry
 from vlmkernels.anyres.encode import anyres_encode
 from vlmkernels.anyres.encode_fused import axis_rows, build_tables
@@ -29,28 +31,11 @@ def _need(backend, op="anyres_encode_fused", device="cpu"):
 
 
 def _images(seed, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    u8 = lambda *s: torch.randint(0, 256, s, dtype=torch.uint8, generator=g).to(device)  # noqa: E731
-    return [
-        u8(3, 37, 53),                    # CHW, wide: upscaled grid, downscaled global view
-        u8(41, 29, 3),                    # HWC, tall
-        u8(19, 23),                       # grayscale (one plane read as R, G and B)
-        u8(4, 31, 17),                    # RGBA (composited onto white: a host-side copy)
-        u8(50, 70, 3)[3:46:2, 1:60],      # a strided crop (a host-side copy)
-        u8(97, 23, 3),                    # shrinks in height much more than width: vertical pass first
-    ]
-
-
-def _params(seed, d=13, cls=True, pos=True, ln=True, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
-    weight = r(d, 3, PATCH, PATCH) / PATCH
-    kw = dict(
-        class_embedding=r(d) if cls else None,
-        position_embedding=r(P + int(cls), d) if pos else None,
-        pre_layernorm=(r(d), r(d), 1e-5) if ln else None,
-    )
-    return weight, r(d), kw
+    # the two-kernel tests' layouts (upscale/downscale, CHW/HWC, gray, RGBA and strided crops are
+    # host-side copies here) plus one that shrinks in height much more than width: vertical pass first
+    g = torch.Generator().manual_seed(seed + 1000)
+    tall = torch.randint(0, 256, (97, 23, 3), dtype=torch.uint8, generator=g).to(device)
+    return _two_kernel_images(seed, device) + [tall]
 
 
 # ---- tap tables ---------------------------------------------------------------------------------------

@@ -44,6 +44,14 @@ def _hf_processors():
     return out
 
 
+def _image_batch(B: int, H: int, W: int, device: str) -> Inputs:
+    """Rotating inputs: lists of B random uint8 [3, H, W] images on the device."""
+    def make(i):
+        g = torch.Generator(device=device).manual_seed(i)
+        return [torch.randint(0, 256, (3, H, W), dtype=torch.uint8, device=device, generator=g) for _ in range(B)]
+    return Inputs(make, nbytes=B * 3 * H * W)
+
+
 def tile_cases(full: bool, device: str) -> list[Case]:
     tile = functional("anyres_tile")
     if tile is None:
@@ -53,10 +61,7 @@ def tile_cases(full: bool, device: str) -> list[Case]:
 
     def gpu_case(B, H, W):
         # a batch of B images, uint8 on the GPU -> normalized tiles (issue 4's roofline row)
-        def make(i):
-            g = torch.Generator(device=device).manual_seed(i)
-            return [torch.randint(0, 256, (3, H, W), dtype=torch.uint8, device=device, generator=g) for _ in range(B)]
-        inp = Inputs(make, nbytes=B * 3 * H * W)
+        inp = _image_batch(B, H, W, device)
         providers = {}
         if "hf-torchvision" in procs:
             p = procs["hf-torchvision"]
@@ -192,10 +197,7 @@ def encode_cases(full: bool, device: str) -> list[Case]:
     H, W = 768, 1024
 
     def one(B):
-        def make(i):
-            g = torch.Generator(device=device).manual_seed(i)
-            return [torch.randint(0, 256, (3, H, W), dtype=torch.uint8, device=device, generator=g) for _ in range(B)]
-        inp = Inputs(make, nbytes=B * 3 * H * W)
+        inp = _image_batch(B, H, W, device)
         providers = {}
         if "hf-torchvision" in procs:
             p = procs["hf-torchvision"]
