@@ -133,7 +133,16 @@ def _plan_fake(sizes, pins, tile, backend="auto"):
 
 
 def plan_rows(sizes: Sequence[tuple[int, int]], grid_pinpoints, tile_size: int, backend: str = "auto") -> list[list[int]]:
-    """Python lists of plan rows (host-side helper for the tile functional)."""
-    if registry.availability(OP, "cpu", "cpu")[0] and backend in ("auto", "cpu", "cuda"):
-        return anyres_plan_batch(list(sizes), grid_pinpoints, tile_size, backend="cpu").tolist()
-    return anyres_plan_batch(list(sizes), grid_pinpoints, tile_size, backend="reference").tolist()
+    """Python lists of plan rows (host-side helper for the tile functional). Rows are cached per
+    (size, pinpoints, tile) when the pinpoints are a list of int pairs: datasets repeat sizes, and
+    a per-call round trip through the op costs more than a small image's tiling."""
+    kind = "cpu" if registry.availability(OP, "cpu", "cpu")[0] and backend in ("auto", "cpu", "cuda") else "reference"
+    key = _pins_key(grid_pinpoints)
+    if key is None:
+        return anyres_plan_batch(list(sizes), grid_pinpoints, tile_size, backend=kind).tolist()
+    return [list(_plan_row(int(h), int(w), key, int(tile_size), kind)) for h, w in sizes]
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_row(h: int, w: int, pins_key, tile: int, kind: str) -> tuple[int, ...]:
+    return tuple(anyres_plan_batch([(h, w)], pins_key, tile, backend=kind)[0].tolist())

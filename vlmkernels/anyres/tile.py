@@ -13,6 +13,7 @@ whole batch) and ``reference`` (python_ref, pure PyTorch).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Sequence
 
@@ -22,7 +23,7 @@ import torch
 from python_ref.ops.anyres import image_to_rgb_chw, normalize_u8, tiles_from_plan
 
 from .. import _ext, library, registry
-from .plan import pinpoints_tensor, plan_rows
+from .plan import _pins_key, pinpoints_tensor, plan_rows
 
 __all__ = ["anyres_tile"]
 
@@ -79,6 +80,24 @@ def _per_channel(values, name: str) -> list[float]:
     return vals
 
 
+def _check_pins(grid_pinpoints, tile: int) -> None:
+    key = _pins_key(grid_pinpoints)
+    if key is None:
+        _check_pins_of(grid_pinpoints, tile)
+    else:
+        _check_pins_cached(key, tile)  # raises (and caches nothing) when invalid
+
+
+def _check_pins_of(grid_pinpoints, tile: int) -> bool:
+    pins = pinpoints_tensor(grid_pinpoints)
+    if bool((pins % tile != 0).any()):
+        raise ValueError(f"every grid pinpoint must be a multiple of tile_size={tile}, got {pins.tolist()}")
+    return True
+
+
+_check_pins_cached = functools.lru_cache(maxsize=64)(_check_pins_of)
+
+
 def tile_views(
     views: Sequence[torch.Tensor],
     grid_pinpoints,
@@ -98,16 +117,14 @@ def tile_views(
         raise ValueError(f"tile_size must be positive, got {tile_size}")
     if out_dtype not in _OUT_DTYPES:
         raise TypeError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
-    pins = pinpoints_tensor(grid_pinpoints)
-    if bool((pins % tile != 0).any()):
-        raise ValueError(f"every grid pinpoint must be a multiple of tile_size={tile}, got {pins.tolist()}")
+    _check_pins(grid_pinpoints, tile)
     if out_dtype == torch.uint8:
         mean, std = _IDENTITY_NORM  # the kernels ignore them; don't reject values nobody reads
     mean, std = _per_channel(mean, "mean"), _per_channel(std, "std")
     devices = {v.device for v in views}
     if len(devices) > 1:
         raise ValueError(f"all images must be on one device, got {sorted(map(str, devices))}")
-    plans = plan_rows([tuple(v.shape[:2]) for v in views], pins, tile, backend)
+    plans = plan_rows([tuple(v.shape[:2]) for v in views], grid_pinpoints, tile, backend)
     counts = [p[8] * p[9] + int(global_view) for p in plans]
     slot = max(counts, default=0) if pad_to_max else None
     table, first = [], 0
@@ -164,7 +181,7 @@ def anyres_tile(
 
 def _alloc(images, plan: torch.Tensor, num_tiles: int, tile: int, global_view: bool, out_dtype) -> torch.Tensor:
     device = images[0].device if len(images) else torch.device("cpu")
-    covered = int((plan[:, 4] * plan[:, 5]).sum()) + len(images) * int(global_view) if len(images) else 0
+    covered = sum(r[4] * r[5] for r in plan.tolist()) + len(images) * int(global_view)
     make = torch.empty if covered == num_tiles else torch.zeros  # slots no image writes stay zero
     return make(num_tiles, 3, tile, tile, dtype=out_dtype, device=device)
 
