@@ -46,7 +46,7 @@ constexpr bool kHasAvx2 = false;
 
 // Slots: one buffer per (thread, slot), grown on demand and kept between calls up to kKeepBytes.
 enum Slot : int { kSrcCopy, kHTmp0, kHTmp1, kVFirst, kResized0, kResized1, kStage, kRow, kSlots };
-constexpr int64_t kKeepBytes = int64_t(64) << 20;
+constexpr int64_t kKeepBytes = int64_t(16) << 20;  // a 4032x3024 image needs ~6 MB; huge ones are freed
 
 struct ScratchPool {
   std::array<std::unique_ptr<uint8_t[]>, kSlots> buf;
