@@ -153,11 +153,12 @@ __attribute__((target("avx2"))) inline void hconv_avx2(const __m256i* p0, const 
 
 // ---- vertical pass: one output row of n bytes from `count` source rows ----------------------
 
-inline void vconv_row_scalar(const uint8_t* src, int64_t stride, int64_t n, const int32_t* k, int count,
-                             uint8_t* dst) {
-  for (int64_t i = 0; i < n; ++i) {
+// rows[t] (t < count) are the tap rows of the output row; columns [i0, n) are resampled.
+inline void vconv_rows_scalar(const uint8_t* const* rows, int64_t i0, int64_t n, const int32_t* k, int count,
+                              uint8_t* dst) {
+  for (int64_t i = i0; i < n; ++i) {
     int32_t acc = kRoundBias;
-    for (int t = 0; t < count; ++t) acc += int32_t(src[t * stride + i]) * k[t];
+    for (int t = 0; t < count; ++t) acc += int32_t(rows[t][i]) * k[t];
     dst[i] = clip8(acc);
   }
 }
@@ -168,14 +169,14 @@ __attribute__((target("avx2"))) inline __m256i load8_epi32(const uint8_t* q) {
 }
 
 // 32 columns per step with the accumulators in registers across all taps.
-__attribute__((target("avx2"))) inline void vconv_row_avx2(const uint8_t* src, int64_t stride, int64_t n,
-                                                           const int32_t* k, int count, uint8_t* dst) {
+__attribute__((target("avx2"))) inline void vconv_rows_avx2(const uint8_t* const* rows, int64_t n,
+                                                            const int32_t* k, int count, uint8_t* dst) {
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undo packs' lane interleave
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
     __m256i a0 = _mm256_set1_epi32(kRoundBias), a1 = a0, a2 = a0, a3 = a0;
     for (int t = 0; t < count; ++t) {
-      const uint8_t* p = src + t * stride + i;
+      const uint8_t* p = rows[t] + i;
       const __m256i w = _mm256_set1_epi32(k[t]);
       a0 = _mm256_add_epi32(a0, _mm256_mullo_epi32(load8_epi32(p), w));
       a1 = _mm256_add_epi32(a1, _mm256_mullo_epi32(load8_epi32(p + 8), w));
@@ -189,7 +190,7 @@ __attribute__((target("avx2"))) inline void vconv_row_avx2(const uint8_t* src, i
     const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(a0, a1), _mm256_packs_epi32(a2, a3));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_permutevar8x32_epi32(b, order));
   }
-  if (i < n) vconv_row_scalar(src + i, stride, n - i, k, count, dst + i);
+  if (i < n) vconv_rows_scalar(rows, i, n, k, count, dst);
 }
 #endif
 

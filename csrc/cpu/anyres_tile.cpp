@@ -2,12 +2,14 @@
 //
 // Per image: (1) describe the source as three channel planes with a pixel stride: planar CHW and
 // interleaved HWC RGB views are read in place (other layouts, grayscale with odd strides and RGBA
-// are converted once, as HF converts them); (2) Pillow-exact separable bicubic resize to the planned
-// size and to the S x S global view: one staged horizontal pass over the source feeds both; (3) the
-// vertical pass is fused with the tile writer: each output row is resampled into a small buffer
-// and normalized straight into its tiles (padding is written as normalize(0)), so the resized
-// image never exists. Everything runs on at::parallel_for; multi-MB intermediates live in per-thread
-// scratch that outlives the call (fresh buffers cost as much in page faults as the resize itself).
+// are converted once, as HF converts them); (2) Pillow-exact separable bicubic resizes to the
+// planned size and to the S x S global view. The usual case (horizontal pass, then vertical) is
+// streamed: each thread sweeps its source rows once through both horizontal passes into small
+// per-target rings and, as soon as an output row's taps are there, runs its vertical pass,
+// normalizes it and writes it into its tiles (padding is written as normalize(0)); so neither
+// the horizontal-pass output nor the resized image ever exists in full. The rarer orders (Pillow
+// >= 13's vertical-first rule, one axis, a copy) produce a planar image that is then written.
+// Multi-MB buffers live in per-thread scratch that outlives the call (fresh ones cost page faults).
 // The per-element math is in common/anyres_resample.h (shared with the CUDA kernel) and the SIMD
 // loops in cpu/anyres_simd.h.
 #include <ATen/Dispatch.h>
@@ -45,7 +47,7 @@ constexpr bool kHasAvx2 = false;
 // ---- per-thread scratch -------------------------------------------------------------------------
 
 // Slots: one buffer per (thread, slot), grown on demand and kept between calls up to kKeepBytes.
-enum Slot : int { kSrcCopy, kHTmp0, kHTmp1, kVFirst, kResized0, kResized1, kStage, kRow, kSlots };
+enum Slot : int { kSrcCopy, kVFirst, kResized0, kResized1, kStage, kRow, kRing0, kRing1, kSlots };
 constexpr int64_t kKeepBytes = int64_t(16) << 20;  // a 4032x3024 image needs ~6 MB; huge ones are freed
 
 struct ScratchPool {
@@ -173,56 +175,85 @@ void stage_block(const RgbSrc& s, int64_t y, int nrows, uint8_t* stage) {
 }
 
 // Rows [0, src.h) of src through the horizontal pass of every target (planar outputs).
-void hpass(const RgbSrc& src, const std::vector<HTarget>& targets) {
-  const int64_t blocks = (src.h + kBlock - 1) / kBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    const int64_t stage_bytes = int64_t(3) * src.w * kBlock;  // one block: [3][w][kBlock]
-    // two blocks staged, then one channel of each as pairs, each followed by the columns that
-    // zero-weight tap pairs may read (see hconv_column)
+// A thread's staging area for horizontal passes over rows of width w: two staged 8-row blocks,
+// then one channel of each as tap pairs, each followed by the columns that zero-weight tap pairs
+// may read (see hconv_column).
+class HStage {
+ public:
+  HStage(int64_t w, const HTarget* targets, size_t n) : w_(w), stage_bytes_(3 * w * kBlock) {
     int spare = 2;
-    for (const HTarget& t : targets) spare = std::max(spare, 2 * t.ax->maxpairs + 2);
-    const int64_t pstride = src.w + spare;
-    Scratch stage(kStage, 2 * stage_bytes + 2 * kBlock + 32 * (2 * pstride + 1));
-    uint8_t* staged[2] = {stage.get(), stage.get() + stage_bytes};
-    std::memset(stage.get() + 2 * stage_bytes, 0, 2 * kBlock);
-    for (int64_t b = b0; b < b1; b += 2) {
-      // blocks b and b + 1 share every weight load (16 rows per tap pair)
-      const int64_t y = b * kBlock;
-      const int nb = b + 1 < b1 ? 2 : 1;
-      int nrows[2] = {0, 0};
-      for (int i = 0; i < nb; ++i) {
-        nrows[i] = int(std::min<int64_t>(kBlock, src.h - y - i * kBlock));
-        stage_block(src, y + i * kBlock, nrows[i], staged[i]);
-      }
-      for (int c = 0; c < 3; ++c) {
+    for (size_t i = 0; i < n; ++i) spare = std::max(spare, 2 * targets[i].ax->maxpairs + 2);
+    pstride_ = w + spare;
+    buf_.emplace(kStage, 2 * stage_bytes_ + 2 * kBlock + 32 * (2 * pstride_ + 1));
+    std::memset(buf_->get() + 2 * stage_bytes_, 0, 2 * kBlock);
+  }
+
+  // Source rows [y, y + 16) (fewer at the end) through every target's horizontal pass; target
+  // t's row y + r goes to t.dst + c * t.plane + r * t.stride.
+  void run(const RgbSrc& src, int64_t y, const HTarget* targets, size_t n) {
+    uint8_t* staged[2] = {buf_->get(), buf_->get() + stage_bytes_};
+    int nrows[2] = {0, 0};
+    const int nb = src.h - y > kBlock ? 2 : 1;  // two blocks share every weight load
+    for (int i = 0; i < nb; ++i) {
+      nrows[i] = int(std::min<int64_t>(kBlock, src.h - y - i * kBlock));
+      stage_block(src, y + i * kBlock, nrows[i], staged[i]);
+    }
+    for (int c = 0; c < 3; ++c) {
 #if VLMK_X86
-        if (kHasAvx2) {
-          const uintptr_t end = reinterpret_cast<uintptr_t>(stage.get() + 2 * stage_bytes + 2 * kBlock);
-          __m256i* pairs = reinterpret_cast<__m256i*>((end + 31) & ~uintptr_t(31));
-          // a column's pair reads the next column: past the last one that is the next channel's
-          // (or block's) first column or the zeroed tail, only ever met by a weight of 0
-          for (int i = 0; i < nb; ++i) widen_pairs(staged[i] + int64_t(c) * src.w * kBlock, src.w, pairs + i * pstride);
-          for (const HTarget& t : targets)
-            hconv_avx2(pairs, nb == 2 ? pairs + pstride : nullptr, *t.ax, t.dst + c * t.plane + y * t.stride, t.stride,
-                       nrows);
-          continue;
-        }
-#endif
-        for (int i = 0; i < nb; ++i)
-          for (const HTarget& t : targets)
-            hconv_scalar(staged[i] + int64_t(c) * src.w * kBlock, *t.ax,
-                         t.dst + c * t.plane + (y + i * kBlock) * t.stride, t.stride, nrows[i]);
+      if (kHasAvx2) {
+        const uintptr_t end = reinterpret_cast<uintptr_t>(buf_->get() + 2 * stage_bytes_ + 2 * kBlock);
+        __m256i* pairs = reinterpret_cast<__m256i*>((end + 31) & ~uintptr_t(31));
+        // a column's pair reads the next column: past the last one that is the next channel's
+        // (or block's) first column or the zeroed tail, only ever met by a weight of 0
+        for (int i = 0; i < nb; ++i) widen_pairs(staged[i] + c * w_ * kBlock, w_, pairs + i * pstride_);
+        for (size_t t = 0; t < n; ++t)
+          hconv_avx2(pairs, nb == 2 ? pairs + pstride_ : nullptr, *targets[t].ax, targets[t].dst + c * targets[t].plane,
+                     targets[t].stride, nrows);
+        continue;
       }
+#endif
+      for (int i = 0; i < nb; ++i)
+        for (size_t t = 0; t < n; ++t)
+          hconv_scalar(staged[i] + c * w_ * kBlock, *targets[t].ax,
+                       targets[t].dst + c * targets[t].plane + i * kBlock * targets[t].stride, targets[t].stride,
+                       nrows[i]);
+    }
+  }
+
+ private:
+  int64_t w_, stage_bytes_, pstride_ = 0;
+  std::optional<Scratch> buf_;
+};
+
+// Rows [0, src.h) of src through the horizontal pass of every target (planar outputs).
+void hpass(const RgbSrc& src, const std::vector<HTarget>& targets) {
+  const int64_t blocks = (src.h + 2 * kBlock - 1) / (2 * kBlock);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    HStage stage(src.w, targets.data(), targets.size());
+    std::vector<HTarget> at_y(targets);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t y = b * 2 * kBlock;
+      for (size_t t = 0; t < targets.size(); ++t) at_y[t].dst = targets[t].dst + y * targets[t].stride;
+      stage.run(src, y, at_y.data(), at_y.size());
     }
   });
 }
 
-inline void vconv_row(const uint8_t* src, int64_t stride, int64_t n, const AxisTaps& ax, int64_t y, uint8_t* dst) {
+// Output row y of a vertical pass from its tap rows (row t of the taps at rows[t]).
+inline void vconv_rows(const uint8_t* const* rows, int64_t n, const AxisTaps& ax, int64_t y, uint8_t* dst) {
   const int32_t* k = &ax.k[size_t(y) * ax.ksize];
 #if VLMK_X86
-  if (kHasAvx2) return vconv_row_avx2(src, stride, n, k, ax.count[y], dst);
+  if (kHasAvx2) return vconv_rows_avx2(rows, n, k, ax.count[y], dst);
 #endif
-  vconv_row_scalar(src, stride, n, k, ax.count[y], dst);
+  vconv_rows_scalar(rows, 0, n, k, ax.count[y], dst);
+}
+
+// The same with the tap rows at a fixed stride from src.
+inline void vconv_row(const uint8_t* src, int64_t stride, int64_t n, const AxisTaps& ax, int64_t y, uint8_t* dst) {
+  thread_local std::vector<const uint8_t*> rows;
+  rows.resize(size_t(ax.count[y]));
+  for (int t = 0; t < ax.count[y]; ++t) rows[t] = src + t * stride;
+  vconv_rows(rows.data(), n, ax, y, dst);
 }
 
 // Vertical resample of `nplanes` planes of rows of n bytes; tap indices are relative to src row
@@ -269,68 +300,36 @@ std::shared_ptr<const AxisTaps> axis_taps(int in, int out) {
 
 // ---- resize plans ---------------------------------------------------------------------------------
 
-// How the rows of one resized image (oh x ow, planar) are produced: either read from a planar
-// image (`planar`), or resampled on demand by the vertical pass from the planar horizontal-pass
-// output `hrows` (rows [row0, row0 + hrows_h) of the source), which is the fused common case.
+// One resized image (oh x ow) as planar bytes, for the cases the streamed path does not cover.
 struct ResizedRows {
   int64_t oh = 0, ow = 0;
   const uint8_t* planar = nullptr;
-  const uint8_t* hrows = nullptr;
-  int64_t hrows_h = 0, row0 = 0;
-  const AxisTaps* vt = nullptr;
-  // row y of channel c: a pointer to its ow bytes (buf is used when the row is computed)
-  const uint8_t* row(int c, int64_t y, uint8_t* buf) const {
-    if (planar) return planar + (c * oh + y) * ow;
-    vconv_row(hrows + c * hrows_h * ow + (vt->xmin[y] - row0) * ow, ow, ow, *vt, y, buf);
-    return buf;
-  }
+  const uint8_t* row(int c, int64_t y, uint8_t*) const { return planar + (c * oh + y) * ow; }
 };
 
-// Pillow-exact bicubic resizes of one RGB image to two sizes (the planned one and the global view).
-// Resizes whose first pass is horizontal share one staged pass over the source rows they read.
+// Does Pillow resize (in_h, in_w) -> (oh, ow) horizontally first and then vertically? That case
+// (nearly every AnyRes resize) is streamed (stream_targets); the rest goes through Resizer.
+bool streamed(int64_t in_h, int64_t in_w, int64_t oh, int64_t ow) {
+  return ow != in_w && oh != in_h && !vertical_first(int(in_h), int(in_w), int(oh), int(ow));
+}
+
+// Pillow-exact bicubic resizes of one RGB image to planar images, for the sizes that are not
+// streamed (empty entries for those): vertical first, one axis only, or a plain copy.
 class Resizer {
  public:
   Resizer(const RgbSrc& src, const std::vector<std::pair<int64_t, int64_t>>& sizes) {
     const size_t n = sizes.size();
     TORCH_INTERNAL_ASSERT(n <= 2);
     out_.resize(n);
-    int64_t lo = src.h, hi = 0;  // source rows the shared horizontal pass must cover
-    std::vector<char> h_first(n, 0);
     for (size_t i = 0; i < n; ++i) {
       const int64_t oh = sizes[i].first, ow = sizes[i].second;
       out_[i].oh = oh;
       out_[i].ow = ow;
-      const bool need_h = ow != src.w, need_v = oh != src.h;
-      if (need_h) htaps_[i] = axis_taps(int(src.w), int(ow));
-      if (need_v) vtaps_[i] = axis_taps(int(src.h), int(oh));
-      if (need_h && !(need_v && vertical_first(int(src.h), int(src.w), int(oh), int(ow)))) {
-        h_first[i] = 1;
-        // like Pillow, only the source rows the vertical pass reads
-        lo = std::min<int64_t>(lo, need_v ? vtaps_[i]->xmin[0] : 0);
-        hi = std::max<int64_t>(hi, need_v ? vtaps_[i]->xmin[oh - 1] + vtaps_[i]->count[oh - 1] : src.h);
-      }
+      if (streamed(src.h, src.w, oh, ow)) continue;
+      if (ow != src.w) htaps_[i] = axis_taps(int(src.w), int(ow));
+      if (oh != src.h) vtaps_[i] = axis_taps(int(src.h), int(oh));
+      unfused(src, i);
     }
-    std::vector<HTarget> shared;
-    for (size_t i = 0; i < n; ++i) {
-      if (!h_first[i]) continue;
-      const int64_t ow = out_[i].ow;
-      hbuf_[i].emplace(i ? kHTmp1 : kHTmp0, (hi - lo) * ow * 3);
-      shared.push_back(HTarget{&*htaps_[i], hbuf_[i]->get(), ow, (hi - lo) * ow});
-      ResizedRows& r = out_[i];
-      if (vtaps_[i]) {
-        r.hrows = hbuf_[i]->get(), r.hrows_h = hi - lo, r.row0 = lo, r.vt = &*vtaps_[i];
-      } else {
-        r.planar = hbuf_[i]->get();  // lo == 0, hi == src.h here: the pass output is the image
-      }
-    }
-    if (!shared.empty()) {
-      RgbSrc rows = src;
-      for (auto& p : rows.ch) p += lo * src.row_stride;
-      rows.h = hi - lo;
-      hpass(rows, shared);
-    }
-    for (size_t i = 0; i < n; ++i)
-      if (!h_first[i]) unfused(src, i);
   }
   const ResizedRows& operator[](size_t i) const { return out_[i]; }
 
@@ -342,7 +341,9 @@ class Resizer {
     rbuf_[i].emplace(i ? kResized1 : kResized0, oh * ow * 3);
     uint8_t* out = rbuf_[i]->get();
     r.planar = out;
-    if (htaps_[i]) {  // vertical first (Pillow >= 13 rule), then horizontal
+    if (htaps_[i] && !vtaps_[i]) {
+      hpass(src, {HTarget{&*htaps_[i], out, ow, oh * ow}});
+    } else if (htaps_[i]) {  // vertical first (Pillow >= 13 rule), then horizontal
       Scratch tmp(kVFirst, oh * src.w * 3);
       const RgbSrc v = vpass_src(src, *vtaps_[i], tmp.get());
       hpass(v, {HTarget{&*htaps_[i], out, ow, oh * ow}});
@@ -371,7 +372,7 @@ class Resizer {
 
   std::vector<ResizedRows> out_;
   std::shared_ptr<const AxisTaps> htaps_[2], vtaps_[2];
-  std::optional<Scratch> hbuf_[2], rbuf_[2];
+  std::optional<Scratch> rbuf_[2];
 };
 
 // ---- tile writer ----------------------------------------------------------------------------------
@@ -459,6 +460,111 @@ void emit_canvases(const std::vector<CanvasJob<out_t>>& jobs, const Normalizer<o
   });
 }
 
+// ---- the streamed common case ------------------------------------------------------------------
+
+// A resize done horizontally first, then vertically, straight into its canvas.
+template <typename out_t>
+struct StreamTarget {
+  std::shared_ptr<const AxisTaps> ht, vt;
+  Canvas cv;
+  out_t* out;
+};
+
+// One past the last source row output row y of a vertical pass reads (non-decreasing in y).
+inline int64_t taps_end(const AxisTaps& vt, int64_t y) { return int64_t(vt.xmin[y]) + vt.count[y]; }
+
+// First output row whose taps end past source row `row`.
+int64_t first_row_ending_after(const AxisTaps& vt, int64_t row) {
+  int64_t lo = 0, hi = vt.out;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (taps_end(vt, mid) > row) hi = mid; else lo = mid + 1;
+  }
+  return lo;
+}
+
+// Both resizes of an image in one sweep per thread: each thread owns the output rows whose taps
+// end in its range of source rows, runs those rows (plus the few before them its first outputs
+// read) through the horizontal passes in 16-row steps into a small ring of rows per target, and
+// emits every output row as soon as its taps are in the ring: vertical pass, normalization and
+// tile write in one go. So the horizontal-pass output never leaves the cache, and the source
+// rows are staged once for both targets.
+template <typename out_t>
+void stream_targets(const RgbSrc& src, const std::vector<StreamTarget<out_t>>& ts, const Normalizer<out_t>& norm) {
+  constexpr int64_t kStep = 2 * kBlock;
+  const size_t n = ts.size();
+  TORCH_INTERNAL_ASSERT(n <= 2);
+  int64_t lo = src.h, hi = 0, ow_max = 0;
+  for (const auto& t : ts) {
+    lo = std::min<int64_t>(lo, t.vt->xmin[0]);
+    hi = std::max(hi, taps_end(*t.vt, t.vt->out - 1));
+    ow_max = std::max<int64_t>(ow_max, t.ht->out);
+  }
+  RgbSrc rows = src;  // the source rows any vertical tap reads
+  for (auto& p : rows.ch) p += lo * src.row_stride;
+  rows.h = hi - lo;
+  const int64_t steps = (rows.h + kStep - 1) / kStep;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), steps));
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      // source rows (a, b] close this chunk's output rows
+      const int64_t a = lo + kStep * (steps * k / chunks);
+      const int64_t b = k + 1 == chunks ? hi : lo + kStep * (steps * (k + 1) / chunks);
+      int64_t y0[2], y1[2], next[2], ring_rows[2];
+      uint8_t* ring[2];
+      std::optional<Scratch> ring_buf[2];
+      HTarget at[2];
+      int64_t start = b;
+      for (size_t i = 0; i < n; ++i) {
+        const AxisTaps& vt = *ts[i].vt;
+        y0[i] = k == 0 ? 0 : first_row_ending_after(vt, a);
+        y1[i] = k + 1 == chunks ? vt.out : first_row_ending_after(vt, b);
+        next[i] = y0[i];
+        if (y0[i] < y1[i]) start = std::min<int64_t>(start, vt.xmin[y0[i]]);
+        // holds the widest tap window plus one step, in whole steps (so a step never wraps)
+        ring_rows[i] = (2 * vt.maxpairs + kStep + kStep - 1) / kStep * kStep;
+        ring_buf[i].emplace(i ? kRing1 : kRing0, 3 * ring_rows[i] * ts[i].ht->out);
+        ring[i] = ring_buf[i]->get();
+        at[i] = HTarget{ts[i].ht.get(), nullptr, ts[i].ht->out, ring_rows[i] * ts[i].ht->out};
+      }
+      Scratch buf(kRow, ow_max + 32);
+      std::vector<const uint8_t*> taps;
+      // canvas rows above (first chunk) and below (last chunk) the image are padding
+      for (size_t i = 0; i < n; ++i) {
+        const Canvas& cv = ts[i].cv;
+        if (k == 0)
+          for (int64_t Y = 0; Y < cv.pad_t; ++Y)
+            for (int c = 0; c < 3; ++c) emit_row(cv, Y, c, nullptr, norm, ts[i].out);
+        if (k + 1 == chunks)
+          for (int64_t Y = cv.pad_t + cv.ih; Y < cv.rows * cv.S; ++Y)
+            for (int c = 0; c < 3; ++c) emit_row(cv, Y, c, nullptr, norm, ts[i].out);
+      }
+      if (start >= b) continue;  // no output rows end here
+      HStage stage(src.w, at, n);
+      for (int64_t s = lo + (start - lo) / kStep * kStep; s < b; s += kStep) {
+        for (size_t i = 0; i < n; ++i) at[i].dst = ring[i] + ((s - lo) % ring_rows[i]) * at[i].stride;
+        stage.run(rows, s - lo, at, n);
+        const int64_t ready = std::min(s + kStep, hi);
+        for (size_t i = 0; i < n; ++i) {
+          const AxisTaps& vt = *ts[i].vt;
+          const int64_t ow = at[i].stride;
+          for (; next[i] < y1[i] && taps_end(vt, next[i]) <= ready; ++next[i]) {
+            const int64_t y = next[i];
+            taps.resize(size_t(vt.count[y]));
+            for (int c = 0; c < 3; ++c) {
+              for (int t = 0; t < vt.count[y]; ++t)
+                taps[t] = ring[i] + c * at[i].plane + ((vt.xmin[y] + t - lo) % ring_rows[i]) * ow;
+              vconv_rows(taps.data(), ow, vt, y, buf.get());
+              emit_row(ts[i].cv, y + ts[i].cv.pad_t, c, buf.get(), norm, ts[i].out);
+            }
+          }
+        }
+      }
+      for (size_t i = 0; i < n; ++i) TORCH_INTERNAL_ASSERT(next[i] == y1[i], "anyres_tile: streamed rows left behind");
+    }
+  });
+}
+
 // Any uint8 [H, W, C] view -> an RgbSrc, converted as HF converts (gray -> RGB, RGBA composited
 // onto white). Planar 3-channel and grayscale views with unit pixel stride and interleaved RGB
 // rows are read in place; anything else is converted once into interleaved `storage`.
@@ -514,15 +620,25 @@ void anyres_tile_cpu(const std::vector<at::Tensor>& images, const at::Tensor& pl
       const RgbSrc src = make_src(images[i], storage);
       scalar_t* dst = o + r[kFirst] * tile_elems;
       std::vector<std::pair<int64_t, int64_t>> sizes{{r[kResH], r[kResW]}};
-      if (global_view) sizes.emplace_back(tile, tile);
+      std::vector<Canvas> canvases{Canvas{r[kResH], r[kResW], r[kPadT], r[kPadL], r[kRows], r[kCols], tile}};
+      std::vector<scalar_t*> outs{dst + (global_view ? tile_elems : 0)};
+      if (global_view) {
+        sizes.emplace_back(tile, tile);
+        canvases.push_back(Canvas{tile, tile, 0, 0, 1, 1, tile});
+        outs.push_back(dst);  // the global view is the image's first tile
+      }
       const Resizer res(src, sizes);
       std::vector<CanvasJob<scalar_t>> jobs;
-      if (global_view) {
-        jobs.push_back({&res[1], Canvas{tile, tile, 0, 0, 1, 1, tile}, dst});
-        dst += tile_elems;
+      std::vector<StreamTarget<scalar_t>> streams;
+      for (size_t j = 0; j < sizes.size(); ++j) {
+        const auto [oh, ow] = sizes[j];
+        if (streamed(src.h, src.w, oh, ow))
+          streams.push_back({axis_taps(int(src.w), int(ow)), axis_taps(int(src.h), int(oh)), canvases[j], outs[j]});
+        else
+          jobs.push_back({&res[j], canvases[j], outs[j]});
       }
-      jobs.push_back({&res[0], Canvas{r[kResH], r[kResW], r[kPadT], r[kPadL], r[kRows], r[kCols], tile}, dst});
-      emit_canvases(jobs, *norm);
+      if (!streams.empty()) stream_targets(src, streams, *norm);
+      if (!jobs.empty()) emit_canvases(jobs, *norm);
     }
   });
 }
