@@ -174,7 +174,6 @@ void stage_block(const RgbSrc& s, int64_t y, int nrows, uint8_t* stage) {
   }
 }
 
-// Rows [0, src.h) of src through the horizontal pass of every target (planar outputs).
 // A thread's staging area for horizontal passes over rows of width w: two staged 8-row blocks,
 // then one channel of each as tap pairs, each followed by the columns that zero-weight tap pairs
 // may read (see hconv_column).
@@ -256,14 +255,13 @@ inline void vconv_row(const uint8_t* src, int64_t stride, int64_t n, const AxisT
   vconv_rows(rows.data(), n, ax, y, dst);
 }
 
-// Vertical resample of `nplanes` planes of rows of n bytes; tap indices are relative to src row
-// `row0` (the first row the planes hold).
-void vpass(const uint8_t* const* planes, int nplanes, int64_t src_stride, int64_t n, int64_t row0,
-           const AxisTaps& ax, uint8_t* dst, int64_t dst_stride, int64_t dst_plane) {
+// Vertical resample of `nplanes` planes of rows of n bytes.
+void vpass(const uint8_t* const* planes, int nplanes, int64_t src_stride, int64_t n, const AxisTaps& ax,
+           uint8_t* dst, int64_t dst_stride, int64_t dst_plane) {
   at::parallel_for(0, ax.out, 4, [&](int64_t y0, int64_t y1) {
     for (int64_t y = y0; y < y1; ++y)
       for (int p = 0; p < nplanes; ++p)
-        vconv_row(planes[p] + (ax.xmin[y] - row0) * src_stride, src_stride, n, ax, y,
+        vconv_row(planes[p] + ax.xmin[y] * src_stride, src_stride, n, ax, y,
                   dst + p * dst_plane + y * dst_stride);
   });
 }
@@ -304,7 +302,7 @@ std::shared_ptr<const AxisTaps> axis_taps(int in, int out) {
 struct ResizedRows {
   int64_t oh = 0, ow = 0;
   const uint8_t* planar = nullptr;
-  const uint8_t* row(int c, int64_t y, uint8_t*) const { return planar + (c * oh + y) * ow; }
+  const uint8_t* row(int c, int64_t y) const { return planar + (c * oh + y) * ow; }
 };
 
 // Does Pillow resize (in_h, in_w) -> (oh, ow) horizontally first and then vertically? That case
@@ -314,7 +312,7 @@ bool streamed(int64_t in_h, int64_t in_w, int64_t oh, int64_t ow) {
 }
 
 // Pillow-exact bicubic resizes of one RGB image to planar images, for the sizes that are not
-// streamed (empty entries for those): vertical first, one axis only, or a plain copy.
+// streamed (entries without `planar` for those): vertical first, one axis only, or a plain copy.
 class Resizer {
  public:
   Resizer(const RgbSrc& src, const std::vector<std::pair<int64_t, int64_t>>& sizes) {
@@ -349,7 +347,7 @@ class Resizer {
       hpass(v, {HTarget{&*htaps_[i], out, ow, oh * ow}});
     } else if (vtaps_[i]) {
       if (src.px_stride == 1) {
-        vpass(src.ch, 3, src.row_stride, ow, 0, *vtaps_[i], out, ow, oh * ow);
+        vpass(src.ch, 3, src.row_stride, ow, *vtaps_[i], out, ow, oh * ow);
       } else {
         Scratch tmp(kVFirst, oh * src.w * 3);
         to_planar(vpass_src(src, *vtaps_[i], tmp.get()), out);
@@ -363,10 +361,10 @@ class Resizer {
   static RgbSrc vpass_src(const RgbSrc& src, const AxisTaps& vt, uint8_t* tmp) {
     const int64_t oh = vt.out, w = src.w;
     if (src.interleaved()) {  // the vertical pass ignores channels: one plane of 3w-byte rows
-      vpass(src.ch, 1, src.row_stride, w * 3, 0, vt, tmp, w * 3, 0);
+      vpass(src.ch, 1, src.row_stride, w * 3, vt, tmp, w * 3, 0);
       return RgbSrc{{tmp, tmp + 1, tmp + 2}, oh, w, w * 3, 3};
     }
-    vpass(src.ch, 3, src.row_stride, w, 0, vt, tmp, w, oh * w);
+    vpass(src.ch, 3, src.row_stride, w, vt, tmp, w, oh * w);
     return planar_src(tmp, oh, w);
   }
 
@@ -439,21 +437,20 @@ struct CanvasJob {
   out_t* out;
 };
 
-// Every row of every canvas (one parallel region for all of them): image rows are fetched (the
-// vertical pass is fused here) and converted; padding rows are filled.
+// Every row of every canvas of planar images (one parallel region for all of them): image rows
+// are converted, padding rows are filled.
 template <typename out_t>
 void emit_canvases(const std::vector<CanvasJob<out_t>>& jobs, const Normalizer<out_t>& norm) {
-  int64_t total = 0, ow = 0;
-  for (const auto& j : jobs) total += j.cv.rows * j.cv.S, ow = std::max(ow, j.img->ow);
+  int64_t total = 0;
+  for (const auto& j : jobs) total += j.cv.rows * j.cv.S;
   at::parallel_for(0, total, 8, [&](int64_t g0, int64_t g1) {
-    Scratch buf(kRow, ow + 32);
     int64_t base = 0;
     for (const auto& j : jobs) {
       const int64_t rows = j.cv.rows * j.cv.S;
       for (int64_t Y = std::max(g0, base) - base; Y < std::min(g1, base + rows) - base; ++Y) {
         const int64_t y = Y - j.cv.pad_t;
         const bool in = y >= 0 && y < j.cv.ih;
-        for (int c = 0; c < 3; ++c) emit_row(j.cv, Y, c, in ? j.img->row(c, y, buf.get()) : nullptr, norm, j.out);
+        for (int c = 0; c < 3; ++c) emit_row(j.cv, Y, c, in ? j.img->row(c, y) : nullptr, norm, j.out);
       }
       base += rows;
     }
@@ -632,10 +629,10 @@ void anyres_tile_cpu(const std::vector<at::Tensor>& images, const at::Tensor& pl
       std::vector<StreamTarget<scalar_t>> streams;
       for (size_t j = 0; j < sizes.size(); ++j) {
         const auto [oh, ow] = sizes[j];
-        if (streamed(src.h, src.w, oh, ow))
-          streams.push_back({axis_taps(int(src.w), int(ow)), axis_taps(int(src.h), int(oh)), canvases[j], outs[j]});
-        else
+        if (res[j].planar)
           jobs.push_back({&res[j], canvases[j], outs[j]});
+        else  // left to the streamed path
+          streams.push_back({axis_taps(int(src.w), int(ow)), axis_taps(int(src.h), int(oh)), canvases[j], outs[j]});
       }
       if (!streams.empty()) stream_targets(src, streams, *norm);
       if (!jobs.empty()) emit_canvases(jobs, *norm);

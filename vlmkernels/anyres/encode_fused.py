@@ -35,8 +35,8 @@ from ..triton.anyres_encode import NDESC, PRECISION_BITS
 from ..triton.anyres_encode import (D_IN_A, D_IN_B, D_K_A, D_K_B, D_OUT_H, D_OUT_W, D_RX0, D_RY0, D_SRC,
                                     D_STRIDE_A, D_STRIDE_B, D_STRIDE_C, D_TAPS_A, D_TAPS_B, D_VFIRST)
 from .embed import _check_params, _grads, _lut, _lut_pixels
-from .plan import pinpoints_tensor, plan_rows
-from .tile import hwc_view
+from .plan import plan_rows, tile_pinpoints
+from .tile import image_views
 
 __all__: list[str] = []  # served by vlmkernels.ops.anyres_encode(fused=True)
 
@@ -120,10 +120,8 @@ def _resize_cols(taps: _Taps, h: int, w: int, sh: int, sw: int, oh: int, ow: int
 
 def build_tables(views, grid_pinpoints, tile: int, global_view: bool, device=None):
     """``[H, W, C]`` views -> (src, desc, taps, tiles_per_image); see the module docstring."""
-    pins = pinpoints_tensor(grid_pinpoints)
-    if bool((pins % tile != 0).any()):
-        raise ValueError(f"every grid pinpoint must be a multiple of tile_size={tile}, got {pins.tolist()}")
-    plans = plan_rows([tuple(v.shape[:2]) for v in views], pins, tile)
+    tile_pinpoints(grid_pinpoints, tile)
+    plans = plan_rows([tuple(v.shape[:2]) for v in views], grid_pinpoints, tile)
     taps, rows, parts, counts, base = _Taps(), [], [], [], 0
     for v, p in zip(views, plans):
         flat, (sh, sw, sc) = _source(v)
@@ -311,9 +309,7 @@ def anyres_encode_fused(images, grid_pinpoints, tile_size, mean, std, weight, bi
     tile = int(tile_size)
     if tile <= 0:
         raise ValueError(f"tile_size must be positive, got {tile_size}")
-    if isinstance(images, torch.Tensor) or not isinstance(images, (list, tuple)):
-        images = [images]
-    views = [hwc_view(im, f"images[{i}]") for i, im in enumerate(images)]
+    views = image_views(images)
     for i, v in enumerate(views):
         if v.device != weight.device:
             raise ValueError(f"images[{i}] is on {v.device} but weight is on {weight.device}")

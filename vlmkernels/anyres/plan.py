@@ -64,6 +64,23 @@ def _pins_checked(grid_pinpoints, name: str) -> torch.Tensor:
     return pins
 
 
+def _tile_pins(grid_pinpoints, tile: int) -> torch.Tensor:
+    pins = pinpoints_tensor(grid_pinpoints)
+    if bool((pins % tile != 0).any()):
+        raise ValueError(f"every grid pinpoint must be a multiple of tile_size={tile}, got {pins.tolist()}")
+    return pins
+
+
+_tile_pins_cached = functools.lru_cache(maxsize=64)(_tile_pins)
+
+
+def tile_pinpoints(grid_pinpoints, tile: int) -> torch.Tensor:
+    """:func:`pinpoints_tensor`, also checking that every pinpoint is a multiple of ``tile`` (cached
+    like it; do not modify the result)."""
+    key = _pins_key(grid_pinpoints)
+    return _tile_pins(grid_pinpoints, tile) if key is None else _tile_pins_cached(key, tile)
+
+
 def anyres_plan(
     image_size,
     grid_pinpoints,

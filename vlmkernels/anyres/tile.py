@@ -13,7 +13,6 @@ whole batch) and ``reference`` (python_ref, pure PyTorch).
 
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import Sequence
 
@@ -23,7 +22,7 @@ import torch
 from python_ref.ops.anyres import image_to_rgb_chw, normalize_u8, tiles_from_plan
 
 from .. import _ext, library, registry
-from .plan import _pins_key, pinpoints_tensor, plan_rows
+from .plan import plan_rows, tile_pinpoints
 
 __all__ = ["anyres_tile"]
 
@@ -69,6 +68,15 @@ def hwc_view(image, name: str = "image") -> torch.Tensor:
     return image
 
 
+def image_views(images) -> list[torch.Tensor]:
+    """One image or a list of them -> ``[H, W, C]`` views (see :func:`hwc_view`)."""
+    if isinstance(images, (torch.Tensor, np.ndarray)):
+        images = [images]
+    if not isinstance(images, (list, tuple)):
+        raise TypeError(f"images must be a list of uint8 tensors, got {type(images).__name__}")
+    return [hwc_view(im, f"images[{i}]") for i, im in enumerate(images)]
+
+
 def _per_channel(values, name: str) -> list[float]:
     vals = [float(v) for v in (values if isinstance(values, (list, tuple)) else [values] * 3)]
     if len(vals) == 1:
@@ -78,24 +86,6 @@ def _per_channel(values, name: str) -> list[float]:
     if name == "std" and any(v == 0 for v in vals):
         raise ValueError(f"std must be non-zero, got {vals}")
     return vals
-
-
-def _check_pins(grid_pinpoints, tile: int) -> None:
-    key = _pins_key(grid_pinpoints)
-    if key is None:
-        _check_pins_of(grid_pinpoints, tile)
-    else:
-        _check_pins_cached(key, tile)  # raises (and caches nothing) when invalid
-
-
-def _check_pins_of(grid_pinpoints, tile: int) -> bool:
-    pins = pinpoints_tensor(grid_pinpoints)
-    if bool((pins % tile != 0).any()):
-        raise ValueError(f"every grid pinpoint must be a multiple of tile_size={tile}, got {pins.tolist()}")
-    return True
-
-
-_check_pins_cached = functools.lru_cache(maxsize=64)(_check_pins_of)
 
 
 def tile_views(
@@ -117,7 +107,7 @@ def tile_views(
         raise ValueError(f"tile_size must be positive, got {tile_size}")
     if out_dtype not in _OUT_DTYPES:
         raise TypeError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
-    _check_pins(grid_pinpoints, tile)
+    tile_pinpoints(grid_pinpoints, tile)
     if out_dtype == torch.uint8:
         mean, std = _IDENTITY_NORM  # the kernels ignore them; don't reject values nobody reads
     mean, std = _per_channel(mean, "mean"), _per_channel(std, "std")
@@ -167,11 +157,7 @@ def anyres_tile(
     """
     if resample != "bicubic":
         raise ValueError(f"resample must be 'bicubic' (PIL filter 3), got {resample!r}")
-    if isinstance(images, (torch.Tensor, np.ndarray)):
-        images = [images]
-    if not isinstance(images, (list, tuple)):
-        raise TypeError(f"images must be a list of uint8 tensors, got {type(images).__name__}")
-    views = [hwc_view(im, f"images[{i}]") for i, im in enumerate(images)]
+    views = image_views(images)
     return tile_views(views, grid_pinpoints, tile_size, mean, std, global_view=global_view,
                       out_dtype=out_dtype, backend=backend)
 
