@@ -50,7 +50,8 @@ struct AxisTaps {
   }
 };
 
-constexpr int kBlock = 8;  // rows the horizontal pass resamples together (one SIMD lane each)
+constexpr int kBlock = 8;   // rows the horizontal pass resamples together (one SIMD lane each)
+constexpr int kBlocks = 4;  // 8-row blocks per horizontal step: each weight load feeds all of them
 
 // ---- horizontal pass: a staged block (stage[j * kBlock + r] = row r, column j) -> nrows rows --
 
@@ -78,30 +79,37 @@ __attribute__((target("avx2"))) inline void widen_pairs(const uint8_t* sc, int64
   }
 }
 
-// (acc >> 22) of output column x for 8 staged rows (p0) and, when p1 is set, 8 more (p1): per tap
-// pair, 8 rows x 2 taps as 16 int16 times the broadcast (k[t], k[t+1]) halves, each weight load
-// shared by both row blocks. Every output runs ax.maxpairs pairs: pairs past its taps have weight
-// 0 and may read up to 2 * maxpairs columns past the staged ones (any bytes: 0 * x = 0 exactly).
-template <bool kTwo>
-__attribute__((target("avx2"))) inline void hconv_column(const __m256i* p0, const __m256i* p1, const AxisTaps& ax,
-                                                         int x, __m256i* r0, __m256i* r1) {
-  const int32_t* lo = &ax.klo[size_t(x) * ax.npairs];
-  const int32_t* hi = &ax.khi[size_t(x) * ax.npairs];
-  const int64_t j = ax.xmin[x];
-  __m256i alo0 = _mm256_set1_epi32(kRoundBias), ahi0 = _mm256_setzero_si256(), alo1 = alo0, ahi1 = ahi0;
-  for (int t = 0; t < ax.maxpairs; ++t) {
+// Keeps v in a register: without it GCC re-associates the unrolled sums into a tree (spilling
+// partial sums) and folds each operand load into both of its multiply-adds (twice the loads).
+#define VLMK_PIN(v) __asm__("" : "+x"(v))
+
+// (acc >> 22) of one output column (first tap pair at column j) for the kBlocks staged 8-row
+// blocks p[b]: per tap pair, 8 rows x 2 taps as 16 int16 times the broadcast (k[t], k[t+1])
+// halves, each weight load shared by all blocks. P > 0 is the pair count known at compile time
+// (fully unrolled), P == 0 runs npairs. Every output runs ax.maxpairs pairs: pairs past its taps
+// have weight 0 and may read up to 2 * maxpairs columns past the staged ones (0 * x = 0 exactly).
+template <int P>
+__attribute__((target("avx2"))) inline void hconv_column(const __m256i* const* p, const int32_t* lo, const int32_t* hi,
+                                                         int64_t j, int npairs, __m256i* r) {
+  __m256i alo[kBlocks], ahi[kBlocks];
+  for (int b = 0; b < kBlocks; ++b) alo[b] = _mm256_set1_epi32(kRoundBias), ahi[b] = _mm256_setzero_si256();
+  const int n = P > 0 ? P : npairs;
+#pragma GCC unroll 16
+  for (int t = 0; t < n; ++t) {
     const __m256i wl = _mm256_set1_epi32(lo[t]), wh = _mm256_set1_epi32(hi[t]);
-    const __m256i v0 = _mm256_load_si256(p0 + j + 2 * t);
-    alo0 = _mm256_add_epi32(alo0, _mm256_madd_epi16(v0, wl));
-    ahi0 = _mm256_add_epi32(ahi0, _mm256_madd_epi16(v0, wh));
-    if constexpr (kTwo) {
-      const __m256i v1 = _mm256_load_si256(p1 + j + 2 * t);
-      alo1 = _mm256_add_epi32(alo1, _mm256_madd_epi16(v1, wl));
-      ahi1 = _mm256_add_epi32(ahi1, _mm256_madd_epi16(v1, wh));
+    for (int b = 0; b < kBlocks; ++b) {
+      __m256i v = _mm256_load_si256(p[b] + j + 2 * t);
+      VLMK_PIN(v);
+      alo[b] = _mm256_add_epi32(alo[b], _mm256_madd_epi16(v, wl));
+      ahi[b] = _mm256_add_epi32(ahi[b], _mm256_madd_epi16(v, wh));
+    }
+    for (int b = 0; b < kBlocks; ++b) {
+      VLMK_PIN(alo[b]);
+      VLMK_PIN(ahi[b]);
     }
   }
-  *r0 = _mm256_srai_epi32(_mm256_add_epi32(_mm256_slli_epi32(ahi0, 15), alo0), kPrecisionBits);
-  if constexpr (kTwo) *r1 = _mm256_srai_epi32(_mm256_add_epi32(_mm256_slli_epi32(ahi1, 15), alo1), kPrecisionBits);
+  for (int b = 0; b < kBlocks; ++b)
+    r[b] = _mm256_srai_epi32(_mm256_add_epi32(_mm256_slli_epi32(ahi[b], 15), alo[b]), kPrecisionBits);
 }
 
 // 8 columns x 8 rows of (acc >> 22) -> bytes (packs/packus clip exactly like clip8), transposed in
@@ -128,26 +136,40 @@ __attribute__((target("avx2"))) inline void store_8x8(const __m256i* a, int nx, 
   }
 }
 
-// Eight output columns at a time for one or two staged 8-row blocks (p1 may be null; block 1's
-// rows start kBlock rows below block 0's in dst).
-template <bool kTwo>
-__attribute__((target("avx2"))) inline void hconv_blocks(const __m256i* p0, const __m256i* p1, const AxisTaps& ax,
-                                                         uint8_t* dst, int64_t dst_stride, const int* nrows) {
+// Eight output columns at a time for the kBlocks staged blocks (block b's rows start b * kBlock
+// rows below block 0's in dst; nrows[b] of them are stored, none for a padding block).
+template <int P>
+__attribute__((target("avx2"))) void hconv_blocks(const __m256i* const* p, const AxisTaps& ax, uint8_t* dst,
+                                                  int64_t dst_stride, const int* nrows) {
   for (int x = 0; x < ax.out; x += 8) {
     const int nx = std::min(8, ax.out - x);
-    __m256i a0[8], a1[8];
-    for (int i = 0; i < 8; ++i) hconv_column<kTwo>(p0, p1, ax, x + std::min(i, nx - 1), &a0[i], &a1[i]);
-    store_8x8(a0, nx, dst + x, dst_stride, nrows[0]);
-    if constexpr (kTwo) store_8x8(a1, nx, dst + kBlock * dst_stride + x, dst_stride, nrows[1]);
+    __m256i a[kBlocks][8];
+    for (int i = 0; i < 8; ++i) {
+      const int xi = x + std::min(i, nx - 1);
+      __m256i r[kBlocks];
+      hconv_column<P>(p, &ax.klo[size_t(xi) * ax.npairs], &ax.khi[size_t(xi) * ax.npairs], ax.xmin[xi], ax.maxpairs, r);
+      for (int b = 0; b < kBlocks; ++b) a[b][i] = r[b];
+    }
+    for (int b = 0; b < kBlocks; ++b)
+      if (nrows[b] > 0) store_8x8(a[b], nx, dst + b * kBlock * dst_stride + x, dst_stride, nrows[b]);
   }
 }
 
-__attribute__((target("avx2"))) inline void hconv_avx2(const __m256i* p0, const __m256i* p1, const AxisTaps& ax,
-                                                       uint8_t* dst, int64_t dst_stride, const int* nrows) {
-  if (p1)
-    hconv_blocks<true>(p0, p1, ax, dst, dst_stride, nrows);
-  else
-    hconv_blocks<false>(p0, p1, ax, dst, dst_stride, nrows);
+// Unrolled kernels for up to 16 tap pairs (up to ~8x downscales), a loop beyond.
+__attribute__((target("avx2"))) inline void hconv_avx2(const __m256i* const* p, const AxisTaps& ax, uint8_t* dst,
+                                                       int64_t dst_stride, const int* nrows) {
+  switch (ax.maxpairs) {
+#define VLMK_HCONV_CASE(n) \
+  case n:                  \
+    return hconv_blocks<n>(p, ax, dst, dst_stride, nrows);
+    VLMK_HCONV_CASE(1) VLMK_HCONV_CASE(2) VLMK_HCONV_CASE(3) VLMK_HCONV_CASE(4) VLMK_HCONV_CASE(5)
+    VLMK_HCONV_CASE(6) VLMK_HCONV_CASE(7) VLMK_HCONV_CASE(8) VLMK_HCONV_CASE(9) VLMK_HCONV_CASE(10)
+    VLMK_HCONV_CASE(11) VLMK_HCONV_CASE(12) VLMK_HCONV_CASE(13) VLMK_HCONV_CASE(14) VLMK_HCONV_CASE(15)
+    VLMK_HCONV_CASE(16)
+#undef VLMK_HCONV_CASE
+    default:
+      return hconv_blocks<0>(p, ax, dst, dst_stride, nrows);
+  }
 }
 #endif
 

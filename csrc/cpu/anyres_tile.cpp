@@ -174,7 +174,10 @@ void stage_block(const RgbSrc& s, int64_t y, int nrows, uint8_t* stage) {
   }
 }
 
-// A thread's staging area for horizontal passes over rows of width w: two staged 8-row blocks,
+// Rows one horizontal step resamples: kBlocks staged 8-row blocks.
+constexpr int64_t kStep = kBlocks * kBlock;
+
+// A thread's staging area for horizontal passes over rows of width w: kBlocks staged 8-row blocks,
 // then one channel of each as tap pairs, each followed by the columns that zero-weight tap pairs
 // may read (see hconv_column).
 class HStage {
@@ -183,31 +186,36 @@ class HStage {
     int spare = 2;
     for (size_t i = 0; i < n; ++i) spare = std::max(spare, 2 * targets[i].ax->maxpairs + 2);
     pstride_ = w + spare;
-    buf_.emplace(kStage, 2 * stage_bytes_ + 2 * kBlock + 32 * (2 * pstride_ + 1));
-    std::memset(buf_->get() + 2 * stage_bytes_, 0, 2 * kBlock);
+    buf_.emplace(kStage, kBlocks * stage_bytes_ + 2 * kBlock + 32 * (kBlocks * pstride_ + 1));
+    std::memset(buf_->get() + kBlocks * stage_bytes_, 0, 2 * kBlock);
   }
 
-  // Source rows [y, y + 16) (fewer at the end) through every target's horizontal pass; target
+  // Source rows [y, y + kStep) (fewer at the end) through every target's horizontal pass; target
   // t's row y + r goes to t.dst + c * t.plane + r * t.stride.
   void run(const RgbSrc& src, int64_t y, const HTarget* targets, size_t n) {
-    uint8_t* staged[2] = {buf_->get(), buf_->get() + stage_bytes_};
-    int nrows[2] = {0, 0};
-    const int nb = src.h - y > kBlock ? 2 : 1;  // two blocks share every weight load
-    for (int i = 0; i < nb; ++i) {
-      nrows[i] = int(std::min<int64_t>(kBlock, src.h - y - i * kBlock));
-      stage_block(src, y + i * kBlock, nrows[i], staged[i]);
+    uint8_t* staged[kBlocks];
+    int nrows[kBlocks];
+    int nb = 0;  // blocks with rows
+    for (int i = 0; i < kBlocks; ++i) {
+      staged[i] = buf_->get() + i * stage_bytes_;
+      nrows[i] = int(std::clamp<int64_t>(src.h - y - i * kBlock, 0, kBlock));
+      if (nrows[i] > 0) stage_block(src, y + i * kBlock, nrows[i], staged[i]), ++nb;
     }
     for (int c = 0; c < 3; ++c) {
 #if VLMK_X86
       if (kHasAvx2) {
-        const uintptr_t end = reinterpret_cast<uintptr_t>(buf_->get() + 2 * stage_bytes_ + 2 * kBlock);
+        const uintptr_t end = reinterpret_cast<uintptr_t>(buf_->get() + kBlocks * stage_bytes_ + 2 * kBlock);
         __m256i* pairs = reinterpret_cast<__m256i*>((end + 31) & ~uintptr_t(31));
+        const __m256i* p[kBlocks];
         // a column's pair reads the next column: past the last one that is the next channel's
-        // (or block's) first column or the zeroed tail, only ever met by a weight of 0
-        for (int i = 0; i < nb; ++i) widen_pairs(staged[i] + c * w_ * kBlock, w_, pairs + i * pstride_);
+        // (or block's) first column or the zeroed tail, only ever met by a weight of 0. Blocks
+        // past the image reuse block 0's pairs (computed, not stored).
+        for (int i = 0; i < kBlocks; ++i) {
+          p[i] = i < nb ? pairs + i * pstride_ : pairs;
+          if (i < nb) widen_pairs(staged[i] + c * w_ * kBlock, w_, pairs + i * pstride_);
+        }
         for (size_t t = 0; t < n; ++t)
-          hconv_avx2(pairs, nb == 2 ? pairs + pstride_ : nullptr, *targets[t].ax, targets[t].dst + c * targets[t].plane,
-                     targets[t].stride, nrows);
+          hconv_avx2(p, *targets[t].ax, targets[t].dst + c * targets[t].plane, targets[t].stride, nrows);
         continue;
       }
 #endif
@@ -226,12 +234,12 @@ class HStage {
 
 // Rows [0, src.h) of src through the horizontal pass of every target (planar outputs).
 void hpass(const RgbSrc& src, const std::vector<HTarget>& targets) {
-  const int64_t blocks = (src.h + 2 * kBlock - 1) / (2 * kBlock);
+  const int64_t blocks = (src.h + kStep - 1) / kStep;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     HStage stage(src.w, targets.data(), targets.size());
     std::vector<HTarget> at_y(targets);
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t y = b * 2 * kBlock;
+      const int64_t y = b * kStep;
       for (size_t t = 0; t < targets.size(); ++t) at_y[t].dst = targets[t].dst + y * targets[t].stride;
       stage.run(src, y, at_y.data(), at_y.size());
     }
@@ -488,7 +496,6 @@ int64_t first_row_ending_after(const AxisTaps& vt, int64_t row) {
 // rows are staged once for both targets.
 template <typename out_t>
 void stream_targets(const RgbSrc& src, const std::vector<StreamTarget<out_t>>& ts, const Normalizer<out_t>& norm) {
-  constexpr int64_t kStep = 2 * kBlock;
   const size_t n = ts.size();
   TORCH_INTERNAL_ASSERT(n <= 2);
   int64_t lo = src.h, hi = 0, ow_max = 0;
