@@ -40,6 +40,7 @@ using namespace vlmk::anyres;
 #if VLMK_X86
 const bool kHasAvx2 = __builtin_cpu_supports("avx2");
 const bool kHasSsse3 = __builtin_cpu_supports("ssse3");
+const bool kHasFma = __builtin_cpu_supports("fma");
 #else
 constexpr bool kHasAvx2 = false;
 #endif
@@ -388,6 +389,10 @@ template <typename out_t>
 struct Normalizer {
   out_t lut[3][256];
   float mean[3], stdv[3];
+#if VLMK_X86
+  FastNorm fast[3];
+  bool fast_ok[3] = {false, false, false};  // normalize8_fma checked bit-identical to lut[c]
+#endif
   Normalizer(const float* m, const float* s) {
     for (int c = 0; c < 3; ++c) {
       mean[c] = m[c], stdv[c] = s[c];
@@ -397,6 +402,17 @@ struct Normalizer {
         else
           lut[c][v] = static_cast<out_t>(normalize_u8(uint8_t(v), m[c], s[c]));
       }
+#if VLMK_X86
+      if constexpr (std::is_same_v<out_t, float>)
+        if (kHasAvx2 && kHasFma) {
+          fast[c] = FastNorm{m[c], s[c], 1.0f / s[c]};
+          uint8_t bytes[256];
+          float got[256];
+          for (int v = 0; v < 256; ++v) bytes[v] = uint8_t(v);
+          for (int v = 0; v < 256; v += 8) normalize8_fma(bytes + v, fast[c], got + v);
+          fast_ok[c] = std::memcmp(got, lut[c], sizeof(got)) == 0;
+        }
+#endif
     }
   }
   void convert(int c, const uint8_t* in, out_t* out, int64_t n) const {
@@ -406,9 +422,12 @@ struct Normalizer {
       return;
     }
 #if VLMK_X86
-    if constexpr (std::is_same_v<out_t, float>)
-      if (kHasAvx2)
+    if constexpr (std::is_same_v<out_t, float>) {
+      if (fast_ok[c])
+        for (; i + 8 <= n; i += 8) normalize8_fma(in + i, fast[c], out + i);
+      else if (kHasAvx2)
         for (; i + 8 <= n; i += 8) normalize8_avx2(in + i, mean[c], stdv[c], out + i);
+    }
 #endif
     for (; i < n; ++i) out[i] = lut[c][in[i]];
   }
