@@ -94,6 +94,10 @@ def test_cpu_matches_reference_random_sizes():
     rng = random.Random(2)
     g = torch.Generator().manual_seed(2)
     images = [rand_u8(rng.randint(1, 300), rng.randint(1, 300), 3, gen=g) for _ in range(12)]
+    # planar CHW images (widened to tap pairs straight from their rows), also as cropped views
+    # whose rows are longer than the image
+    images += [rand_u8(3, rng.randint(1, 300), rng.randint(1, 300), gen=g) for _ in range(6)]
+    images += [rand_u8(3, rng.randint(2, 200), rng.randint(20, 300), gen=g)[:, 1:, 3:-7] for _ in range(3)]
     got, n_got = anyres_tile(images, SMALL_PINS, SMALL, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), backend="cpu")
     want, n_want = anyres_tile(images, SMALL_PINS, SMALL, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), backend="reference")
     assert n_got == n_want and got.shape[0] == sum(n_got)
@@ -271,9 +275,10 @@ def test_cuda_matches_cpu():
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_cpu_thread_splits_and_wide_downscales(threads):
-    # Row counts that split into odd numbers of 8-row blocks per thread (a lone block takes the
-    # single-block path), output widths that are not multiples of 8 (the column tail) and
-    # downscales with 100+ taps per output pixel, each exact against the reference.
+    # Row counts that split into partial 4-block steps per thread (blocks past the image are
+    # computed, not stored), output widths that are not multiples of 8 (the column tail) and
+    # downscales with 100+ taps per output pixel (the non-unrolled tap loop), each exact against
+    # the reference.
     cpu_ok()
     g = torch.Generator().manual_seed(11)
     images = [rand_u8(137, 411, 3, gen=g), rand_u8(3, 97, 1003, gen=g), rand_u8(251, 23, 3, gen=g)]

@@ -79,6 +79,51 @@ __attribute__((target("avx2"))) inline void widen_pairs(const uint8_t* sc, int64
   }
 }
 
+// In-register transpose of 8 rows of 8 dwords: r[m] becomes dword m of every row (row b in dword b).
+__attribute__((target("avx2"))) inline void transpose8_epi32(__m256i* r) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);      // dwords 0,1 | 4,5 of rows 2i, 2i+1
+    t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);  // dwords 2,3 | 6,7
+  }
+  for (int h = 0; h < 2; ++h) {  // rows 4h .. 4h + 3
+    const __m256i* q = t + 4 * h;
+    u[4 * h + 0] = _mm256_unpacklo_epi64(q[0], q[2]);  // dword 0 | 4
+    u[4 * h + 1] = _mm256_unpackhi_epi64(q[0], q[2]);  // dword 1 | 5
+    u[4 * h + 2] = _mm256_unpacklo_epi64(q[1], q[3]);  // dword 2 | 6
+    u[4 * h + 3] = _mm256_unpackhi_epi64(q[1], q[3]);  // dword 3 | 7
+  }
+  for (int m = 0; m < 4; ++m) {
+    r[m] = _mm256_permute2x128_si256(u[m], u[4 + m], 0x20);
+    r[m + 4] = _mm256_permute2x128_si256(u[m], u[4 + m], 0x31);
+  }
+}
+
+// 8 planar source rows of w bytes straight to tap pairs (what widen_pairs makes of a staged
+// block): each row's bytes widened to int16 read as (column j, column j + 1) dwords, 16 columns
+// (even and odd j) per step, transposed so that a pair holds the 8 rows. No staged copy.
+__attribute__((target("avx2"))) inline void widen_rows(const uint8_t* const* rows, int64_t w, __m256i* pairs) {
+  int64_t j = 0;
+  for (; j + 17 <= w; j += 16) {
+    __m256i e[8], o[8];
+    for (int r = 0; r < kBlock; ++r) {
+      e[r] = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + j)));
+      o[r] = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + j + 1)));
+    }
+    transpose8_epi32(e);
+    transpose8_epi32(o);
+    for (int m = 0; m < 8; ++m) {
+      _mm256_store_si256(pairs + j + 2 * m, e[m]);
+      _mm256_store_si256(pairs + j + 2 * m + 1, o[m]);
+    }
+  }
+  for (; j < w; ++j) {  // the last column pairs with a 0 (only a zero weight reads it)
+    alignas(32) uint16_t v[16];
+    for (int r = 0; r < kBlock; ++r) v[2 * r] = rows[r][j], v[2 * r + 1] = j + 1 < w ? rows[r][j + 1] : 0;
+    _mm256_store_si256(pairs + j, _mm256_load_si256(reinterpret_cast<const __m256i*>(v)));
+  }
+}
+
 // Keeps v in a register: without it GCC re-associates the unrolled sums into a tree (spilling
 // partial sums) and folds each operand load into both of its multiply-adds (twice the loads).
 #define VLMK_PIN(v) __asm__("" : "+x"(v))

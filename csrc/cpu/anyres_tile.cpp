@@ -197,10 +197,18 @@ class HStage {
     uint8_t* staged[kBlocks];
     int nrows[kBlocks];
     int nb = 0;  // blocks with rows
+#if VLMK_X86
+    const bool direct = kHasAvx2 && src.px_stride == 1;  // planar rows widen straight to tap pairs
+#else
+    const bool direct = false;
+#endif
     for (int i = 0; i < kBlocks; ++i) {
       staged[i] = buf_->get() + i * stage_bytes_;
       nrows[i] = int(std::clamp<int64_t>(src.h - y - i * kBlock, 0, kBlock));
-      if (nrows[i] > 0) stage_block(src, y + i * kBlock, nrows[i], staged[i]), ++nb;
+      if (nrows[i] > 0) {
+        if (!direct) stage_block(src, y + i * kBlock, nrows[i], staged[i]);
+        ++nb;
+      }
     }
     for (int c = 0; c < 3; ++c) {
 #if VLMK_X86
@@ -213,7 +221,15 @@ class HStage {
         // past the image reuse block 0's pairs (computed, not stored).
         for (int i = 0; i < kBlocks; ++i) {
           p[i] = i < nb ? pairs + i * pstride_ : pairs;
-          if (i < nb) widen_pairs(staged[i] + c * w_ * kBlock, w_, pairs + i * pstride_);
+          if (i >= nb) continue;
+          if (direct) {
+            const uint8_t* rows[kBlock];
+            for (int r = 0; r < kBlock; ++r)
+              rows[r] = src.ch[c] + (y + i * kBlock + std::min(r, nrows[i] - 1)) * src.row_stride;
+            widen_rows(rows, w_, pairs + i * pstride_);
+          } else {
+            widen_pairs(staged[i] + c * w_ * kBlock, w_, pairs + i * pstride_);
+          }
         }
         for (size_t t = 0; t < n; ++t)
           hconv_avx2(p, *targets[t].ax, targets[t].dst + c * targets[t].plane, targets[t].stride, nrows);
@@ -528,11 +544,22 @@ void stream_targets(const RgbSrc& src, const std::vector<StreamTarget<out_t>>& t
   rows.h = hi - lo;
   const int64_t steps = (rows.h + kStep - 1) / kStep;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), steps));
+  // Every chunk after the first also re-reads the `halo` source rows before its own (its first
+  // outputs' taps), so earlier chunks get that many more rows: chunk k's output rows close in
+  // source rows (bounds[k], bounds[k + 1]], bounds[k] ~ lo + k * work / chunks - (k - 1) * halo
+  // in whole steps.
+  int64_t halo = 0;
+  for (const auto& t : ts) halo = std::max<int64_t>(halo, 2 * t.vt->maxpairs);
+  const int64_t work = rows.h + (chunks - 1) * halo;
+  std::vector<int64_t> bounds(chunks + 1, hi);
+  bounds[0] = lo;
+  for (int64_t k = 1; k < chunks; ++k) {
+    const int64_t r = (k * work / chunks - (k - 1) * halo + kStep / 2) / kStep * kStep;
+    bounds[k] = std::clamp<int64_t>(lo + r, bounds[k - 1], hi);
+  }
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
-      // source rows (a, b] close this chunk's output rows
-      const int64_t a = lo + kStep * (steps * k / chunks);
-      const int64_t b = k + 1 == chunks ? hi : lo + kStep * (steps * (k + 1) / chunks);
+      const int64_t a = bounds[k], b = bounds[k + 1];
       int64_t y0[2], y1[2], next[2], ring_rows[2];
       uint8_t* ring[2];
       std::optional<Scratch> ring_buf[2];
@@ -564,8 +591,9 @@ void stream_targets(const RgbSrc& src, const std::vector<StreamTarget<out_t>>& t
       }
       if (start >= b) continue;  // no output rows end here
       HStage stage(src.w, at, n);
-      for (int64_t s = lo + (start - lo) / kStep * kStep; s < b; s += kStep) {
-        for (size_t i = 0; i < n; ++i) at[i].dst = ring[i] + ((s - lo) % ring_rows[i]) * at[i].stride;
+      // steps start at this chunk's first row: ring slot of source row r is (r - start) % ring_rows
+      for (int64_t s = start; s < b; s += kStep) {
+        for (size_t i = 0; i < n; ++i) at[i].dst = ring[i] + ((s - start) % ring_rows[i]) * at[i].stride;
         stage.run(rows, s - lo, at, n);
         const int64_t ready = std::min(s + kStep, hi);
         for (size_t i = 0; i < n; ++i) {
@@ -576,7 +604,7 @@ void stream_targets(const RgbSrc& src, const std::vector<StreamTarget<out_t>>& t
             taps.resize(size_t(vt.count[y]));
             for (int c = 0; c < 3; ++c) {
               for (int t = 0; t < vt.count[y]; ++t)
-                taps[t] = ring[i] + c * at[i].plane + ((vt.xmin[y] + t - lo) % ring_rows[i]) * ow;
+                taps[t] = ring[i] + c * at[i].plane + ((vt.xmin[y] + t - start) % ring_rows[i]) * ow;
               vconv_rows(taps.data(), ow, vt, y, buf.get());
               emit_row(ts[i].cv, y + ts[i].cv.pad_t, c, buf.get(), norm, ts[i].out);
             }
