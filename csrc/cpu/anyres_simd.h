@@ -99,25 +99,33 @@ __attribute__((target("avx2"))) inline void transpose8_epi32(__m256i* r) {
   }
 }
 
+// The tap pair between two even ones: (high word of lo, low word of hi) in every dword.
+__attribute__((target("avx2"))) inline __m256i odd_pair(__m256i lo, __m256i hi) {
+  return _mm256_or_si256(_mm256_srli_epi32(lo, 16), _mm256_slli_epi32(hi, 16));
+}
+
 // 8 planar source rows of w bytes straight to tap pairs (what widen_pairs makes of a staged
-// block): each row's bytes widened to int16 read as (column j, column j + 1) dwords, 16 columns
-// (even and odd j) per step, transposed so that a pair holds the 8 rows. No staged copy.
+// block), 16 columns per step: each row's bytes widened to int16 and read as (column j, column
+// j + 1) dwords for even j, transposed so that a pair holds the 8 rows; the odd pairs are the word
+// between two even ones (shifts, not shuffles). No staged copy.
 __attribute__((target("avx2"))) inline void widen_rows(const uint8_t* const* rows, int64_t w, __m256i* pairs) {
   int64_t j = 0;
-  for (; j + 17 <= w; j += 16) {
-    __m256i e[8], o[8];
-    for (int r = 0; r < kBlock; ++r) {
+  __m256i prev = _mm256_setzero_si256();  // pairs[j - 2]
+  for (; j + 16 <= w; j += 16) {
+    __m256i e[8];
+    for (int r = 0; r < kBlock; ++r)
       e[r] = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + j)));
-      o[r] = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + j + 1)));
-    }
-    transpose8_epi32(e);
-    transpose8_epi32(o);
+    transpose8_epi32(e);  // e[m] = pairs[j + 2m]
+    if (j > 0) _mm256_store_si256(pairs + j - 1, odd_pair(prev, e[0]));
     for (int m = 0; m < 8; ++m) {
       _mm256_store_si256(pairs + j + 2 * m, e[m]);
-      _mm256_store_si256(pairs + j + 2 * m + 1, o[m]);
+      if (m < 7) _mm256_store_si256(pairs + j + 2 * m + 1, odd_pair(e[m], e[m + 1]));
     }
+    prev = e[7];
   }
-  for (; j < w; ++j) {  // the last column pairs with a 0 (only a zero weight reads it)
+  // the pair left open by the last step and the tail; the last column pairs with a 0 (only a
+  // zero weight reads it)
+  for (j = std::max<int64_t>(j - 1, 0); j < w; ++j) {
     alignas(32) uint16_t v[16];
     for (int r = 0; r < kBlock; ++r) v[2 * r] = rows[r][j], v[2 * r + 1] = j + 1 < w ? rows[r][j + 1] : 0;
     _mm256_store_si256(pairs + j, _mm256_load_si256(reinterpret_cast<const __m256i*>(v)));
@@ -282,6 +290,9 @@ __attribute__((target("avx2"))) inline void normalize8_avx2(const uint8_t* in, f
 struct FastNorm {
   float mean, stdv, rstd;
 };
+// kStream: a non-temporal store (out 32-byte aligned): the tiles are written once and not read
+// back here, so skipping the read-for-ownership of each line saves memory traffic.
+template <bool kStream = false>
 __attribute__((target("avx2,fma"))) inline void normalize8_fma(const uint8_t* in, const FastNorm& k, float* out) {
   const __m256 x = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(in))));
   const __m256 c255 = _mm256_set1_ps(255.0f), r255 = _mm256_set1_ps(1.0f / 255.0f);
@@ -290,7 +301,10 @@ __attribute__((target("avx2,fma"))) inline void normalize8_fma(const uint8_t* in
   const __m256 d = _mm256_sub_ps(q, _mm256_set1_ps(k.mean)), sd = _mm256_set1_ps(k.stdv), rs = _mm256_set1_ps(k.rstd);
   __m256 y = _mm256_mul_ps(d, rs);
   y = _mm256_fmadd_ps(_mm256_fnmadd_ps(y, sd, d), rs, y);  // d / std
-  _mm256_storeu_ps(out, y);
+  if constexpr (kStream)
+    _mm256_stream_ps(out, y);
+  else
+    _mm256_storeu_ps(out, y);
 }
 #endif
 

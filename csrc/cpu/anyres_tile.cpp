@@ -439,7 +439,9 @@ struct Normalizer {
     }
 #if VLMK_X86
     if constexpr (std::is_same_v<out_t, float>) {
-      if (fast_ok[c])
+      if (fast_ok[c] && reinterpret_cast<uintptr_t>(out) % 32 == 0)
+        for (; i + 8 <= n; i += 8) normalize8_fma<true>(in + i, fast[c], out + i);
+      else if (fast_ok[c])
         for (; i + 8 <= n; i += 8) normalize8_fma(in + i, fast[c], out + i);
       else if (kHasAvx2)
         for (; i + 8 <= n; i += 8) normalize8_avx2(in + i, mean[c], stdv[c], out + i);
@@ -448,6 +450,13 @@ struct Normalizer {
     for (; i < n; ++i) out[i] = lut[c][in[i]];
   }
 };
+
+// Orders this thread's non-temporal tile stores before the parallel region's join.
+inline void store_fence() {
+#if VLMK_X86
+  _mm_sfence();
+#endif
+}
 
 // Where a resized image lands: a canvas of rows x cols tiles of S x S with the image at (pad_t,
 // pad_l) and zero bytes around it; tile (r, tc) is out tile r * cols + tc, row-major.
@@ -497,6 +506,7 @@ void emit_canvases(const std::vector<CanvasJob<out_t>>& jobs, const Normalizer<o
       }
       base += rows;
     }
+    store_fence();
   });
 }
 
@@ -613,6 +623,7 @@ void stream_targets(const RgbSrc& src, const std::vector<StreamTarget<out_t>>& t
       }
       for (size_t i = 0; i < n; ++i) TORCH_INTERNAL_ASSERT(next[i] == y1[i], "anyres_tile: streamed rows left behind");
     }
+    store_fence();
   });
 }
 
