@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -38,9 +39,15 @@ namespace {
 using namespace vlmk::anyres;
 
 #if VLMK_X86
-const bool kHasAvx2 = __builtin_cpu_supports("avx2");
-const bool kHasSsse3 = __builtin_cpu_supports("ssse3");
-const bool kHasFma = __builtin_cpu_supports("fma");
+// VLMKERNELS_CPU_SIMD=0 (read at load) runs the portable loops that non-x86 builds run, so that
+// the tests check them on this machine too.
+const bool kSimd = [] {
+  const char* e = std::getenv("VLMKERNELS_CPU_SIMD");
+  return !(e && std::strcmp(e, "0") == 0);
+}();
+const bool kHasAvx2 = kSimd && __builtin_cpu_supports("avx2");
+const bool kHasSsse3 = kSimd && __builtin_cpu_supports("ssse3");
+const bool kHasFma = kSimd && __builtin_cpu_supports("fma");
 #else
 constexpr bool kHasAvx2 = false;
 #endif
