@@ -542,7 +542,7 @@ int64_t first_row_ending_after(const AxisTaps& vt, int64_t row) {
 
 // Both resizes of an image in one sweep per thread: each thread owns the output rows whose taps
 // end in its range of source rows, runs those rows (plus the few before them its first outputs
-// read) through the horizontal passes in 16-row steps into a small ring of rows per target, and
+// read) through the horizontal passes in kStep-row steps into a small ring of rows per target, and
 // emits every output row as soon as its taps are in the ring: vertical pass, normalization and
 // tile write in one go. So the horizontal-pass output never leaves the cache, and the source
 // rows are staged once for both targets.
