@@ -68,67 +68,67 @@ inline void hconv_scalar(const uint8_t* sc, const AxisTaps& ax, uint8_t* dst, in
 }
 
 #if VLMK_X86
-// One staged channel (sc[j * kBlock + r], w columns plus kBlock zero bytes) -> pairs[j] = the 8
-// rows' (column j, column j + 1) as 16 interleaved int16: the operand of a tap pair at column j.
-// Widened once per column, not once per (output column, tap pair) that reads it.
-__attribute__((target("avx2"))) inline void widen_pairs(const uint8_t* sc, int64_t w, __m256i* pairs) {
+// Tap pairs are kept as bytes: pairs[j] = the 8 rows' (column j, column j + 1), 16 bytes, widened
+// to the int16 operand of a tap pair as the multiply-add loads it (a free expansion there, and half
+// the bytes to write and to keep in cache of int16 pairs).
+
+// One staged channel (sc[j * kBlock + r], w columns plus kBlock zero bytes) -> pairs[j].
+__attribute__((target("avx2"))) inline void widen_pairs(const uint8_t* sc, int64_t w, __m128i* pairs) {
   const __m128i interleave = _mm_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
-  for (int64_t j = 0; j < w; ++j) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + j * kBlock));
-    _mm256_store_si256(pairs + j, _mm256_cvtepu8_epi16(_mm_shuffle_epi8(v, interleave)));
-  }
+  for (int64_t j = 0; j < w; ++j)
+    _mm_store_si128(pairs + j, _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + j * kBlock)),
+                                                interleave));
 }
 
-// In-register transpose of 8 rows of 8 dwords: r[m] becomes dword m of every row (row b in dword b).
-__attribute__((target("avx2"))) inline void transpose8_epi32(__m256i* r) {
-  __m256i t[8], u[8];
+// In-register transpose of 8 rows of 8 words: r[m] becomes word m of every row (row b in word b).
+__attribute__((target("avx2"))) inline void transpose8_epi16(__m128i* r) {
+  __m128i t[8], u[8];
   for (int i = 0; i < 4; ++i) {
-    t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);      // dwords 0,1 | 4,5 of rows 2i, 2i+1
-    t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);  // dwords 2,3 | 6,7
+    t[2 * i] = _mm_unpacklo_epi16(r[2 * i], r[2 * i + 1]);      // words 0..3 of rows 2i, 2i+1
+    t[2 * i + 1] = _mm_unpackhi_epi16(r[2 * i], r[2 * i + 1]);  // words 4..7
   }
-  for (int h = 0; h < 2; ++h) {  // rows 4h .. 4h + 3
-    const __m256i* q = t + 4 * h;
-    u[4 * h + 0] = _mm256_unpacklo_epi64(q[0], q[2]);  // dword 0 | 4
-    u[4 * h + 1] = _mm256_unpackhi_epi64(q[0], q[2]);  // dword 1 | 5
-    u[4 * h + 2] = _mm256_unpacklo_epi64(q[1], q[3]);  // dword 2 | 6
-    u[4 * h + 3] = _mm256_unpackhi_epi64(q[1], q[3]);  // dword 3 | 7
+  for (int h = 0; h < 2; ++h) {  // words 4h .. 4h + 3
+    u[4 * h + 0] = _mm_unpacklo_epi32(t[h], t[h + 2]);      // words 4h, 4h+1 of rows 0..3
+    u[4 * h + 1] = _mm_unpackhi_epi32(t[h], t[h + 2]);      // words 4h+2, 4h+3 of rows 0..3
+    u[4 * h + 2] = _mm_unpacklo_epi32(t[h + 4], t[h + 6]);  // the same for rows 4..7
+    u[4 * h + 3] = _mm_unpackhi_epi32(t[h + 4], t[h + 6]);
   }
-  for (int m = 0; m < 4; ++m) {
-    r[m] = _mm256_permute2x128_si256(u[m], u[4 + m], 0x20);
-    r[m + 4] = _mm256_permute2x128_si256(u[m], u[4 + m], 0x31);
-  }
+  for (int h = 0; h < 2; ++h)
+    for (int q = 0; q < 2; ++q) {
+      r[4 * h + 2 * q] = _mm_unpacklo_epi64(u[4 * h + q], u[4 * h + q + 2]);
+      r[4 * h + 2 * q + 1] = _mm_unpackhi_epi64(u[4 * h + q], u[4 * h + q + 2]);
+    }
 }
 
-// The tap pair between two even ones: (high word of lo, low word of hi) in every dword.
-__attribute__((target("avx2"))) inline __m256i odd_pair(__m256i lo, __m256i hi) {
-  return _mm256_or_si256(_mm256_srli_epi32(lo, 16), _mm256_slli_epi32(hi, 16));
+// The tap pair between two even ones: (high byte of lo, low byte of hi) in every word.
+__attribute__((target("avx2"))) inline __m128i odd_pair(__m128i lo, __m128i hi) {
+  return _mm_or_si128(_mm_srli_epi16(lo, 8), _mm_slli_epi16(hi, 8));
 }
 
 // 8 planar source rows of w bytes straight to tap pairs (what widen_pairs makes of a staged
-// block), 16 columns per step: each row's bytes widened to int16 and read as (column j, column
-// j + 1) dwords for even j, transposed so that a pair holds the 8 rows; the odd pairs are the word
-// between two even ones (shifts, not shuffles). No staged copy.
-__attribute__((target("avx2"))) inline void widen_rows(const uint8_t* const* rows, int64_t w, __m256i* pairs) {
+// block), 16 columns per step: each row read as (column j, column j + 1) words for even j and
+// transposed so that a pair holds the 8 rows; the odd pairs are the bytes between two even ones
+// (shifts, not shuffles). No staged copy.
+__attribute__((target("avx2"))) inline void widen_rows(const uint8_t* const* rows, int64_t w, __m128i* pairs) {
   int64_t j = 0;
-  __m256i prev = _mm256_setzero_si256();  // pairs[j - 2]
+  __m128i prev = _mm_setzero_si128();  // pairs[j - 2]
   for (; j + 16 <= w; j += 16) {
-    __m256i e[8];
-    for (int r = 0; r < kBlock; ++r)
-      e[r] = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + j)));
-    transpose8_epi32(e);  // e[m] = pairs[j + 2m]
-    if (j > 0) _mm256_store_si256(pairs + j - 1, odd_pair(prev, e[0]));
+    __m128i e[8];
+    for (int r = 0; r < kBlock; ++r) e[r] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + j));
+    transpose8_epi16(e);  // e[m] = pairs[j + 2m]
+    if (j > 0) _mm_store_si128(pairs + j - 1, odd_pair(prev, e[0]));
     for (int m = 0; m < 8; ++m) {
-      _mm256_store_si256(pairs + j + 2 * m, e[m]);
-      if (m < 7) _mm256_store_si256(pairs + j + 2 * m + 1, odd_pair(e[m], e[m + 1]));
+      _mm_store_si128(pairs + j + 2 * m, e[m]);
+      if (m < 7) _mm_store_si128(pairs + j + 2 * m + 1, odd_pair(e[m], e[m + 1]));
     }
     prev = e[7];
   }
   // the pair left open by the last step and the tail; the last column pairs with a 0 (only a
   // zero weight reads it)
   for (j = std::max<int64_t>(j - 1, 0); j < w; ++j) {
-    alignas(32) uint16_t v[16];
+    alignas(16) uint8_t v[16];
     for (int r = 0; r < kBlock; ++r) v[2 * r] = rows[r][j], v[2 * r + 1] = j + 1 < w ? rows[r][j + 1] : 0;
-    _mm256_store_si256(pairs + j, _mm256_load_si256(reinterpret_cast<const __m256i*>(v)));
+    _mm_store_si128(pairs + j, _mm_load_si128(reinterpret_cast<const __m128i*>(v)));
   }
 }
 
@@ -142,7 +142,7 @@ __attribute__((target("avx2"))) inline void widen_rows(const uint8_t* const* row
 // (fully unrolled), P == 0 runs npairs. Every output runs ax.maxpairs pairs: pairs past its taps
 // have weight 0 and may read up to 2 * maxpairs columns past the staged ones (0 * x = 0 exactly).
 template <int P>
-__attribute__((target("avx2"))) inline void hconv_column(const __m256i* const* p, const int32_t* lo, const int32_t* hi,
+__attribute__((target("avx2"))) inline void hconv_column(const __m128i* const* p, const int32_t* lo, const int32_t* hi,
                                                          int64_t j, int npairs, __m256i* r) {
   __m256i alo[kBlocks], ahi[kBlocks];
   for (int b = 0; b < kBlocks; ++b) alo[b] = _mm256_set1_epi32(kRoundBias), ahi[b] = _mm256_setzero_si256();
@@ -151,7 +151,7 @@ __attribute__((target("avx2"))) inline void hconv_column(const __m256i* const* p
   for (int t = 0; t < n; ++t) {
     const __m256i wl = _mm256_set1_epi32(lo[t]), wh = _mm256_set1_epi32(hi[t]);
     for (int b = 0; b < kBlocks; ++b) {
-      __m256i v = _mm256_load_si256(p[b] + j + 2 * t);
+      __m256i v = _mm256_cvtepu8_epi16(_mm_load_si128(p[b] + j + 2 * t));
       VLMK_PIN(v);
       alo[b] = _mm256_add_epi32(alo[b], _mm256_madd_epi16(v, wl));
       ahi[b] = _mm256_add_epi32(ahi[b], _mm256_madd_epi16(v, wh));
@@ -192,7 +192,7 @@ __attribute__((target("avx2"))) inline void store_8x8(const __m256i* a, int nx, 
 // Eight output columns at a time for the kBlocks staged blocks (block b's rows start b * kBlock
 // rows below block 0's in dst; nrows[b] of them are stored, none for a padding block).
 template <int P>
-__attribute__((target("avx2"))) void hconv_blocks(const __m256i* const* p, const AxisTaps& ax, uint8_t* dst,
+__attribute__((target("avx2"))) void hconv_blocks(const __m128i* const* p, const AxisTaps& ax, uint8_t* dst,
                                                   int64_t dst_stride, const int* nrows) {
   for (int x = 0; x < ax.out; x += 8) {
     const int nx = std::min(8, ax.out - x);
@@ -209,7 +209,7 @@ __attribute__((target("avx2"))) void hconv_blocks(const __m256i* const* p, const
 }
 
 // Unrolled kernels for up to 16 tap pairs (up to ~8x downscales), a loop beyond.
-__attribute__((target("avx2"))) inline void hconv_avx2(const __m256i* const* p, const AxisTaps& ax, uint8_t* dst,
+__attribute__((target("avx2"))) inline void hconv_avx2(const __m128i* const* p, const AxisTaps& ax, uint8_t* dst,
                                                        int64_t dst_stride, const int* nrows) {
   switch (ax.maxpairs) {
 #define VLMK_HCONV_CASE(n) \

@@ -194,7 +194,7 @@ class HStage {
     int spare = 2;
     for (size_t i = 0; i < n; ++i) spare = std::max(spare, 2 * targets[i].ax->maxpairs + 2);
     pstride_ = w + spare;
-    buf_.emplace(kStage, kBlocks * stage_bytes_ + 2 * kBlock + 32 * (kBlocks * pstride_ + 1));
+    buf_.emplace(kStage, kBlocks * stage_bytes_ + 2 * kBlock + 32 + 16 * kBlocks * pstride_);
     std::memset(buf_->get() + kBlocks * stage_bytes_, 0, 2 * kBlock);
   }
 
@@ -221,8 +221,8 @@ class HStage {
 #if VLMK_X86
       if (kHasAvx2) {
         const uintptr_t end = reinterpret_cast<uintptr_t>(buf_->get() + kBlocks * stage_bytes_ + 2 * kBlock);
-        __m256i* pairs = reinterpret_cast<__m256i*>((end + 31) & ~uintptr_t(31));
-        const __m256i* p[kBlocks];
+        __m128i* pairs = reinterpret_cast<__m128i*>((end + 31) & ~uintptr_t(31));
+        const __m128i* p[kBlocks];
         // a column's pair reads the next column: past the last one that is the next channel's
         // (or block's) first column or the zeroed tail, only ever met by a weight of 0. Blocks
         // past the image reuse block 0's pairs (computed, not stored).
