@@ -22,29 +22,35 @@ struct AxisTaps {
   int maxpairs = 0;  // tap pairs of the widest output: a fixed trip count (no mispredicted loop exits)
   std::vector<int32_t> k;  // [out][ksize]
   std::vector<int> xmin, count;
-  // For 16-bit multiply-adds (pmaddwd): k = hi * 2^15 + lo with lo in [0, 2^15), hi in [-2^7, 2^7],
-  // two taps per int32 (tap t in the low half). Integer sums wrap mod 2^32 like the exact int32
-  // sum, so (sum hi) << 15 + (sum lo) is bit-identical to Pillow's accumulator.
+  // For 16-bit multiply-adds (pmaddwd) on column pairs (2m, 2m + 1): output i's taps from pair
+  // xpair[i] = xmin / 2 on (an odd xmin puts a zero weight first), k = hi * 2^15 + lo with lo in
+  // [0, 2^15), hi in [-2^7, 2^7], two taps per int32 (the even column in the low half). Integer
+  // sums wrap mod 2^32 like the exact int32 sum, so (sum hi) << 15 + (sum lo) is bit-identical to
+  // Pillow's accumulator.
+  std::vector<int> xpair;
   std::vector<int32_t> klo, khi;  // [out][npairs]
 
   AxisTaps(int in_size, int out_size) : in(in_size), out(out_size) {
     const AxisScale s = axis_scale(in_size, out_size);
     ksize = s.ksize;
-    npairs = (ksize + 1) / 2;
+    npairs = (ksize + 2) / 2;  // room for the leading zero of an odd xmin
     k.resize(size_t(out_size) * ksize);
     xmin.resize(out_size);
     count.resize(out_size);
+    xpair.resize(out_size);
     klo.assign(size_t(out_size) * npairs, 0);
     khi.assign(size_t(out_size) * npairs, 0);
     for (int i = 0; i < out_size; ++i) {
       count[i] = tap_weights(s, in_size, i, &k[size_t(i) * ksize], &xmin[i]);
-      maxpairs = std::max(maxpairs, (count[i] + 1) / 2);
+      const int odd = xmin[i] & 1;
+      xpair[i] = xmin[i] >> 1;
+      maxpairs = std::max(maxpairs, (count[i] + odd + 1) / 2);
       for (int t = 0; t < count[i]; ++t) {
         const int32_t v = k[size_t(i) * ksize + t];
         const uint32_t lo = uint32_t(v) & 0x7fffu, hi = uint32_t(v >> 15) & 0xffffu;
-        const int shift = (t & 1) * 16;
-        klo[size_t(i) * npairs + t / 2] |= int32_t(lo << shift);
-        khi[size_t(i) * npairs + t / 2] |= int32_t(hi << shift);
+        const int slot = t + odd, shift = (slot & 1) * 16;
+        klo[size_t(i) * npairs + slot / 2] |= int32_t(lo << shift);
+        khi[size_t(i) * npairs + slot / 2] |= int32_t(hi << shift);
       }
     }
   }
@@ -68,15 +74,16 @@ inline void hconv_scalar(const uint8_t* sc, const AxisTaps& ax, uint8_t* dst, in
 }
 
 #if VLMK_X86
-// Tap pairs are kept as bytes: pairs[j] = the 8 rows' (column j, column j + 1), 16 bytes, widened
+// Tap pairs are kept as bytes: pairs[m] = the 8 rows' (column 2m, column 2m + 1), 16 bytes, widened
 // to the int16 operand of a tap pair as the multiply-add loads it (a free expansion there, and half
-// the bytes to write and to keep in cache of int16 pairs).
+// the bytes to write and to keep in cache of int16 pairs). (w + 1) / 2 pairs per row block; a
+// last odd column pairs with whatever follows it, which only a zero weight reads.
 
-// One staged channel (sc[j * kBlock + r], w columns plus kBlock zero bytes) -> pairs[j].
+// One staged channel (sc[j * kBlock + r], w columns plus kBlock zero bytes) -> pairs.
 __attribute__((target("avx2"))) inline void widen_pairs(const uint8_t* sc, int64_t w, __m128i* pairs) {
   const __m128i interleave = _mm_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
-  for (int64_t j = 0; j < w; ++j)
-    _mm_store_si128(pairs + j, _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + j * kBlock)),
+  for (int64_t m = 0; 2 * m < w; ++m)
+    _mm_store_si128(pairs + m, _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 2 * m * kBlock)),
                                                 interleave));
 }
 
@@ -100,35 +107,21 @@ __attribute__((target("avx2"))) inline void transpose8_epi16(__m128i* r) {
     }
 }
 
-// The tap pair between two even ones: (high byte of lo, low byte of hi) in every word.
-__attribute__((target("avx2"))) inline __m128i odd_pair(__m128i lo, __m128i hi) {
-  return _mm_or_si128(_mm_srli_epi16(lo, 8), _mm_slli_epi16(hi, 8));
-}
-
 // 8 planar source rows of w bytes straight to tap pairs (what widen_pairs makes of a staged
-// block), 16 columns per step: each row read as (column j, column j + 1) words for even j and
-// transposed so that a pair holds the 8 rows; the odd pairs are the bytes between two even ones
-// (shifts, not shuffles). No staged copy.
+// block), 16 columns per step: each row read as 8 (column 2m, column 2m + 1) words and transposed
+// so that a pair holds the 8 rows. No staged copy.
 __attribute__((target("avx2"))) inline void widen_rows(const uint8_t* const* rows, int64_t w, __m128i* pairs) {
   int64_t j = 0;
-  __m128i prev = _mm_setzero_si128();  // pairs[j - 2]
   for (; j + 16 <= w; j += 16) {
     __m128i e[8];
     for (int r = 0; r < kBlock; ++r) e[r] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + j));
-    transpose8_epi16(e);  // e[m] = pairs[j + 2m]
-    if (j > 0) _mm_store_si128(pairs + j - 1, odd_pair(prev, e[0]));
-    for (int m = 0; m < 8; ++m) {
-      _mm_store_si128(pairs + j + 2 * m, e[m]);
-      if (m < 7) _mm_store_si128(pairs + j + 2 * m + 1, odd_pair(e[m], e[m + 1]));
-    }
-    prev = e[7];
+    transpose8_epi16(e);
+    for (int m = 0; m < 8; ++m) _mm_store_si128(pairs + j / 2 + m, e[m]);
   }
-  // the pair left open by the last step and the tail; the last column pairs with a 0 (only a
-  // zero weight reads it)
-  for (j = std::max<int64_t>(j - 1, 0); j < w; ++j) {
+  for (; j < w; j += 2) {  // the tail; a last odd column pairs with a 0
     alignas(16) uint8_t v[16];
     for (int r = 0; r < kBlock; ++r) v[2 * r] = rows[r][j], v[2 * r + 1] = j + 1 < w ? rows[r][j + 1] : 0;
-    _mm_store_si128(pairs + j, _mm_load_si128(reinterpret_cast<const __m128i*>(v)));
+    _mm_store_si128(pairs + j / 2, _mm_load_si128(reinterpret_cast<const __m128i*>(v)));
   }
 }
 
@@ -136,11 +129,11 @@ __attribute__((target("avx2"))) inline void widen_rows(const uint8_t* const* row
 // partial sums) and folds each operand load into both of its multiply-adds (twice the loads).
 #define VLMK_PIN(v) __asm__("" : "+x"(v))
 
-// (acc >> 22) of one output column (first tap pair at column j) for the kBlocks staged 8-row
-// blocks p[b]: per tap pair, 8 rows x 2 taps as 16 int16 times the broadcast (k[t], k[t+1])
-// halves, each weight load shared by all blocks. P > 0 is the pair count known at compile time
-// (fully unrolled), P == 0 runs npairs. Every output runs ax.maxpairs pairs: pairs past its taps
-// have weight 0 and may read up to 2 * maxpairs columns past the staged ones (0 * x = 0 exactly).
+// (acc >> 22) of one output column (taps from pair j) for the kBlocks 8-row blocks of tap pairs
+// p[b]: per tap pair, 8 rows x 2 taps as 16 int16 times the broadcast (k[t], k[t+1]) halves, each
+// weight load shared by all blocks. P > 0 is the pair count known at compile time (fully
+// unrolled), P == 0 runs npairs. Every output runs ax.maxpairs pairs: pairs past its taps have
+// weight 0 and may read up to maxpairs pairs past the widened ones (0 * x = 0 exactly).
 template <int P>
 __attribute__((target("avx2"))) inline void hconv_column(const __m128i* const* p, const int32_t* lo, const int32_t* hi,
                                                          int64_t j, int npairs, __m256i* r) {
@@ -151,7 +144,7 @@ __attribute__((target("avx2"))) inline void hconv_column(const __m128i* const* p
   for (int t = 0; t < n; ++t) {
     const __m256i wl = _mm256_set1_epi32(lo[t]), wh = _mm256_set1_epi32(hi[t]);
     for (int b = 0; b < kBlocks; ++b) {
-      __m256i v = _mm256_cvtepu8_epi16(_mm_load_si128(p[b] + j + 2 * t));
+      __m256i v = _mm256_cvtepu8_epi16(_mm_load_si128(p[b] + j + t));
       VLMK_PIN(v);
       alo[b] = _mm256_add_epi32(alo[b], _mm256_madd_epi16(v, wl));
       ahi[b] = _mm256_add_epi32(ahi[b], _mm256_madd_epi16(v, wh));
@@ -200,7 +193,7 @@ __attribute__((target("avx2"))) void hconv_blocks(const __m128i* const* p, const
     for (int i = 0; i < 8; ++i) {
       const int xi = x + std::min(i, nx - 1);
       __m256i r[kBlocks];
-      hconv_column<P>(p, &ax.klo[size_t(xi) * ax.npairs], &ax.khi[size_t(xi) * ax.npairs], ax.xmin[xi], ax.maxpairs, r);
+      hconv_column<P>(p, &ax.klo[size_t(xi) * ax.npairs], &ax.khi[size_t(xi) * ax.npairs], ax.xpair[xi], ax.maxpairs, r);
       for (int b = 0; b < kBlocks; ++b) a[b][i] = r[b];
     }
     for (int b = 0; b < kBlocks; ++b)

@@ -186,14 +186,14 @@ void stage_block(const RgbSrc& s, int64_t y, int nrows, uint8_t* stage) {
 constexpr int64_t kStep = kBlocks * kBlock;
 
 // A thread's staging area for horizontal passes over rows of width w: kBlocks staged 8-row blocks,
-// then one channel of each as tap pairs, each followed by the columns that zero-weight tap pairs
-// may read (see hconv_column).
+// then one channel of each as tap pairs, each followed by the pairs that zero weights may read
+// (see hconv_column).
 class HStage {
  public:
   HStage(int64_t w, const HTarget* targets, size_t n) : w_(w), stage_bytes_(3 * w * kBlock) {
-    int spare = 2;
-    for (size_t i = 0; i < n; ++i) spare = std::max(spare, 2 * targets[i].ax->maxpairs + 2);
-    pstride_ = w + spare;
+    int spare = 1;  // pairs that zero weights may read past the widened ones
+    for (size_t i = 0; i < n; ++i) spare = std::max(spare, targets[i].ax->maxpairs + 1);
+    pstride_ = (w + 1) / 2 + spare;
     buf_.emplace(kStage, kBlocks * stage_bytes_ + 2 * kBlock + 32 + 16 * kBlocks * pstride_);
     std::memset(buf_->get() + kBlocks * stage_bytes_, 0, 2 * kBlock);
   }
@@ -223,9 +223,9 @@ class HStage {
         const uintptr_t end = reinterpret_cast<uintptr_t>(buf_->get() + kBlocks * stage_bytes_ + 2 * kBlock);
         __m128i* pairs = reinterpret_cast<__m128i*>((end + 31) & ~uintptr_t(31));
         const __m128i* p[kBlocks];
-        // a column's pair reads the next column: past the last one that is the next channel's
-        // (or block's) first column or the zeroed tail, only ever met by a weight of 0. Blocks
-        // past the image reuse block 0's pairs (computed, not stored).
+        // a last odd column's pair reads the next staged byte (the next channel's or block's
+        // first column, or the zeroed tail), only ever met by a weight of 0. Blocks past the
+        // image reuse block 0's pairs (computed, not stored).
         for (int i = 0; i < kBlocks; ++i) {
           p[i] = i < nb ? pairs + i * pstride_ : pairs;
           if (i >= nb) continue;
