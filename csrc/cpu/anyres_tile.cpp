@@ -196,6 +196,8 @@ class HStage {
     pstride_ = (w + 1) / 2 + spare;
     buf_.emplace(kStage, kBlocks * stage_bytes_ + 2 * kBlock + 32 + 16 * kBlocks * pstride_);
     std::memset(buf_->get() + kBlocks * stage_bytes_, 0, 2 * kBlock);
+    const uintptr_t end = reinterpret_cast<uintptr_t>(buf_->get() + kBlocks * stage_bytes_ + 2 * kBlock);
+    pairs_ = reinterpret_cast<uint8_t*>((end + 31) & ~uintptr_t(31));
   }
 
   // Source rows [y, y + kStep) (fewer at the end) through every target's horizontal pass; target
@@ -220,8 +222,7 @@ class HStage {
     for (int c = 0; c < 3; ++c) {
 #if VLMK_X86
       if (kHasAvx2) {
-        const uintptr_t end = reinterpret_cast<uintptr_t>(buf_->get() + kBlocks * stage_bytes_ + 2 * kBlock);
-        __m128i* pairs = reinterpret_cast<__m128i*>((end + 31) & ~uintptr_t(31));
+        __m128i* pairs = reinterpret_cast<__m128i*>(pairs_);
         const __m128i* p[kBlocks];
         // a last odd column's pair reads the next staged byte (the next channel's or block's
         // first column, or the zeroed tail), only ever met by a weight of 0. Blocks past the
@@ -254,6 +255,7 @@ class HStage {
  private:
   int64_t w_, stage_bytes_, pstride_ = 0;
   std::optional<Scratch> buf_;
+  uint8_t* pairs_ = nullptr;  // kBlocks x pstride_ tap pairs of 16 bytes, 32-byte aligned in buf_
 };
 
 // Rows [0, src.h) of src through the horizontal pass of every target (planar outputs).
