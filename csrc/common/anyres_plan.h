@@ -6,13 +6,7 @@
 #include <cstdint>
 
 // No torch headers here: this file is also compiled by nvcc for the CUDA kernels.
-#ifndef VLMK_HD
-#if defined(__CUDACC__)
-#define VLMK_HD __host__ __device__ __forceinline__
-#else
-#define VLMK_HD inline
-#endif
-#endif
+#include "hd.h"
 
 namespace vlmk {
 namespace anyres {

@@ -11,13 +11,7 @@
 #include <cmath>
 #include <cstdint>
 
-#ifndef VLMK_HD
-#if defined(__CUDACC__)
-#define VLMK_HD __host__ __device__ __forceinline__
-#else
-#define VLMK_HD inline
-#endif
-#endif
+#include "hd.h"
 
 namespace vlmk {
 namespace anyres {

@@ -3,6 +3,8 @@
 #pragma once
 #include <torch/extension.h>
 
+#include "hd.h"
+
 #define VLMK_CHECK_ARG(cond, ...) TORCH_CHECK_VALUE(cond, __VA_ARGS__)
 #define VLMK_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, __VA_ARGS__)
 
@@ -15,10 +17,3 @@ inline void check_device(const at::Tensor& t, c10::DeviceType dev, const char* n
                  t.device());
 }
 }  // namespace vlmk
-
-// Marks helpers compiled for both host (the C++ CPU kernels) and device (the CUDA kernels).
-#if defined(__CUDACC__)
-#define VLMK_HD __host__ __device__ __forceinline__
-#else
-#define VLMK_HD inline
-#endif

@@ -5,13 +5,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#ifndef VLMK_HD
-#if defined(__CUDACC__)
-#define VLMK_HD __host__ __device__ __forceinline__
-#else
-#define VLMK_HD inline
-#endif
-#endif
+#include "hd.h"
 
 namespace vlmk {
 namespace moe {
