@@ -72,6 +72,20 @@ def test_python_ref_matches_hf():
         assert all(torch.equal(g, e) for g, e in zip(got, exp))
 
 
+def test_unpad_rule_matches_hf_unpad_image():
+    # the one unpad rule (pack_plan and python_ref's llava_next/onevision token counts use it)
+    from python_ref.models.llava_next import unpadded_grid
+
+    g = torch.Generator().manual_seed(3)
+    sizes = torch.randint(1, 2000, (300, 2), generator=g).tolist() + SIZES
+    for h, w in sizes:
+        for rows, cols in [(4, 8), (8, 4), (8, 8), (12, 4), (4, 12), (27, 54), (81, 27)]:
+            grid = torch.arange(rows * cols).reshape(1, rows, cols)
+            r0, nr, c0, nc = ref.unpad_hw((h, w), (rows, cols))
+            assert torch.equal(grid[:, r0:r0 + nr, c0:c0 + nc], mn.unpad_image(grid, (h, w))), (h, w, rows, cols)
+            assert unpadded_grid(h, w, rows, cols) == (nr, nc)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_newline_and_single_tile(backend):
     f, sizes, nl = _inputs([[50, 31], [29, 60]], c=3)

@@ -46,6 +46,8 @@ CASES = [(NEXT_PINS, 336, 1500, 0), (OV_PINS, 384, 1500, 1), (ODD_PINS, 28, 500,
 @pytest.mark.parametrize("pins,tile,n,seed", CASES, ids=["next", "onevision", "tiny"])
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_batch_plan_matches_hf(pins, tile, n, seed, backend):
+    # cpu: the C++ select_best_resolution (csrc/common/anyres_plan.h); reference: the one Python
+    # copy (python_ref.ops.anyres), which vlmkernels.anyres.pack and python_ref.ops.anyres_embed import
     if not registry.availability("anyres_plan_llava", backend, "cpu")[0]:
         pytest.skip(registry.availability("anyres_plan_llava", backend, "cpu")[1])
     sizes = random_sizes(n, seed)

@@ -19,6 +19,7 @@ from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 from transformers.image_processing_utils import select_best_resolution
 
 from .. import components as C
+from ..ops.anyres_embed import unpad_hw
 from ..registry import Architecture, register_architecture
 from ._hf_common import (check_config_keys, construct, placeholder_batch, pop_common,
                           random_image_sizes)
@@ -61,13 +62,8 @@ def build(size: str = "tiny", **overrides):
 def unpadded_grid(orig_h: int, orig_w: int, rows: int, cols: int) -> tuple[int, int]:
     """(rows, cols) of the feature grid kept by HF ``unpad_image`` for an ``orig_h x orig_w`` image
     whose padded feature grid is ``rows x cols`` (symmetric crop of the padding)."""
-    if orig_w / orig_h > cols / rows:
-        new_h = int(round(orig_h * (cols / orig_w), 7))
-        rows -= 2 * ((rows - new_h) // 2)
-    else:
-        new_w = int(round(orig_w * (rows / orig_h), 7))
-        cols -= 2 * ((cols - new_w) // 2)
-    return rows, cols
+    _, kept_rows, _, kept_cols = unpad_hw((orig_h, orig_w), (rows, cols))
+    return kept_rows, kept_cols
 
 
 def grid_shape(orig_h: int, orig_w: int, pinpoints, tile: int) -> tuple[int, int]:

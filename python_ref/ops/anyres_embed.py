@@ -14,7 +14,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-# select_best_resolution / unpad_hw stay module-level: python_ref.ops.anyres owns the planner names
+from .anyres import select_best_resolution
+
+# unpad_hw stays out of __all__ (python_ref.ops re-exports __all__): vlmkernels and python_ref.models
+# import it from this module, its one definition
 __all__ = ["patch_embed", "patch_embed_uint8", "normalize_lut", "anyres_pack"]
 
 
@@ -64,22 +67,9 @@ def patch_embed(
     return out.to(weight.dtype)
 
 
-def select_best_resolution(image_size: Sequence[int], grid_pinpoints) -> tuple[int, int]:
-    """HF ``select_best_resolution``: the (height, width) pinpoint that keeps the most of the image."""
-    oh, ow = int(image_size[0]), int(image_size[1])
-    best, best_eff, best_waste = None, -1, float("inf")
-    for ch, cw in grid_pinpoints:
-        scale = min(cw / ow, ch / oh)
-        dw, dh = int(ow * scale), int(oh * scale)
-        eff = min(dw * dh, ow * oh)
-        waste = ch * cw - eff
-        if eff > best_eff or (eff == best_eff and waste < best_waste):
-            best, best_eff, best_waste = (int(ch), int(cw)), eff, waste
-    return best
-
-
 def unpad_hw(original_hw: Sequence[int], current_hw: Sequence[int]) -> tuple[int, int, int, int]:
-    """HF ``unpad_image`` as index ranges: (row0, rows, col0, cols) kept of a [cur_h, cur_w] grid."""
+    """HF ``unpad_image`` as index ranges: (row0, rows, col0, cols) kept of a [cur_h, cur_w] grid,
+    with HF's ``round(., 7)`` against float mismatches (transformers#34522)."""
     oh, ow = int(original_hw[0]), int(original_hw[1])
     ch, cw = int(current_hw[0]), int(current_hw[1])
     if ow / oh > cw / ch:

@@ -19,6 +19,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from python_ref.ops.anyres import select_best_resolution
+from python_ref.ops.anyres_embed import unpad_hw
+
 from .. import library, registry
 
 __all__ = ["anyres_pack", "anyres_pack_backward", "pack_plan"]
@@ -29,40 +32,6 @@ PLAN_COLUMNS = (
     "feat_start", "n_tiles", "nph", "npw", "row0", "nrows", "col0", "ncols",
     "out_h", "out_w", "out_start", "n_rows",
 )
-
-
-def _select_best_resolution(hw: tuple[int, int], pinpoints) -> tuple[int, int]:
-    # HF select_best_resolution (pinpoints are (height, width); ties keep the first, then least waste)
-    oh, ow = hw
-    best, best_eff, best_waste = None, -1, float("inf")
-    for ch, cw in pinpoints:
-        scale = min(cw / ow, ch / oh)
-        eff = min(int(ow * scale) * int(oh * scale), ow * oh)
-        waste = ch * cw - eff
-        if eff > best_eff or (eff == best_eff and waste < best_waste):
-            best, best_eff, best_waste = (int(ch), int(cw)), eff, waste
-    return best
-
-
-def _best_hw(hw: tuple[int, int], pinpoints, tile_size: int) -> tuple[int, int]:
-    try:  # the family's planner, when it has landed, is the single source of truth
-        from .plan import anyres_plan
-    except ImportError:
-        return _select_best_resolution(hw, pinpoints)
-    return tuple(int(v) for v in anyres_plan(hw, pinpoints, tile_size).best_hw)
-
-
-def _unpad(orig: tuple[int, int], cur: tuple[int, int]) -> tuple[int, int, int, int]:
-    # HF unpad_image, including its round(., 7) fix for float mismatches (transformers#34522)
-    oh, ow = orig
-    ch, cw = cur
-    if ow / oh > cw / ch:
-        new_h = int(round(oh * (cw / ow), 7))
-        pad = (ch - new_h) // 2
-        return pad, ch - 2 * pad, 0, cw
-    new_w = int(round(ow * (ch / oh), 7))
-    pad = (cw - new_w) // 2
-    return 0, ch, pad, cw - 2 * pad
 
 
 def _sizes_list(image_sizes) -> list[tuple[int, int]]:
@@ -114,7 +83,7 @@ def pack_plan(
     rows, lens = [], []
     feat_start = out_start = 0
     for i, hw in enumerate(sizes):
-        bh, bw = _best_hw(hw, pins, tile_size)
+        bh, bw = select_best_resolution(hw, pins)
         nph, npw = bh // tile_size, bw // tile_size
         n_tiles = nph * npw + 1 if tiles_per_image is None else int(tiles_per_image[i])
         if n_tiles == 1:
@@ -124,7 +93,7 @@ def pack_plan(
                 raise ValueError(
                     f"image {i} of size {hw} has a {nph}x{npw} grid (+1 base tile) but tiles_per_image says {n_tiles}"
                 )
-            r0, nr, c0, nc = _unpad(hw, (nph * side, npw * side))
+            r0, nr, c0, nc = unpad_hw(hw, (nph * side, npw * side))
             oh, ow = nr, nc
             if max_area_tiles is not None:
                 ratio = math.sqrt(nr * nc / (max_area_tiles * side**2))
