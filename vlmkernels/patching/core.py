@@ -49,8 +49,8 @@ class PatchRule:
 
     ``match(obj)`` says whether the rule applies; ``build(obj, backend)`` returns
     ``{method_name: function}`` (unbound functions taking ``self`` first) or raises
-    :class:`SkipPatch`. ``setup``/``teardown`` run once per ``patch``/``unpatch`` call for
-    rules that must touch a registry (e.g. transformers' experts interface).
+    :class:`SkipPatch`. Rules are tried in descending ``priority``; the first that matches an
+    object decides for it.
     """
 
     family: str
