@@ -4,6 +4,7 @@ gradients are kept, the report names what was patched, unpatch restores."""
 import pytest
 import torch
 
+import python_ref.registry
 import vlmkernels
 from tests.helpers import assert_close
 
@@ -136,18 +137,42 @@ def test_compile_fullgraph_patched_embeddings():
     assert_close(got, exp, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["llava_next", "llava_onevision", "gpt4v"])
+# the anyres rules that patch() must apply to each python_ref architecture: every architecture is
+# listed, so a new one fails here until its expected rules are written down
+CLIP = {"clip_vision_embeddings"}
+PYTHON_REF_RULES = {
+    "clip": CLIP, "llava_v1": CLIP, "llava_v15": CLIP,
+    "llava_next": {"llava_next_model", "clip_vision_embeddings", "clip_pre_layernorm_fused"},
+    "llava_onevision": {"llava_onevision_model", "siglip_vision_embeddings"},
+    "blip2": set(), "instructblip": set(),  # BLIP vision embeddings: no anyres rule
+    "minigpt4": CLIP, "minigpt5": CLIP, "dynamic_qformer": CLIP, "leo": CLIP,
+    "florence_vl": {"clip_vision_embeddings", "siglip_vision_embeddings"},
+    "dynamic_vision_selector": CLIP,
+    "gemini": set(),  # its own native patch projection
+    "gpt4v": {"python_ref_multiscale_tiler", "clip_vision_embeddings"},
+    "claude": {"python_ref_document_tiler", "clip_vision_embeddings"},
+}
+
+
+def test_every_python_ref_architecture_is_listed():
+    assert set(PYTHON_REF_RULES) == set(python_ref.registry.NAMES)
+
+
+@pytest.mark.parametrize("name", python_ref.registry.NAMES)
 def test_python_ref_models(name):
-    registry = pytest.importorskip("python_ref.registry")
-    if name not in registry.ARCHITECTURES:  # ARCHITECTURES fills lazily on lookup
-        pytest.skip(f"python_ref has no {name!r} model yet")
+    registry = python_ref.registry
     model = registry.build(name, size="tiny").eval()
     inputs = registry.example_inputs(name, batch_size=2, size="tiny", model=model)
+    expected = PYTHON_REF_RULES[name]
     with torch.no_grad():
         exp = model(**inputs)
-        report = vlmkernels.patch(model, families=["anyres"], backend="reference")
+        if expected:
+            report = vlmkernels.patch(model, families=["anyres"], backend="reference")
+        else:
+            with pytest.warns(UserWarning, match="nothing was patched"):
+                report = vlmkernels.patch(model, families=["anyres"], backend="reference")
         got = model(**inputs)
-    assert any("embeddings" in e.rule for e in report.patched)
+    assert {e.rule for e in report.patched} == expected and not report.skipped, report
     exp = exp.logits if hasattr(exp, "logits") else exp
     got = got.logits if hasattr(got, "logits") else got
     assert_close(got, exp, atol=2e-5, rtol=2e-5)
