@@ -197,25 +197,30 @@ def test_errors_name_the_argument():
         ops.fused_moe(hidden, gate_up, down, weights, ids, backend="nope")
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("naive", [False, True])
-def test_unchecked_out_of_range_ids_are_dropped(backend, naive):
-    hidden, gate_up, down, weights, ids = make_inputs(5, 16, 4, 8, 2)
-    bad = ids.clone()
-    bad[1, 0], bad[3, 1] = 4, -1  # EP-style sentinels
-    keep = torch.ones_like(weights)
-    keep[1, 0] = keep[3, 1] = 0
-    want = ref_fused_moe(hidden, gate_up, down, weights * keep, ids)
+TINY_CFG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=1)
+
+
+@pytest.mark.parametrize("backend,naive", [("reference", None), ("triton", False), ("triton", True)])
+@pytest.mark.parametrize("bad_weight", [0.3, float("nan"), float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unchecked_out_of_range_ids_are_dropped(backend, naive, bad_weight, dtype):
+    """EP sentinels add exactly 0 to their token, even with a NaN/Inf weight (no 0 * NaN)."""
+    hidden, gate_up, down, weights, ids = make_inputs(5, 16, 4, 8, 2, dtype)
+    bad, w = ids.clone(), weights.clone()
+    bad[1, 0], bad[3, 1] = 4, -1
+    w[1, 0] = w[3, 1] = bad_weight
+    keep = bad.ge(0) & bad.lt(4)
+    want = ref_fused_moe(hidden, gate_up, down, torch.where(keep, weights, 0), ids)
+    assert_close(ref_fused_moe(hidden, gate_up, down, w, bad), want, atol=0, rtol=0, msg="python_ref")
     if backend == "triton":
-        cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=1, NAIVE=naive)
-        got = tri.fused_moe(hidden, gate_up, down, weights, bad, config=cfg)
-    elif naive:
-        pytest.skip("layout applies to triton only")
+        got = tri.fused_moe(hidden, gate_up, down, w, bad, config=dict(TINY_CFG, NAIVE=naive))
     else:
-        got = ops.fused_moe(hidden, gate_up, down, weights, bad, backend=backend, check_ids=False)
-    assert_close(got, want, msg="dropped ids")
+        got = ops.fused_moe(hidden, gate_up, down, w, bad, backend=backend, check_ids=False)
+    assert torch.isfinite(got).all()
+    atol, rtol = tol(dtype)
+    assert_close(got, want, atol=2 * atol, rtol=2 * rtol, msg="dropped ids")
     with pytest.raises(ValueError, match="ids must be in"):
-        ops.fused_moe(hidden, gate_up, down, weights, bad, check_ids=True)
+        ops.fused_moe(hidden, gate_up, down, w, bad, check_ids=True)
 
 
 def test_op_level_checks_without_functional():
@@ -275,7 +280,9 @@ def test_config_files_nearest_m(tmp_path, monkeypatch):
     table = {"1": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 4},
              "256": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}}
     (tmp_path / name).write_text(json.dumps(table))
-    monkeypatch.setattr(tri, "CONFIG_DIR", str(tmp_path))
+    monkeypatch.setattr(tri, "PACKAGED_CONFIG_DIR", str(tmp_path))
+    monkeypatch.setenv(tri.CONFIG_DIR_ENV, str(tmp_path / "user"))  # empty: the packaged file is used
+    tri._load_configs.cache_clear()
     dev = torch.device("cpu")
     assert tri.get_config(3, 8, 16, 32, torch.bfloat16, dev)["BLOCK_K"] == 64
     assert tri.get_config(200, 8, 16, 32, torch.bfloat16, dev)["num_warps"] == 8
@@ -283,6 +290,112 @@ def test_config_files_nearest_m(tmp_path, monkeypatch):
     assert tri.get_config(3, 8, 16, 64, torch.bfloat16, dev) == tri.default_config(3, 8, 16, 64, torch.bfloat16, "cpu")
     assert tri.default_config(4, 64, 128, 256, torch.bfloat16, "cuda")["BLOCK_M"] == 16
     assert tri.default_config(4096, 64, 128, 256, torch.bfloat16, "cuda")["BLOCK_M"] == 64
+
+
+def test_user_config_dir_defaults(monkeypatch, tmp_path):
+    monkeypatch.delenv(tri.CONFIG_DIR_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert tri.user_config_dir() == str(tmp_path / "xdg" / "vlmkernels" / "configs")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert tri.user_config_dir() == str(tmp_path / "home" / ".cache" / "vlmkernels" / "configs")
+    monkeypatch.setenv(tri.CONFIG_DIR_ENV, str(tmp_path / "mine"))
+    assert tri.user_config_dir() == str(tmp_path / "mine")
+
+
+def test_tuned_configs_go_to_the_user_folder_and_win(tmp_path, monkeypatch):
+    """tune() writes into the user folder (never the installed package), which get_config reads
+    before the packaged configs."""
+    packaged, user = tmp_path / "packaged", tmp_path / "user"
+    packaged.mkdir()
+    monkeypatch.setattr(tri, "PACKAGED_CONFIG_DIR", str(packaged))
+    monkeypatch.setenv(tri.CONFIG_DIR_ENV, str(user))
+    shape = (8, 16, 32, torch.float16)
+    shipped = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=2)
+    (packaged / tri.config_file_name(*shape, "cpu")).write_text(json.dumps({"16": shipped}))
+    tri._load_configs.cache_clear()
+    dev = torch.device("cpu")
+    assert tri.get_config(16, *shape, dev)["num_stages"] == 2
+    tuned = dict(shipped, num_stages=5)
+    path = tri.write_configs({16: tuned}, *shape, "cpu")
+    assert path == str(user / tri.config_file_name(*shape, "cpu"))
+    assert json.loads(open(path).read())["_triton_version"]
+    assert tri.get_config(16, *shape, dev)["num_stages"] == 5
+    other = tri.write_configs({16: tuned}, *shape, "cpu", config_dir=str(tmp_path / "given"))
+    assert other.startswith(str(tmp_path / "given"))
+    assert sorted(p.name for p in packaged.iterdir()) == [tri.config_file_name(*shape, "cpu")]
+
+
+def test_packaged_configs_are_valid():
+    """Every shipped file parses and holds complete configs keyed by token count."""
+    import os
+
+    keys = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"}
+    files = [f for f in os.listdir(tri.PACKAGED_CONFIG_DIR) if f.endswith(".json")]
+    for f in files:
+        assert f.startswith("fused_moe_E="), f
+        table = tri._load_configs(os.path.join(tri.PACKAGED_CONFIG_DIR, f))
+        assert table and all(keys <= set(cfg) for cfg in table.values()), f
+
+
+class _KernelRecorder:
+    """Stands in for a Triton kernel: records each launch's arguments, then runs the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((args, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("allow_tf32", [False, True])
+def test_fp32_tf32_follows_torch(monkeypatch, allow_tf32):
+    """fp32 GEMMs get TF32 tensor cores exactly when torch allows them for its own matmuls."""
+    rec = _KernelRecorder(tri._moe_gemm_kernel)
+    monkeypatch.setattr(tri, "_moe_gemm_kernel", rec)
+    args = make_inputs(6, 16, 4, 8, 2)
+    before = torch.backends.cuda.matmul.allow_tf32  # a cuBLASModule setting: monkeypatch cannot undo it
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        tri.fused_moe(*args)
+        assert tri.dot_precision(torch.float32) == ("tf32" if allow_tf32 else "ieee")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert [kw["DOT_PRECISION"] for _, kw in rec.calls] == ["tf32" if allow_tf32 else "ieee"] * 2
+
+
+def test_tf32_follows_float32_matmul_precision(monkeypatch):
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert tri.dot_precision(torch.float32) == "tf32"
+        torch.set_float32_matmul_precision("highest")
+        assert tri.dot_precision(torch.float32) == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_slot_rows_in_activation_dtype(monkeypatch, dtype):
+    """Both GEMMs write activation-dtype rows (no fp32 per-slot buffer, no zero fill); the k-way sum
+    is deterministic."""
+    rec = _KernelRecorder(tri._moe_gemm_kernel)
+    monkeypatch.setattr(tri, "_moe_gemm_kernel", rec)
+    args = make_inputs(7, 20, 5, 12, 3, dtype)
+    shapes = []
+    real_zeros = torch.zeros
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: shapes.append(tuple(a[0] if a else k["size"]))
+                        or real_zeros(*a, **k))
+    out = tri.fused_moe(*args)
+    monkeypatch.undo()
+    assert [a[2].dtype for a, _ in rec.calls] == [dtype, dtype]  # c: act rows, then slot rows
+    assert (7 * 3, 20) not in shapes  # no zero-filled per-slot buffer
+    assert torch.equal(out, tri.fused_moe(*args))
+    atol, rtol = tol(dtype)
+    assert_close(out, ref_fused_moe(*args), atol=2 * atol, rtol=2 * rtol)
 
 
 def test_triton_with_explicit_config_block_32():
@@ -305,19 +418,50 @@ def test_cuda_triton_matches_reference(dtype, T):
     assert_close(out, want, atol=2 * atol, rtol=2 * rtol, msg=f"cuda {dtype} T={T}")
 
 
-def test_token_chunking(monkeypatch):
+@pytest.mark.parametrize("naive", [False, True])
+def test_token_chunking(monkeypatch, naive):
+    """Chunk boundaries inside the batch (the last chunk short) change nothing."""
     args = make_inputs(11, 16, 4, 8, 2)
-    monkeypatch.setattr(tri, "PER_SLOT_BUFFER_BYTES", 4 * 2 * 16 * 4)  # 4 tokens per chunk
-    assert_close(tri.fused_moe(*args), f64_reference(*args).float(), msg="chunked")
+    want = tri.fused_moe(*args, config=dict(TINY_CFG, NAIVE=naive))
+    monkeypatch.setattr(tri, "CHUNK_TOKENS", 4)
+    rec = _KernelRecorder(tri._moe_sum_kernel)
+    monkeypatch.setattr(tri, "_moe_sum_kernel", rec)
+    got = tri.fused_moe(*args, config=dict(TINY_CFG, NAIVE=naive))
+    assert len(rec.calls) == 3  # 4 + 4 + 3 tokens
+    assert torch.equal(got, want)
+    assert_close(got, f64_reference(*args).float(), msg="chunked")
+
+
+def test_chunks_are_large_and_bounded_by_free_memory(monkeypatch):
+    """Chunks of vLLM's size (every expert's weights read once per 32K tokens), fewer tokens only
+    where the buffers would not fit in half the free memory."""
+    bf16, cpu, cuda = torch.bfloat16, torch.device("cpu"), torch.device("cuda")
+    assert tri.CHUNK_TOKENS == 32 * 1024
+    assert tri.chunk_tokens(10**6, 4, 512, 1024, bf16, cpu) == 32 * 1024
+    assert tri.chunk_tokens(100, 4, 512, 1024, bf16, cpu) == 100
+    # Qwen3-30B-A3B (k=8, I=768, H=2048): 45 KB of buffers per token
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (70 << 30, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    assert tri.chunk_tokens(10**6, 8, 768, 2048, bf16, cuda) == 32 * 1024
+    per_token = 8 * ((768 + 2048) * 2 + 8)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000 * per_token, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 600 * per_token)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 200 * per_token)
+    assert tri.chunk_tokens(10**6, 8, 768, 2048, bf16, cuda) == (1000 + 400) // 2
+    # small batches never query the device (decode steps, CUDA graph capture)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", None)
+    assert tri.chunk_tokens(64, 8, 768, 2048, bf16, cuda) == 64
+    monkeypatch.setattr(tri, "CPU_BUFFER_BYTES", 10 * per_token)
+    assert tri.chunk_tokens(10**6, 8, 768, 2048, bf16, cpu) == 10
 
 
 @pytest.mark.parametrize("T,k,E", [(3, 2, 5), (1, 2, 8)])
 def test_naive_and_aligned_block_layouts_agree(T, k, E):
     args = make_inputs(T, 20, E, 12, k)
     want = f64_reference(*args).float()
-    base = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=1)
     for naive in (True, False):
-        assert_close(tri.fused_moe(*args, config=dict(base, NAIVE=naive)), want, msg=f"naive={naive}")
+        assert_close(tri.fused_moe(*args, config=dict(TINY_CFG, NAIVE=naive)), want, msg=f"naive={naive}")
 
 
 def test_kernel_compiles_for_sm90():
@@ -325,7 +469,10 @@ def test_kernel_compiles_for_sm90():
     run_without_interpreter(
         "from vlmkernels.triton.fused_moe import aot_compile\n"
         "for dt, gated, naive in (('bf16', True, False), ('fp32', False, False), ('fp16', True, True)):\n"
-        "    assert aot_compile(dt, gated, naive=naive).asm['cubin']\n")
+        "    assert aot_compile(dt, gated, naive=naive).asm['cubin']\n"
+        "from vlmkernels.triton.fused_moe import aot_compile_sum\n"
+        "for dt in ('bf16', 'fp32'):\n"
+        "    assert aot_compile_sum(dt).asm['cubin']\n")
 
 
 @pytest.mark.cuda

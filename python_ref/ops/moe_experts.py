@@ -88,8 +88,8 @@ def fused_moe(
 ) -> torch.Tensor:
     """``[T, H]`` output of the routed experts; see the module docstring for the exact math.
 
-    Ids outside ``[0, E)`` contribute nothing (HF's expert-parallel sentinel convention); the
-    vlmkernels functional API rejects them before they get here.
+    Ids outside ``[0, E)`` contribute nothing, whatever their weight (HF's expert-parallel sentinel
+    convention); the vlmkernels functional API rejects them before they get here.
     """
     T, H = hidden.shape
     E, two_i, _ = gate_up_proj.shape
@@ -107,9 +107,10 @@ def fused_moe(
         gu = _per_expert(x, groups, lambda e: gate_up_proj[e].to(acc).t())
         h = moe_activation(gu[:, :inter], activation) * gu[:, inter:]
         h = h.to(hidden.dtype).to(acc)
-        contrib = contrib.index_copy(0, slots, _per_expert(h, groups, lambda e: down_proj[e].to(acc).t()))
-    out = (contrib * flat_w[:, None]).view(T, k, H).sum(dim=1)
-    return out.to(hidden.dtype)
+        y = _per_expert(h, groups, lambda e: down_proj[e].to(acc).t())
+        # weights only on the routed slots: a dropped slot adds exactly 0, even with a NaN weight
+        contrib = contrib.index_copy(0, slots, y * flat_w.index_select(0, slots)[:, None])
+    return contrib.view(T, k, H).sum(dim=1).to(hidden.dtype)
 
 
 def fused_moe_backward(

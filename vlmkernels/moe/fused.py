@@ -115,8 +115,8 @@ def fused_moe(
     ``check_ids=True`` also checks CUDA ids (one host sync per call, skipped while compiling or
     capturing a CUDA graph); ``False`` never checks. Unchecked ids outside ``[0, E)`` are dropped
     (their slots contribute zero, HF's expert-parallel sentinel convention) by every backend; no
-    backend reads out of bounds. NaN/Inf in ``hidden`` or in the routing weights propagate to the
-    affected tokens' rows only.
+    backend reads out of bounds. NaN/Inf in ``hidden`` or in the routing weights of routed slots
+    propagate to the affected tokens' rows only; a dropped slot's weight is never read.
     """
     _check(hidden, gate_up_proj, down_proj, weights, ids, activation)
     wants_check = (not ids.is_cuda) if check_ids is None else check_ids
@@ -237,8 +237,9 @@ def _reference_impl(hidden, gate_up_proj, down_proj, weights, ids, activation):
             gu = _grouped_matmul(x, gate_up_proj, groups, transpose=True)
             h = moe_activation(gu[:, :inter], activation).mul_(gu[:, inter:])
             y = _grouped_matmul(_round_trip(h, hidden.dtype), down_proj, groups, transpose=True)
+            # weights only on the computed slots: a dropped slot adds exactly 0, even with a NaN weight
+            y.mul_(weights.reshape(-1, 1).to(acc).index_select(0, groups.slots))
             contrib.index_copy_(0, groups.slots, y)
-        contrib.mul_(weights.reshape(-1, 1).to(acc))
         return contrib.view(T, k, H).sum(dim=1).to(hidden.dtype)
 
 
