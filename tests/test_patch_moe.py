@@ -4,9 +4,8 @@ import pytest
 import torch
 
 import vlmkernels
+from python_ref import fusion
 from tests.helpers import assert_close
-
-transformers = pytest.importorskip("transformers")
 
 COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
               max_position_embeddings=64)
@@ -132,14 +131,14 @@ def test_patched_logits_match(name, dtype):
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_router_outputs_keep_hf_dtypes_and_values(backend):
-    if backend == "cpu" and vlmkernels._ext.C is None:
-        pytest.skip("vlmkernels._C is not built")
+    """A router patched alone (its experts left to HF) keeps HF's dtypes, int64 ids included."""
     for name in ("mixtral", "qwen3_moe", "deepseek_v3"):
         model = build(name, torch.bfloat16)
         router = next(m for m in model.modules() if type(m).__name__.endswith(("TopKRouter", "TopkRouter")))
         x = torch.randn(5, 32, dtype=torch.bfloat16)
         logits0, w0, i0 = router(x)
-        vlmkernels.patch(router, families=["moe"], backend=backend)  # auto on CPU keeps HF's forward
+        report = vlmkernels.patch(router, families=["moe"], backend=backend)  # auto on CPU keeps HF's forward
+        assert report.paths() == [""], str(report)
         logits1, w1, i1 = router(x)
         assert (logits1.dtype, w1.dtype, i1.dtype) == (logits0.dtype, w0.dtype, i0.dtype), name
         assert torch.equal(logits1, logits0)
@@ -147,6 +146,48 @@ def test_router_outputs_keep_hf_dtypes_and_values(backend):
         o0, o1 = i0.sort(-1), i1.sort(-1)
         assert torch.equal(o0.values, o1.values), name
         assert_close(w1.gather(1, o1.indices), w0.gather(1, o0.indices), msg=name)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_patched_blocks_keep_int32_ids(monkeypatch, name, backend):
+    """Router -> experts in a patched block: moe_topk_route's int32 ids reach fused_moe as they are
+    (no int32 -> int64 -> int32 round trip)."""
+    import vlmkernels.ops as vops
+
+    seen = []
+    real = vops.fused_moe
+    monkeypatch.setattr(vops, "fused_moe", lambda h, gu, dn, w, ids, **k: seen.append(ids.dtype)
+                        or real(h, gu, dn, w, ids, **k))
+    model = build(name)
+    ids = token_ids(5)
+    want = run(model, ids)
+    vlmkernels.patch(model, families=["moe"], backend=backend)
+    assert_close(run(model, ids), want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+    assert seen and set(seen) == {torch.int32}
+
+
+def test_router_with_unpatched_experts_hands_on_int64_ids():
+    """Experts left to HF (here: a layout fused_moe lacks) get int64 ids: HF's eager path one-hots them."""
+    model = build("mixtral")
+    experts = model.model.layers[0].mlp.experts
+    experts.has_bias = True
+    model.config._experts_implementation = "eager"
+    ids = token_ids(5)
+    want = run(model, ids)
+    for _ in range(2):  # the second call finds everything patched already
+        report = vlmkernels.patch(model, families=["moe"], backend="reference")
+        assert "model.layers.0.mlp.experts" in {e.path for e in report.skipped}
+    got_ids = []
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(lambda m, a, out: got_ids.append(out[2].dtype))
+    assert_close(run(model, ids), want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+    assert got_ids == [torch.int64, torch.int32]
+    vlmkernels.unpatch(model)
+    vlmkernels.patch(model.model.layers[1].mlp.gate, families=["moe"], backend="reference")
+    got_ids.clear()
+    assert_close(run(model, ids), want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+    assert got_ids == [torch.int64, torch.int64]  # a router patched alone: its experts are HF's
 
 
 def test_triton_backend_patched_mixtral():
@@ -241,9 +282,6 @@ def test_auto_cpu_keeps_hf_forwards(monkeypatch, name):
 
 # ---- python_ref -------------------------------------------------------------------------------------
 
-fusion = pytest.importorskip("python_ref.fusion")
-
-
 def test_topk_token_selector_rule():
     sel = fusion.TopKTokenSelector(5)
     scores = torch.randn(3, 11)
@@ -284,21 +322,20 @@ def test_dense_expert_router_is_skipped():
     assert report.skipped and "dense" in report.skipped[0].reason
 
 
-@pytest.mark.parametrize("name", ["dynamic_qformer", "leo", "dynamic_vision_selector"])
-def test_python_ref_architectures(name):
+@pytest.mark.parametrize("name,kwargs,path,rule", [
+    ("dynamic_qformer", {}, "selector", "topk_token_selector"),
+    ("leo", {"top_k": 2}, "router", "expert_router"),
+    ("dynamic_vision_selector", {"top_k": 2}, "router", "expert_router"),
+])
+def test_python_ref_architectures(name, kwargs, path, rule):
     import python_ref
 
-    kwargs = {} if name == "dynamic_qformer" else {"top_k": 2}
-    try:
-        model = python_ref.build(name, "tiny", **kwargs).eval()
-    except (KeyError, ModuleNotFoundError, TypeError) as e:
-        pytest.skip(f"python_ref.{name} with {kwargs} not available yet: {e}")
+    model = python_ref.build(name, "tiny", **kwargs).eval()
     inputs = python_ref.example_inputs(name, batch_size=2, seed=0)
     with torch.no_grad():
         want = model(**inputs).logits
     report = vlmkernels.patch(model, families=["moe"])
-    if not report.paths():
-        pytest.skip(f"{name} has no top-k fusion point to patch: {report}")
+    assert report.paths() == [path] and [e.rule for e in report.patched] == [rule], str(report)
     with torch.no_grad():
         got = model(**inputs).logits
     assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=1e-5, msg=name)

@@ -5,8 +5,11 @@ GLM-4.5V (text).
 
 * Routers (``*TopKRouter`` / ``*TopkRouter``): the forward becomes the model's own router
   linear + ``moe_topk_route`` and keeps returning ``(router_logits, weights, ids)`` with the
-  original dtypes: fp32 weights for Mixtral, DeepSeek-V3 and GLM, the logits' dtype for Qwen2/3-MoE,
-  OLMoE and Qwen3-VL-MoE; int64 ids, like ``torch.topk``.
+  original weight dtypes: fp32 for Mixtral, DeepSeek-V3 and GLM, the logits' dtype for Qwen2/3-MoE,
+  OLMoE and Qwen3-VL-MoE. Ids stay ``moe_topk_route``'s int32 where the router feeds experts that
+  this same ``patch()`` call replaces with ``fused_moe`` (no int32 -> int64 -> int32 round trip);
+  elsewhere (a router patched alone, experts left to HF, whose eager path needs int64) they are
+  int64, like ``torch.topk``.
 * Experts (``*Experts`` of the same models, HF v5 3-D weights): the forward becomes ``fused_moe``.
 * With ``backend="auto"``, CPU tensors keep HF's own router and experts forwards (no CPU backend
   beats them, see :func:`_hf_forward_on_cpu`); forced backends run the ops on CPU too.
@@ -26,10 +29,12 @@ Classes are matched by name and module, so nothing here imports transformers or 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
-from .core import PatchRule, SkipPatch, register_rule, require_backend
+from .core import PatchRule, SkipPatch, patch_info, register_rule, require_backend
 
 FAMILY = "moe"
 
@@ -44,6 +49,7 @@ _SOFTMAX_ROUTERS = {
 }
 # DeepSeek-V3's biased, grouped sigmoid router; GLM-4.5 and GLM-4.5V (text) copy it verbatim
 _GROUPED_SIGMOID_ROUTERS = ("DeepseekV3TopkRouter", "Glm4MoeTopkRouter", "Glm4vMoeTextTopkRouter")
+_ROUTERS = (*_SOFTMAX_ROUTERS, *_GROUPED_SIGMOID_ROUTERS)
 _EXPERTS = ("MixtralExperts", "Qwen2MoeExperts", "Qwen3MoeExperts", "OlmoeExperts", "DeepseekV3Experts",
             "Qwen3VLMoeTextExperts", "Glm4MoeExperts", "Glm4vMoeTextExperts")
 
@@ -64,6 +70,32 @@ def _ops():
     return ops
 
 
+# unpatched router -> the experts of its MoE block (HF blocks hold them as ``gate`` and ``experts``),
+# noted when patch() offers the block to the router rule's matcher (patch() visits a block before its
+# children) and used up by the router's build in that same call
+_BLOCK_EXPERTS: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def _match_router(module) -> bool:
+    experts = getattr(module, "experts", None)
+    gate = getattr(module, "gate", None)
+    if _is_hf(experts, _EXPERTS) and _is_hf(gate, _ROUTERS) and patch_info(gate) is None:
+        _BLOCK_EXPERTS[gate] = experts
+    return _is_hf(module, _ROUTERS)
+
+
+def _feeds_patched_experts(experts, backend: str) -> bool:
+    """Whether these experts (a router's block's, or None) get ``fused_moe`` in this patch() call
+    (the experts rule builds from the same checks): then they take the router's int32 ids as they are."""
+    if experts is None:
+        return False
+    try:
+        _check_experts(experts, backend)
+    except SkipPatch:
+        return False
+    return True
+
+
 def _hf_forward_on_cpu(backend: str, hidden_states: torch.Tensor) -> bool:
     """``backend="auto"`` on CPU tensors keeps HF's own router and experts forwards. Measured on the
     CPU (bench e2e, Qwen3-MoE "small"): ``fused_moe`` has no backend faster than HF's ``grouped_mm``
@@ -77,7 +109,7 @@ def _hf_forward_on_cpu(backend: str, hidden_states: torch.Tensor) -> bool:
 
 # ---- HF routers ---------------------------------------------------------------------------------
 
-def _build_softmax_router(router, backend):
+def _build_softmax_router(router, backend, int32_ids):
     renorm_attr, fp32_weights = _SOFTMAX_ROUTERS[type(router).__name__]
     if not isinstance(getattr(router, "weight", None), torch.Tensor) or router.weight.dim() != 2:
         raise SkipPatch("router has no 2-D weight")
@@ -96,12 +128,12 @@ def _build_softmax_router(router, backend):
             router_logits, self.top_k, scoring="softmax", renormalize=renormalize,
             weights_dtype=torch.float32 if fp32_weights else router_logits.dtype, backend=backend,
         )
-        return router_logits, weights, ids.long()
+        return router_logits, weights, ids if int32_ids else ids.long()
 
     return {"forward": forward}
 
 
-def _build_deepseek_router(router, backend):
+def _build_deepseek_router(router, backend, int32_ids):
     for attr in ("weight", "e_score_correction_bias", "num_group", "topk_group", "norm_topk_prob",
                  "routed_scaling_factor", "top_k", "num_experts"):
         if not hasattr(router, attr):
@@ -122,7 +154,7 @@ def _build_deepseek_router(router, backend):
             topk_groups=self.topk_group, group_score="top2_sum",
             scaling_factor=float(self.routed_scaling_factor), weights_dtype=torch.float32, backend=backend,
         )
-        return router_logits, weights, ids.long()
+        return router_logits, weights, ids if int32_ids else ids.long()
 
     return {"forward": forward}
 
@@ -191,12 +223,17 @@ def _experts_forward(backend: str, activation: str):
     return forward
 
 
-def _build_experts(experts, backend):
+def _check_experts(experts, backend) -> str:
+    """The fused activation for these experts, or SkipPatch saying why ``fused_moe`` cannot run them."""
     why = _experts_unsupported(experts)
     if why:
         raise SkipPatch(why)
     require_backend("fused_moe", backend, experts.gate_up_proj)
-    return {"forward": _experts_forward(backend, _activation_name(experts))}
+    return _activation_name(experts)
+
+
+def _build_experts(experts, backend):
+    return {"forward": _experts_forward(backend, _check_experts(experts, backend))}
 
 
 def vlmkernels_experts_forward(self, hidden_states, top_k_index, top_k_weights):
@@ -260,13 +297,13 @@ def _build_expert_router(router, backend):
 
 
 def _build_router(router, backend):
+    int32_ids = _feeds_patched_experts(_BLOCK_EXPERTS.pop(router, None), backend)
     if type(router).__name__ in _GROUPED_SIGMOID_ROUTERS:
-        return _build_deepseek_router(router, backend)
-    return _build_softmax_router(router, backend)
+        return _build_deepseek_router(router, backend, int32_ids)
+    return _build_softmax_router(router, backend, int32_ids)
 
 
-register_rule(PatchRule(FAMILY, "hf_router", match=lambda m: _is_hf(m, (*_SOFTMAX_ROUTERS, *_GROUPED_SIGMOID_ROUTERS)),
-                        build=_build_router))
+register_rule(PatchRule(FAMILY, "hf_router", match=_match_router, build=_build_router))
 register_rule(PatchRule(FAMILY, "hf_experts", match=lambda m: _is_hf(m, _EXPERTS), build=_build_experts))
 register_rule(PatchRule(FAMILY, "topk_token_selector", match=lambda m: _is_python_ref(m, "TopKTokenSelector"),
                         build=_build_token_selector))
