@@ -1,6 +1,7 @@
 """fused_moe: parity with HF v5's experts math and with python_ref, every backend runnable here."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -328,8 +329,6 @@ def test_tuned_configs_go_to_the_user_folder_and_win(tmp_path, monkeypatch):
 
 def test_packaged_configs_are_valid():
     """Every shipped file parses and holds complete configs keyed by token count."""
-    import os
-
     keys = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"}
     files = [f for f in os.listdir(tri.PACKAGED_CONFIG_DIR) if f.endswith(".json")]
     for f in files:
