@@ -97,7 +97,7 @@ def extensions():
         say("torch is not installed: skipping vlmkernels._C (install torch, then reinstall with --no-build-isolation)")
         return [], {}
 
-    cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     build_cuda, archs, why = cuda_plan(torch, cpp_extension)
     if not build_cuda and _flag("VLMKERNELS_FORCE_CUDA"):

@@ -86,12 +86,16 @@ class Case:
     nbytes: float | None = None          # fewest bytes one call must move (roofline)
     flops: float | None = None           # arithmetic one call must do (roofline)
     inputs: list[Inputs] = field(default_factory=list)
-    timing: str = "auto"                 # GPU: "auto" (graph if all providers capture), "events"
+    timing: str = "auto"                 # GPU: "auto" (graph if all providers capture), "events", or
+                                         # "host" (wall time of back-to-back calls, as on the CPU)
+    compare: str = "ratio"               # table: "ratio" baseline/ours, or "difference" ours - baseline
     note: str = ""
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.compare not in ("ratio", "difference"):
+            raise ValueError(f"compare must be 'ratio' or 'difference', got {self.compare!r}")
         if self.baseline not in self.providers:
             raise ValueError(f"baseline {self.baseline!r} is not among providers {list(self.providers)}")
 
@@ -133,6 +137,10 @@ class RunConfig:
         if self.device == "cuda":
             return 0.3 if self.full else 0.1
         return 1.0 if self.full else 0.25
+
+
+def _format_difference(s: float) -> str:
+    return ("+" if s >= 0 else "-") + _format_time(abs(s))
 
 
 def rotation_sets(nbytes: int, device: str) -> int:
@@ -184,10 +192,12 @@ def run_case(case: Case, cfg: RunConfig, ceilings: timing.Ceilings | None) -> li
         inp.configure(n_sets)
     samples: dict[str, timing.Sample | Exception] = {}
     try:
-        if cfg.device == "cuda":
+        if cfg.device == "cuda" and case.timing != "host":
             samples = _time_case_cuda(case, cfg, n_sets)
         else:
             samples = timing.time_cpu_interleaved(case.providers, budget_s=cfg.provider_budget())
+            if cfg.device == "cuda":
+                torch.cuda.synchronize()
         mem: dict[str, float] = {}
         if cfg.device == "cuda":
             for name, fn in case.providers.items():
@@ -239,6 +249,8 @@ def run_cases(cases: list[Case], cfg: RunConfig, ceilings: timing.Ceilings | Non
             if r.metric != "time":
                 continue
             extra = f"  x{r.speedup:.2f}" if r.speedup is not None else ""
+            if r.speedup is not None and case.compare == "difference":
+                extra = f"  {_format_difference(r.p50 - r.p50 * r.speedup)}"
             roof = f"  roofline {100 * r.roofline:.0f}%" if r.roofline is not None else ""
             cfg.log(f"    {r.provider:<28} {_format_time(r.p50):>10}{extra}{roof}")
         results.extend(rs)
@@ -272,6 +284,8 @@ def format_table(results: list[Result]) -> str:
         b = f"{case.baseline} {_format_time(base.p50)}" if base else f"{case.baseline} failed"
         o = f"{best.provider} {_format_time(best.p50)}" if best else "n/a"
         ratio = f"{base.p50 / best.p50:.2f}x" if base and best else "n/a"
+        if case.compare == "difference" and base and best:
+            ratio = _format_difference(best.p50 - base.p50)
         rows.append((case.op, case.shape_str, case.dtype, case.mode, b, o, ratio))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]

@@ -1,23 +1,38 @@
 """Defines ``torch.ops.vlmkernels.*`` from :mod:`vlmkernels.schemas` and routes calls to backends.
 
-The CPU and CUDA dispatch keys both land in :func:`_dispatcher`, which reads the trailing
-``backend`` argument and calls the implementation chosen by :func:`vlmkernels.registry.select`.
-Fakes (for ``torch.compile``/opcheck) and autograd formulas are attached by the family modules
-through :func:`register_fake` and :func:`register_autograd`.
+Ops with C++ kernels register them from C++ (``csrc/ops/``) at the ``CPU``, ``CUDA`` and
+``Autograd`` keys, so a call on CPU or CUDA tensors runs C++ from the dispatcher on: no Python, no
+per-call backend selection. Only a call that forces a backend the C++ kernel is not (``triton``,
+``reference``, by argument or ``VLMKERNELS_BACKEND``) comes back to :func:`_run_python_backend`,
+which selects it in :mod:`vlmkernels.registry`. Every (op, key) left without a C++ kernel (Triton
+and reference ops, or all of them when ``vlmkernels._C`` is not built) gets a Python impl that does
+the same. Fakes (for ``torch.compile``/opcheck) and Python autograd formulas are attached by the
+family modules through :func:`register_fake` and :func:`register_autograd`.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import registry
+from . import _ext, registry
 from .schemas import SCHEMAS
 
 NAMESPACE = "vlmkernels"
 _lib = torch.library.Library(NAMESPACE, "DEF")
+
+
+def qualname(name: str) -> str:
+    return f"{NAMESPACE}::{name}"
+
+
+def op(name: str):
+    """The ``torch.ops.vlmkernels.<name>`` overload packet."""
+    return getattr(getattr(torch.ops, NAMESPACE), name)
+
+
+def cpp_kernel(name: str, key: str) -> bool:
+    """Whether ``vlmkernels._C`` registered a C++ kernel for ``name`` at dispatch key ``key``."""
+    return _ext.C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(qualname(name), key)
 
 
 def _first_tensor_device(args) -> str:
@@ -31,12 +46,10 @@ def _first_tensor_device(args) -> str:
     return "cpu"
 
 
-def _with_defaults(name: str, args: tuple) -> tuple:
-    """The dispatcher drops trailing arguments equal to their schema default: put them back."""
-    schema_args = op(name).default._schema.arguments
-    if len(args) >= len(schema_args):
-        return args
-    return tuple(args) + tuple(_default(a) for a in schema_args[len(args):])
+def _run_python_backend(name: str, *args):
+    """Runs ``name`` with the backend its trailing ``backend`` argument selects (C++ calls this too)."""
+    *op_args, backend = args
+    return registry.select(name, backend, _first_tensor_device(op_args))[1](*op_args)
 
 
 # c10::ScalarType codes of the dtypes a schema default can name (defaults come back as ints)
@@ -53,10 +66,16 @@ def _default(arg):
 
 
 def _dispatcher(name: str):
+    """Python impl of ``name`` at a key without a C++ kernel. The dispatcher drops trailing arguments
+    equal to their schema default: put them back (read once from the schema)."""
+    schema_args = op(name).default._schema.arguments
+    defaults = tuple(_default(a) for a in schema_args)
+    n = len(schema_args)
+
     def run(*args):
-        *op_args, backend = _with_defaults(name, args)
-        _, fn = registry.select(name, backend, _first_tensor_device(op_args))
-        return fn(*op_args)
+        if len(args) < n:
+            args = args + defaults[len(args):]
+        return _run_python_backend(name, *args)
 
     run.__name__ = f"{name}_dispatch"
     return run
@@ -65,16 +84,20 @@ def _dispatcher(name: str):
 for _name, (_family, _schema) in SCHEMAS.items():
     _lib.define(_name + _schema)
     for _key in ("CPU", "CUDA"):
-        _lib.impl(_name, _dispatcher(_name), _key)
+        if not cpp_kernel(_name, _key):
+            _lib.impl(_name, _dispatcher(_name), _key)
+if _ext.C is not None:
+    _ext.C.set_python_backend(_run_python_backend)
 
 
-def op(name: str):
-    """The ``torch.ops.vlmkernels.<name>`` overload packet."""
-    return getattr(getattr(torch.ops, NAMESPACE), name)
+def native_backend(name: str, backend: str):
+    """The registry entry of a C++ backend (``cpu``/``cuda``): the op with that backend forced, which
+    the C++ kernel registered at that key runs."""
+    def run(*args):
+        return op(name)(*args, backend)
 
-
-def qualname(name: str) -> str:
-    return f"{NAMESPACE}::{name}"
+    run.__name__ = f"{name}_{backend}"
+    return run
 
 
 def register_fake(name: str):
@@ -82,28 +105,7 @@ def register_fake(name: str):
 
 
 def register_autograd(name: str, backward, setup_context):
-    torch.library.register_autograd(qualname(name), backward, setup_context=setup_context)
-
-
-def direct_cpu_call(op: str, backend: str, tensors) -> Callable | None:
-    """The ``cpu`` implementation of ``op`` when an eager call may skip the torch.ops dispatcher.
-
-    At a few thousand tokens the dispatcher round trip (Python dispatch, autograd wrapper, schema
-    defaults) costs as much as the C++ kernel, so plain eager CPU calls that need no autograd go
-    straight to the implementation ``registry.select`` picks. Anything else — tracing/compile,
-    tensor subclasses (fake tensors), dispatch or torch-function modes, functorch transforms,
-    inputs requiring grad, another backend — returns None and goes through ``torch.ops``.
-    """
-    if backend not in ("auto", "cpu") or torch.compiler.is_compiling():
-        return None
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if t is None:
-            continue
-        if type(t) is not torch.Tensor or t.device.type != "cpu" or (grad and t.requires_grad):
-            return None
-    if (_get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled()
-            or torch._C._are_functorch_transforms_active()):
-        return None
-    name, fn = registry.select(op, backend, "cpu")
-    return fn if name == "cpu" else None
+    """Python autograd for ``name``, unless ``vlmkernels._C`` registered its C++ autograd (which a call
+    that needs no gradient does not pay for); the Python formula then serves builds without it."""
+    if not cpp_kernel(name, "Autograd"):
+        torch.library.register_autograd(qualname(name), backward, setup_context=setup_context)

@@ -8,6 +8,7 @@ A family module registers each implementation with :func:`register`; the op disp
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ class OpEntry:
 
 _OPS: dict[str, OpEntry] = {}
 _LOGGED: set[tuple[str, str, str]] = set()
+_SELECTED: dict[tuple, tuple[str, Callable]] = {}  # (op, backend, device type, TRITON_INTERPRET) -> choice
 
 
 def _entry(op: str) -> OpEntry:
@@ -60,11 +62,13 @@ def register(op: str, backend: str, fn: Callable, *, devices: tuple[str, ...]) -
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _entry(op).impls[backend] = Impl(fn, tuple(devices))
+    _SELECTED.clear()
     return fn
 
 
 def set_preference(op: str, device_type: str, order: tuple[str, ...]) -> None:
     _entry(op).preference[device_type] = tuple(order)
+    _SELECTED.clear()
 
 
 # ---- availability -------------------------------------------------------------------------------
@@ -83,12 +87,13 @@ def _ext_status(device_type: str) -> tuple[bool, str]:
     return True, ""
 
 
-def _triton_status(device_type: str) -> tuple[bool, str]:
+@functools.lru_cache(maxsize=None)
+def _triton_status(device_type: str, interpret: bool) -> tuple[bool, str]:
     try:
         import triton  # noqa: F401
     except Exception as e:  # pragma: no cover - triton is a hard dependency on Linux
         return False, f"triton is not importable ({e})"
-    if device_type == "cpu" and not triton_interpret():
+    if device_type == "cpu" and not interpret:
         return False, "triton runs on CPU tensors only under TRITON_INTERPRET=1"
     return True, ""
 
@@ -104,7 +109,7 @@ def availability(op: str, backend: str, device_type: str) -> tuple[bool, str]:
     if backend in ("cuda", "cpu"):
         return _ext_status(device_type)
     if backend == "triton":
-        return _triton_status(device_type)
+        return _triton_status(device_type, triton_interpret())
     return True, ""
 
 
@@ -116,10 +121,22 @@ def select(op: str, backend: str, device_type: str) -> tuple[str, Callable]:
     """Pick the implementation of ``op`` for tensors on ``device_type``.
 
     ``backend="auto"`` defers to ``VLMKERNELS_BACKEND`` and then to the preference order; a forced
-    backend that cannot run raises :class:`BackendUnavailableError` naming the reason.
+    backend that cannot run raises :class:`BackendUnavailableError` naming the reason. The choice is
+    made once per (op, backend, device type) in a process; :func:`reset` forgets it.
     """
     if backend == "auto":
         backend = env_backend()
+    key = (op, backend, device_type, triton_interpret())
+    hit = _SELECTED.get(key)
+    if hit is None:
+        hit = _SELECTED[key] = _select(op, backend, device_type)
+    if backend == "auto" and (op, device_type, hit[0]) not in _LOGGED:
+        _LOGGED.add((op, device_type, hit[0]))
+        log.info("vlmkernels.%s on %s: auto selected backend %r", op, device_type, hit[0])
+    return hit
+
+
+def _select(op: str, backend: str, device_type: str) -> tuple[str, Callable]:
     entry = _entry(op)
     if backend != "auto":
         if backend not in BACKENDS:
@@ -129,14 +146,16 @@ def select(op: str, backend: str, device_type: str) -> tuple[str, Callable]:
             raise BackendUnavailableError(f"vlmkernels.{op}: backend {backend!r} is unavailable: {why}")
         return backend, entry.impls[backend].fn
     for name in entry.preference.get(device_type, ("reference",)):
-        ok, _ = availability(op, name, device_type)
-        if ok:
-            key = (op, device_type, name)
-            if key not in _LOGGED:
-                _LOGGED.add(key)
-                log.info("vlmkernels.%s on %s: auto selected backend %r", op, device_type, name)
+        if availability(op, name, device_type)[0]:
             return name, entry.impls[name].fn
     raise BackendUnavailableError(f"vlmkernels.{op}: no backend can run on {device_type} tensors")
+
+
+def reset() -> None:
+    """Forget the cached backend choices (after registering an implementation or changing what is
+    available, e.g. ``TRITON_INTERPRET``)."""
+    _SELECTED.clear()
+    _triton_status.cache_clear()
 
 
 def ops() -> dict[str, OpEntry]:

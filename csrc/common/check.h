@@ -3,6 +3,8 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <string>
+
 #include "hd.h"
 
 #define VLMK_CHECK_ARG(cond, ...) TORCH_CHECK_VALUE(cond, __VA_ARGS__)
@@ -15,5 +17,31 @@ inline void check_contiguous(const at::Tensor& t, const char* name) {
 inline void check_device(const at::Tensor& t, c10::DeviceType dev, const char* name) {
   VLMK_CHECK_ARG(t.device().type() == dev, name, " must be on ", c10::DeviceTypeName(dev), ", got ",
                  t.device());
+}
+
+// Python's spelling of a dtype and a shape ("torch.float32", "(2, 3)"), so that the C++ checks raise
+// the messages the Python backends raise for the same bad input.
+inline std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kByte: return "torch.uint8";
+    case at::kChar: return "torch.int8";
+    case at::kShort: return "torch.int16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+inline std::string shape_str(at::IntArrayRef s) {
+  std::string out = "(";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + (s.size() == 1 ? ",)" : ")");
+}
+inline bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
 }
 }  // namespace vlmk

@@ -27,12 +27,12 @@
 #include <utility>
 #include <vector>
 
-#include "bindings.h"
 #include "common/anyres_plan.h"
 #include "common/anyres_resample.h"
 #include "common/anyres_tile_args.h"
 #include "common/check.h"
 #include "cpu/anyres_simd.h"
+#include "ops/kernels.h"
 
 namespace vlmk {
 namespace {
@@ -674,6 +674,8 @@ RgbSrc make_src(const at::Tensor& im, std::optional<Scratch>& storage) {
   return RgbSrc{{q, q + 1, q + 2}, h, w, w * 3, 3};
 }
 
+}  // namespace
+
 void anyres_tile_cpu(const std::vector<at::Tensor>& images, const at::Tensor& plan, at::Tensor out,
                      int64_t tile, const std::vector<double>& mean, const std::vector<double>& stdv,
                      bool global_view) {
@@ -743,13 +745,4 @@ at::Tensor anyres_plan_llava_cpu(const at::Tensor& sizes, const at::Tensor& pins
   return out;
 }
 
-}  // namespace
 }  // namespace vlmk
-
-VLMK_BINDINGS(anyres_tile_cpu) {
-  m.def("anyres_tile_cpu", &vlmk::anyres_tile_cpu, "uint8 images -> normalized AnyRes tiles (writes out)",
-        pybind11::arg("images"), pybind11::arg("plan"), pybind11::arg("out"), pybind11::arg("tile_size"),
-        pybind11::arg("mean"), pybind11::arg("std"), pybind11::arg("global_view"));
-  m.def("anyres_plan_llava_cpu", &vlmk::anyres_plan_llava_cpu, "LLaVA AnyRes plans for many image sizes",
-        pybind11::arg("sizes"), pybind11::arg("pinpoints"), pybind11::arg("tile_size"));
-}

@@ -6,29 +6,18 @@
 #include <algorithm>
 #include <vector>
 
-#include "bindings.h"
-#include "common/check.h"
+#include "common/moe_align.h"
+#include "ops/kernels.h"
 
 namespace vlmk {
 namespace {
-
-// Local expert of entry id, or -1 when the entry is dropped (out of range or not on this rank).
-template <bool kHasMap>
-inline int32_t local_expert(int32_t id, int64_t E, const int32_t* expert_map) {
-  if (static_cast<uint64_t>(static_cast<int64_t>(id)) >= static_cast<uint64_t>(E)) return -1;
-  if constexpr (kHasMap) {
-    id = expert_map[id];
-    if (static_cast<uint64_t>(static_cast<int64_t>(id)) >= static_cast<uint64_t>(E)) return -1;
-  }
-  return id;
-}
 
 // The two passes over one chunk [lo, hi) of the flattened entries. Plain functions with local
 // pointers: inside the parallel_for lambdas GCC reloaded the captured pointers on every entry.
 template <bool kHasMap>
 void count_chunk(const int32_t* in, int64_t lo, int64_t hi, int64_t E, const int32_t* map, int64_t* count) {
   for (int64_t i = lo; i < hi; ++i) {
-    const int32_t e = local_expert<kHasMap>(in[i], E, map);
+    const int32_t e = moe::local_expert(in[i], E, kHasMap ? map : nullptr);
     if (e >= 0) ++count[e];
   }
 }
@@ -37,30 +26,21 @@ template <bool kHasMap>
 void scatter_chunk(const int32_t* in, int64_t lo, int64_t hi, int64_t E, const int32_t* map, int64_t* next,
                    int32_t* out) {
   for (int64_t i = lo; i < hi; ++i) {
-    const int32_t e = local_expert<kHasMap>(in[i], E, map);
+    const int32_t e = moe::local_expert(in[i], E, kHasMap ? map : nullptr);
     if (e >= 0) out[next[e]++] = static_cast<int32_t>(i);
   }
 }
 
+}  // namespace
+
+// Arguments are checked by the op (csrc/ops/moe_align.cpp): ids and expert_map contiguous int32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_size_cpu(const at::Tensor& ids, int64_t num_experts,
                                                                        int64_t block_size,
-                                                                       const std::optional<at::Tensor>& expert_map,
-                                                                       int64_t max_padded) {
-  VLMK_CHECK_ARG(ids.dim() == 2, "ids must be 2-D [T, k]");
-  VLMK_CHECK_TYPE(ids.scalar_type() == at::kInt, "ids must be int32 here (the Python wrapper converts)");
-  check_device(ids, c10::kCPU, "ids");
-  check_contiguous(ids, "ids");
-  VLMK_CHECK_ARG(num_experts >= 1 && block_size >= 1, "num_experts and block_size must be >= 1");
+                                                                       const std::optional<at::Tensor>& expert_map) {
+  TORCH_INTERNAL_ASSERT(ids.is_contiguous() && ids.scalar_type() == at::kInt);
   const int64_t n = ids.numel(), E = num_experts, B = block_size;
-  VLMK_CHECK_ARG(max_padded >= 0 && max_padded <= n + E * (B - 1), "bad max_padded ", max_padded);
-  const int32_t* map = nullptr;
-  if (expert_map) {
-    VLMK_CHECK_ARG(expert_map->dim() == 1 && expert_map->size(0) == E, "expert_map must have shape [num_experts]");
-    VLMK_CHECK_TYPE(expert_map->scalar_type() == at::kInt, "expert_map must be int32 here");
-    check_device(*expert_map, c10::kCPU, "expert_map");
-    check_contiguous(*expert_map, "expert_map");
-    map = expert_map->const_data_ptr<int32_t>();
-  }
+  const int64_t max_padded = moe::align_max_padded(n, E, B);
+  const int32_t* map = expert_map ? expert_map->const_data_ptr<int32_t>() : nullptr;
   auto opts = ids.options().dtype(at::kInt);
   auto sorted_ids = at::empty({max_padded}, opts);
   auto expert_ids = at::empty({(max_padded + B - 1) / B}, opts);
@@ -113,11 +93,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_size_cpu(const at
   return {sorted_ids, expert_ids, total_out};
 }
 
-}  // namespace
 }  // namespace vlmk
-
-VLMK_BINDINGS(moe_align_cpu) {
-  m.def("moe_align_block_size_cpu", &vlmk::moe_align_block_size_cpu, "vLLM-layout stable MoE align (CPU)",
-        pybind11::arg("ids"), pybind11::arg("num_experts"), pybind11::arg("block_size"), pybind11::arg("expert_map"),
-        pybind11::arg("max_padded"));
-}

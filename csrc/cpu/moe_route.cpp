@@ -9,7 +9,7 @@
 #include <limits>
 #include <vector>
 
-#include "bindings.h"
+#include "ops/kernels.h"
 #include "common/check.h"
 #include "common/moe_topk.h"
 
@@ -272,27 +272,17 @@ void route_rows(const scalar_t* x, const acc_t* bias, const RouteParams& p, bool
   }
 }
 
+}  // namespace
+
+// Arguments are checked by the op (csrc/ops/moe_route.cpp): logits contiguous [T, E], bias [E] in the
+// accumulation dtype.
 std::tuple<at::Tensor, at::Tensor> moe_topk_route_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& bias,
                                                       int64_t top_k, int64_t scoring, bool renormalize,
                                                       int64_t num_groups, int64_t topk_groups, int64_t group_score,
                                                       double scaling_factor) {
-  VLMK_CHECK_ARG(logits.dim() == 2, "logits must be 2-D [T, E], got ", logits.dim(), "-D");
-  check_device(logits, c10::kCPU, "logits");
-  check_contiguous(logits, "logits");
   const int64_t T = logits.size(0), E = logits.size(1);
-  VLMK_CHECK_ARG(top_k >= 1 && top_k <= E, "top_k must be in [1, E=", E, "], got ", top_k);
-  VLMK_CHECK_ARG(num_groups >= 1 && E % num_groups == 0, "E=", E, " is not divisible by num_groups=", num_groups);
-  VLMK_CHECK_ARG(topk_groups >= 1 && topk_groups <= num_groups, "topk_groups must be in [1, num_groups]");
-  VLMK_CHECK_ARG(topk_groups * (E / num_groups) >= top_k, "too few eligible experts for top_k=", top_k);
-  VLMK_CHECK_ARG(scoring == 0 || scoring == 1, "scoring code must be 0 (softmax) or 1 (sigmoid)");
-  VLMK_CHECK_ARG(group_score == 0 || group_score == 1, "group_score code must be 0 (top2_sum) or 1 (max)");
   const auto acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  if (bias) {
-    VLMK_CHECK_ARG(bias->dim() == 1 && bias->size(0) == E, "bias must have shape [E=", E, "]");
-    VLMK_CHECK_TYPE(bias->scalar_type() == acc_type, "bias must be ", acc_type, " for ", logits.scalar_type(), " logits");
-    check_device(*bias, c10::kCPU, "bias");
-    check_contiguous(*bias, "bias");
-  }
+  TORCH_INTERNAL_ASSERT(logits.is_contiguous() && (!bias || bias->scalar_type() == acc_type));
   auto weights = at::empty({T, top_k}, logits.options().dtype(acc_type));
   auto ids = at::empty({T, top_k}, logits.options().dtype(at::kInt));
   if (T == 0) return {weights, ids};
@@ -312,12 +302,4 @@ std::tuple<at::Tensor, at::Tensor> moe_topk_route_cpu(const at::Tensor& logits, 
   return {weights, ids};
 }
 
-}  // namespace
 }  // namespace vlmk
-
-VLMK_BINDINGS(moe_route_cpu) {
-  m.def("moe_topk_route_cpu", &vlmk::moe_topk_route_cpu, "fused MoE top-k routing (CPU)", pybind11::arg("logits"),
-        pybind11::arg("bias"), pybind11::arg("top_k"), pybind11::arg("scoring"), pybind11::arg("renormalize"),
-        pybind11::arg("num_groups"), pybind11::arg("topk_groups"), pybind11::arg("group_score"),
-        pybind11::arg("scaling_factor"));
-}

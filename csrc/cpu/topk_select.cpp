@@ -8,8 +8,7 @@
 #include <numeric>
 #include <vector>
 
-#include "bindings.h"
-#include "common/check.h"
+#include "ops/kernels.h"
 
 namespace vlmk {
 namespace {
@@ -22,17 +21,13 @@ inline bool score_before(T a, int64_t ia, T b, int64_t ib) {
   return ia < ib;
 }
 
+}  // namespace
+
+// Arguments are checked by the op (csrc/ops/topk_select.cpp): contiguous scores [B, N], tokens [B, N, D].
 std::tuple<at::Tensor, at::Tensor> topk_select_tokens_cpu(const at::Tensor& scores, const at::Tensor& tokens,
                                                           int64_t k) {
-  VLMK_CHECK_ARG(scores.dim() == 2, "scores must be 2-D [B, N]");
-  VLMK_CHECK_ARG(tokens.dim() == 3 && tokens.size(0) == scores.size(0) && tokens.size(1) == scores.size(1),
-                 "tokens must be [B, N, D] matching scores");
-  check_device(scores, c10::kCPU, "scores");
-  check_device(tokens, c10::kCPU, "tokens");
-  check_contiguous(scores, "scores");
-  check_contiguous(tokens, "tokens");
+  TORCH_INTERNAL_ASSERT(scores.is_contiguous() && tokens.is_contiguous());
   const int64_t Bn = scores.size(0), N = scores.size(1), D = tokens.size(2);
-  VLMK_CHECK_ARG(k >= 0 && k <= N, "k must be in [0, N=", N, "], got ", k);
   auto index = at::empty({Bn, k}, scores.options().dtype(at::kLong));
   auto selected = at::empty({Bn, k, D}, tokens.options());
   if (Bn == 0 || k == 0) return {selected, index};
@@ -61,10 +56,4 @@ std::tuple<at::Tensor, at::Tensor> topk_select_tokens_cpu(const at::Tensor& scor
   return {selected, index};
 }
 
-}  // namespace
 }  // namespace vlmk
-
-VLMK_BINDINGS(topk_select_cpu) {
-  m.def("topk_select_tokens_cpu", &vlmk::topk_select_tokens_cpu, "top-k token selection (CPU)",
-        pybind11::arg("scores"), pybind11::arg("tokens"), pybind11::arg("k"));
-}

@@ -1,16 +1,18 @@
-// Host side of the CUDA anyres_tile: validates, builds the batch descriptors and tap tables (with
-// the helpers the CPU kernel uses), uploads them in one copy and launches one kernel.
+// Host side of the CUDA anyres_tile (called by csrc/ops/anyres.cpp): validates, builds the batch
+// descriptors and tap tables (with the helpers the CPU kernel uses), uploads them in one copy and
+// launches the kernels.
 #ifdef VLMK_WITH_CUDA
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
 
 #include <cstring>
 #include <vector>
 
-#include "bindings.h"
 #include "common/anyres_resample.h"
 #include "common/anyres_tile_args.h"
 #include "common/anyres_tile_desc.h"
 #include "common/check.h"
+#include "ops/kernels.h"
 
 namespace vlmk {
 namespace anyres {
@@ -52,8 +54,13 @@ ResizeDesc make_resize(std::vector<int32_t>& taps, int in_h, int in_w, int out_h
   return r;
 }
 
+}  // namespace
+}  // namespace anyres
+
 void anyres_tile_cuda(const std::vector<at::Tensor>& images, const at::Tensor& plan, at::Tensor out, int64_t tile,
                       const std::vector<double>& mean, const std::vector<double>& stdv, bool global_view) {
+  using namespace anyres;
+  const c10::cuda::CUDAGuard guard(out.device());  // the images' card, whatever the current device
   const TileArgs a = check_tile_args(images, plan, out, tile, mean, stdv, global_view);
   VLMK_CHECK_ARG(out.is_cuda(), "out must be a CUDA tensor for the cuda backend");
   const int64_t* p = plan.data_ptr<int64_t>();
@@ -90,14 +97,5 @@ void anyres_tile_cuda(const std::vector<at::Tensor>& images, const at::Tensor& p
   launch_anyres_tile(meta, a.n, out, tile, a.mean, a.stdv);
 }
 
-}  // namespace
-}  // namespace anyres
 }  // namespace vlmk
-
-VLMK_BINDINGS(anyres_tile_cuda) {
-  m.def("anyres_tile_cuda", &vlmk::anyres::anyres_tile_cuda,
-        "uint8 images -> normalized AnyRes tiles on CUDA, one launch (writes out)", pybind11::arg("images"),
-        pybind11::arg("plan"), pybind11::arg("out"), pybind11::arg("tile_size"), pybind11::arg("mean"),
-        pybind11::arg("std"), pybind11::arg("global_view"));
-}
 #endif  // VLMK_WITH_CUDA

@@ -8,20 +8,14 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "common/moe_align.h"
+#include "ops/kernels.h"
+
 namespace vlmk {
 namespace {
 
 constexpr int kPrefixThreads = 1024;
-constexpr int kMaxAlignExperts = 4096;  // per-expert cursors live in shared memory
 
-__device__ __forceinline__ int local_expert(int32_t id, int E, const int32_t* __restrict__ map) {
-  if (id < 0 || id >= E) return -1;
-  if (map != nullptr) {
-    id = map[id];
-    if (id < 0 || id >= E) return -1;
-  }
-  return id;
-}
 
 __global__ void align_count(const int32_t* __restrict__ ids, const int32_t* __restrict__ map,
                             int32_t* __restrict__ counts, int64_t n, int E, int64_t chunk) {
@@ -30,7 +24,7 @@ __global__ void align_count(const int32_t* __restrict__ ids, const int32_t* __re
   __syncthreads();
   const int64_t begin = (int64_t)blockIdx.x * chunk, end = min(n, begin + chunk);
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    int e = local_expert(ids[i], E, map);
+    int e = moe::local_expert(ids[i], E, map);
     if (e >= 0) atomicAdd(&hist[e], 1);
   }
   __syncthreads();
@@ -94,7 +88,7 @@ __global__ void align_scatter(const int32_t* __restrict__ ids, const int32_t* __
   const int64_t begin = (int64_t)blockIdx.x * chunk, end = min(n, begin + chunk);
   for (int64_t base = begin; base < end; base += 32) {
     const int64_t i = base + lane;
-    const int e = i < end ? local_expert(ids[i], E, map) : -1;
+    const int e = i < end ? moe::local_expert(ids[i], E, map) : -1;
     const unsigned peers = __match_any_sync(0xffffffffu, e);
     const int32_t slot = e >= 0 ? cursor[e] : 0;
     __syncwarp();
@@ -110,24 +104,12 @@ __global__ void align_scatter(const int32_t* __restrict__ ids, const int32_t* __
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_size_cuda(const at::Tensor& ids, int64_t num_experts,
                                                                         int64_t block_size,
-                                                                        const std::optional<at::Tensor>& expert_map,
-                                                                        int64_t max_padded) {
-  TORCH_CHECK_VALUE(ids.dim() == 2, "ids must be 2-D [T, k]");
-  TORCH_CHECK_TYPE(ids.scalar_type() == at::kInt, "ids must be int32 here (the Python wrapper converts)");
-  TORCH_CHECK_VALUE(ids.is_cuda() && ids.is_contiguous(), "ids must be a contiguous CUDA tensor");
-  TORCH_CHECK_VALUE(num_experts >= 1 && num_experts <= kMaxAlignExperts,
-                    "the cuda backend takes 1 <= num_experts <= ", kMaxAlignExperts, ", got ", num_experts);
-  TORCH_CHECK_VALUE(block_size >= 1, "block_size must be >= 1");
+                                                                        const std::optional<at::Tensor>& expert_map) {
+  // arguments are checked by the op (csrc/ops/moe_align.cpp), the expert limit included
+  TORCH_INTERNAL_ASSERT(ids.is_cuda() && ids.is_contiguous() && num_experts <= kMaxAlignExpertsCuda);
   const int64_t n = ids.numel(), E = num_experts, B = block_size;
-  TORCH_CHECK_VALUE(max_padded >= 0 && max_padded <= n + E * (B - 1), "bad max_padded ", max_padded);
-  const int32_t* map = nullptr;
-  if (expert_map) {
-    TORCH_CHECK_VALUE(expert_map->dim() == 1 && expert_map->size(0) == E, "expert_map must have shape [num_experts]");
-    TORCH_CHECK_TYPE(expert_map->scalar_type() == at::kInt, "expert_map must be int32 here");
-    TORCH_CHECK_VALUE(expert_map->device() == ids.device() && expert_map->is_contiguous(),
-                      "expert_map must be contiguous and on the device of ids");
-    map = expert_map->const_data_ptr<int32_t>();
-  }
+  const int64_t max_padded = moe::align_max_padded(n, E, B);
+  const int32_t* map = expert_map ? expert_map->const_data_ptr<int32_t>() : nullptr;
   const c10::cuda::CUDAGuard guard(ids.device());
   auto opts = ids.options().dtype(at::kInt);
   const int64_t num_blocks = (max_padded + B - 1) / B;

@@ -18,7 +18,7 @@ from python_ref.ops.anyres import AnyResPlan
 from python_ref.ops.anyres import anyres_plan as _ref_plan
 from python_ref.ops.anyres import patch_output_size, select_best_resolution
 
-from .. import _ext, library, registry
+from .. import library, registry
 
 __all__ = ["AnyResPlan", "anyres_plan", "anyres_plan_batch"]
 
@@ -121,8 +121,7 @@ def anyres_plan_batch(sizes, grid_pinpoints, tile_size: int, *, backend: str = "
     if int(tile_size) <= 0:
         raise ValueError(f"tile_size must be positive, got {tile_size}")
     args = (sizes.cpu().contiguous(), pinpoints_tensor(grid_pinpoints), int(tile_size))
-    direct = library.direct_cpu_call(OP, backend, args[:2])  # eager CPU: skip the dispatcher round trip
-    return direct(*args) if direct is not None else library.op(OP)(*args, backend)
+    return library.op(OP).default(*args, backend)
 
 
 def _plan_reference(sizes: torch.Tensor, pins: torch.Tensor, tile: int) -> torch.Tensor:
@@ -136,12 +135,8 @@ def _plan_reference(sizes: torch.Tensor, pins: torch.Tensor, tile: int) -> torch
     return torch.tensor(rows, dtype=torch.int64).reshape(-1, 10)
 
 
-def _plan_cpu(sizes: torch.Tensor, pins: torch.Tensor, tile: int) -> torch.Tensor:
-    return _ext.require().anyres_plan_llava_cpu(sizes, pins, tile)
-
-
 registry.register(OP, "reference", _plan_reference, devices=("cpu", "cuda"))
-registry.register(OP, "cpu", _plan_cpu, devices=("cpu",))
+registry.register(OP, "cpu", library.native_backend(OP, "cpu"), devices=("cpu",))
 
 
 @library.register_fake(OP)

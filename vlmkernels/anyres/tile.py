@@ -21,7 +21,7 @@ import torch
 
 from python_ref.ops.anyres import image_to_rgb_chw, normalize_u8, tiles_from_plan
 
-from .. import _ext, library, registry
+from .. import library, registry
 from .plan import plan_rows, tile_pinpoints
 
 __all__ = ["anyres_tile"]
@@ -124,8 +124,7 @@ def tile_views(
         first += slot if pad_to_max else n
     plan = torch.tensor(table, dtype=torch.int64).reshape(-1, PLAN_COLS)
     args = (list(views), plan, first, tile, mean, std, bool(global_view), out_dtype)
-    direct = library.direct_cpu_call(OP, backend, views)  # eager CPU: skip the dispatcher round trip
-    out = direct(*args) if direct is not None else library.op(OP)(*args, backend)
+    out = library.op(OP).default(*args, backend)
     return out, counts
 
 
@@ -172,18 +171,6 @@ def _alloc(images, plan: torch.Tensor, num_tiles: int, tile: int, global_view: b
     return make(num_tiles, 3, tile, tile, dtype=out_dtype, device=device)
 
 
-def _tile_cpu(images, plan, num_tiles, tile, mean, std, global_view, out_dtype):
-    out = _alloc(images, plan, num_tiles, tile, global_view, out_dtype)
-    _ext.require().anyres_tile_cpu(list(images), plan, out, tile, list(mean), list(std), global_view)
-    return out
-
-
-def _tile_cuda(images, plan, num_tiles, tile, mean, std, global_view, out_dtype):
-    out = _alloc(images, plan, num_tiles, tile, global_view, out_dtype)
-    _ext.require().anyres_tile_cuda(list(images), plan, out, tile, list(mean), list(std), global_view)
-    return out
-
-
 def _tile_reference(images, plan, num_tiles, tile, mean, std, global_view, out_dtype):
     if plan.device.type != "cpu" or plan.dtype != torch.int64 or tuple(plan.shape) != (len(images), PLAN_COLS):
         raise ValueError(f"plan must be a CPU int64 [{len(images)}, {PLAN_COLS}] table, got {plan.dtype} {tuple(plan.shape)}")
@@ -200,8 +187,8 @@ def _tile_reference(images, plan, num_tiles, tile, mean, std, global_view, out_d
 
 
 registry.register(OP, "reference", _tile_reference, devices=("cpu", "cuda"))
-registry.register(OP, "cpu", _tile_cpu, devices=("cpu",))
-registry.register(OP, "cuda", _tile_cuda, devices=("cuda",))
+registry.register(OP, "cpu", library.native_backend(OP, "cpu"), devices=("cpu",))
+registry.register(OP, "cuda", library.native_backend(OP, "cuda"), devices=("cuda",))
 
 
 @library.register_fake(OP)

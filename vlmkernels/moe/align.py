@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _ext, library, registry
+from .. import library, registry
 from python_ref.ops import moe as _ref
 
 __all__ = ["moe_align_block_size"]
@@ -75,7 +75,8 @@ def _reference(ids, num_experts, block_size, expert_map):
 
 
 def _narrow(t, num_experts):
-    """int32 contiguous copy; int64 values outside [0, E) become -1 (dropped) instead of wrapping."""
+    """int32 contiguous copy; int64 values outside [0, E) become -1 (dropped) instead of wrapping
+    (``narrow_ids`` in csrc/ops/moe_align.cpp does the same for the C++ kernels)."""
     if t.dtype == torch.int64:
         t = torch.where((t >= 0) & (t < num_experts), t, torch.full_like(t, -1))
     t = t.contiguous()
@@ -84,18 +85,6 @@ def _narrow(t, num_experts):
 
 def _kernel_inputs(ids, expert_map, num_experts):
     return _narrow(ids, num_experts), None if expert_map is None else _narrow(expert_map, num_experts)
-
-
-def _compiled(device_type: str):
-    def run(ids, num_experts, block_size, expert_map):
-        check_align_args(ids, num_experts, block_size, expert_map)
-        ids, expert_map = _kernel_inputs(ids, expert_map, num_experts)
-        C = _ext.require()
-        fn = C.moe_align_block_size_cpu if device_type == "cpu" else C.moe_align_block_size_cuda
-        M, _ = output_sizes(ids, num_experts, block_size)
-        return tuple(fn(ids, int(num_experts), int(block_size), expert_map, int(M)))
-
-    return run
 
 
 def _triton(ids, num_experts, block_size, expert_map):
@@ -108,8 +97,9 @@ def _triton(ids, num_experts, block_size, expert_map):
 
 
 registry.register(OP, "reference", _reference, devices=("cpu", "cuda"))
-registry.register(OP, "cpu", _compiled("cpu"), devices=("cpu",))
-registry.register(OP, "cuda", _compiled("cuda"), devices=("cuda",))
+registry.register(OP, "cpu", library.native_backend(OP, "cpu"), devices=("cpu",))
+registry.register(OP, "cuda", library.native_backend(OP, "cuda"), devices=("cuda",))
+_OP = library.op(OP).default
 registry.register(OP, "triton", _triton, devices=("cpu", "cuda"))
 
 
@@ -136,8 +126,4 @@ def moe_align_block_size(
     ``expert_map [E]`` maps global to local expert ids; -1 (and any id outside ``[0, E)``) drops
     the entry. ``T == 0`` gives empty buffers and ``num_tokens_post_padded == [0]``.
     """
-    if type(num_experts) is int and type(block_size) is int:
-        direct = library.direct_cpu_call(OP, backend, (ids, expert_map))
-        if direct is not None:
-            return direct(ids, num_experts, block_size, expert_map)
-    return library.op(OP)(ids, num_experts, block_size, expert_map, backend)
+    return _OP(ids, num_experts, block_size, expert_map, backend)

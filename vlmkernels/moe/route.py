@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _ext, library, registry
+from .. import library, registry
 from python_ref.ops import moe as _ref
 
 __all__ = ["moe_topk_route"]
@@ -96,24 +96,6 @@ def _reference(logits, top_k, scoring, renormalize, bias, num_groups, topk_group
     )
 
 
-def _compiled(device_type: str):
-    def run(logits, top_k, scoring, renormalize, bias, num_groups, topk_groups, group_score,
-            scaling_factor, weights_dtype):
-        check_route_args(logits, top_k, scoring, renormalize, bias, num_groups, topk_groups, group_score,
-                         scaling_factor, weights_dtype)
-        if logits.shape[0] == 0:
-            return _empty_result(logits, top_k, weights_dtype)
-        if device_type == "cuda" and logits.shape[1] > MAX_EXPERTS_GPU:
-            raise ValueError(f"moe_topk_route: the cuda backend takes E <= {MAX_EXPERTS_GPU}, got E={logits.shape[1]}")
-        logits, bias = _kernel_inputs(logits, bias, fp64_ok=device_type == "cpu")
-        fn = _ext.require().moe_topk_route_cpu if device_type == "cpu" else _ext.require().moe_topk_route_cuda
-        w, ids = fn(logits, bias, int(top_k), SCORINGS[scoring], bool(renormalize), int(num_groups),
-                    int(topk_groups), GROUP_SCORES[group_score], float(scaling_factor))
-        return (w if w.dtype == weights_dtype else w.to(weights_dtype)), ids
-
-    return run
-
-
 def _triton(logits, top_k, scoring, renormalize, bias, num_groups, topk_groups, group_score,
             scaling_factor, weights_dtype):
     check_route_args(logits, top_k, scoring, renormalize, bias, num_groups, topk_groups, group_score,
@@ -132,8 +114,8 @@ def _triton(logits, top_k, scoring, renormalize, bias, num_groups, topk_groups, 
 
 
 registry.register(OP, "reference", _reference, devices=("cpu", "cuda"))
-registry.register(OP, "cpu", _compiled("cpu"), devices=("cpu",))
-registry.register(OP, "cuda", _compiled("cuda"), devices=("cuda",))
+registry.register(OP, "cpu", library.native_backend(OP, "cpu"), devices=("cpu",))
+registry.register(OP, "cuda", library.native_backend(OP, "cuda"), devices=("cuda",))
 registry.register(OP, "triton", _triton, devices=("cpu", "cuda"))
 
 
@@ -145,7 +127,7 @@ def _fake(logits, top_k, scoring="softmax", renormalize=True, bias=None, num_gro
     return _empty_result(logits, top_k, weights_dtype)
 
 
-# ---- autograd -----------------------------------------------------------------------------------
+# ---- autograd (Python copy for builds without vlmkernels._C; csrc/ops/moe_route.cpp otherwise) ---
 
 def _setup_context(ctx, inputs, output):
     logits, _top_k, scoring, renormalize, _bias, _g, _tg, _gs, scaling_factor, _wd, _backend = inputs
@@ -154,7 +136,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def route_backward_math(logits, ids, grad_weights, scoring, renormalize, scaling_factor):
-    """d(weights)/d(logits) contracted with ``grad_weights``; recomputes the scores from the logits."""
+    """d(weights)/d(logits) contracted with ``grad_weights``; recomputes the scores from the logits.
+    The C++ autograd (``route_backward`` in csrc/ops/moe_route.cpp) is tested against it."""
     cdt = _compute_dtype(logits.dtype)
     x = logits.to(cdt)
     raw = torch.softmax(x, dim=-1) if scoring == "softmax" else torch.sigmoid(x)
@@ -188,6 +171,7 @@ def _backward(ctx, grad_weights, _grad_ids):
 
 
 library.register_autograd(OP, _backward, _setup_context)
+_OP = library.op(OP).default
 
 
 def moe_topk_route(
@@ -224,9 +208,5 @@ def moe_topk_route(
     differ from the selection order; a negative ``scaling_factor`` keeps the unscaled order).
     ``T == 0`` returns empty ``[0, k]`` tensors. Weights are differentiable w.r.t. ``logits``.
     """
-    direct = library.direct_cpu_call(OP, backend, (logits, bias)) if type(top_k) is int else None
-    if direct is not None:
-        return direct(logits, top_k, scoring, renormalize, bias, num_groups, topk_groups, group_score,
-                      scaling_factor, weights_dtype)
-    return library.op(OP)(logits, top_k, scoring, renormalize, bias, num_groups, topk_groups, group_score,
-                          scaling_factor, weights_dtype, backend)
+    return _OP(logits, top_k, scoring, renormalize, bias, num_groups, topk_groups, group_score, scaling_factor,
+               weights_dtype, backend)

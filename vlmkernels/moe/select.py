@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _ext, library, registry
+from .. import library, registry
 from python_ref.ops import moe as _ref
 
 __all__ = ["topk_select_tokens"]
@@ -45,14 +45,8 @@ def _reference(scores, tokens, k):
     return _ref.topk_select_tokens(scores, tokens, k)
 
 
-def _cpu(scores, tokens, k):
-    check_select_args(scores, tokens, k)
-    sel, index = _ext.require().topk_select_tokens_cpu(scores.contiguous(), tokens.contiguous(), int(k))
-    return sel, index
-
-
 registry.register(OP, "reference", _reference, devices=("cpu", "cuda"))
-registry.register(OP, "cpu", _cpu, devices=("cpu",))
+registry.register(OP, "cpu", library.native_backend(OP, "cpu"), devices=("cpu",))
 
 
 @library.register_fake(OP)
@@ -80,6 +74,7 @@ def _backward(ctx, grad_selected, _grad_index):
 
 
 library.register_autograd(OP, _backward, _setup_context)
+_OP = library.op(OP).default
 
 
 def topk_select_tokens(
@@ -95,4 +90,4 @@ def topk_select_tokens(
     Returns ``(selected [B, k, D] tokens.dtype, index int64 [B, k])`` ordered by score descending,
     ties to the lowest index, NaN last. Gradient flows to ``tokens`` only.
     """
-    return library.op(OP)(scores, tokens, k, backend)
+    return _OP(scores, tokens, k, backend)

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launcher
 from .patch_embed import _gemm_step, _store_epilogue, gemm_blocks, row_layernorm
 
 # columns of the per-tile descriptor table (int64 [num_tiles, NDESC])
@@ -132,6 +133,7 @@ def _anyres_encode_kernel(
                     HAS_BIAS, HAS_CLS, HAS_POS)
 
 
+@launcher
 def anyres_encode(src, desc, taps, lut, tile, weight, bias, class_embedding, position_embedding,
                   ln_weight, ln_bias, ln_eps):
     """Launch over all tiles. Validated by the caller: ``src`` uint8 flat, ``desc`` int64

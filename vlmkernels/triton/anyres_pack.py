@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launcher
+
 # plan columns, read by offset below (vlmkernels.anyres.pack.PLAN_COLUMNS): 0 feat_start, 1 n_tiles,
 # 2 nph, 3 npw, 4 row0, 5 nrows, 6 col0, 7 ncols, 8 out_h, 9 out_w, 10 out_start, 11 n_rows
 
@@ -110,6 +112,7 @@ def _anyres_pack_kernel(
     tl.store(dst, v.to(out_ptr.dtype.element_ty), mask=m2)
 
 
+@launcher
 def anyres_pack(features: torch.Tensor, plan: torch.Tensor, newline: torch.Tensor | None, total_rows: int,
                 max_rows: int):
     """``features [T, P, C]`` contiguous, ``plan [B, 12]`` int64 on the same device (validated by the

@@ -48,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launcher
+
 log = logging.getLogger("vlmkernels")
 
 PACKAGED_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -303,6 +305,7 @@ def _align(ids: torch.Tensor, num_experts: int, block_m: int):
     return ops.moe_align_block_size(ids, num_experts, block_m)
 
 
+@launcher
 def fused_moe(hidden, gate_up_proj, down_proj, weights, ids, activation="silu", config=None):
     """Triton fused experts; inputs already validated by :func:`vlmkernels.ops.fused_moe`, ``weights``
     and ``ids`` contiguous."""

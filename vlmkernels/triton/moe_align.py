@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launcher
+
 
 @triton.jit
 def _local_expert(ids_ptr, map_ptr, offs, n, E, HAS_MAP: tl.constexpr):
@@ -81,6 +83,7 @@ def _block_experts(seg_end_ptr, total_ptr, eid_ptr, num_blocks, E, B, BLOCK_B: t
     tl.store(eid_ptr + b, tl.where(pos < total, expert, -1), mask=b < num_blocks)
 
 
+@launcher
 def moe_align_block_size_triton(ids, num_experts, block_size, expert_map, max_padded):
     """``ids`` contiguous int32 ``[T,k]``; ``expert_map`` contiguous int32 ``[E]`` or None."""
     n = ids.numel()

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launcher
+
 MAX_EXPERTS = 1024
 
 
@@ -87,6 +89,7 @@ def _moe_route_kernel(
         tl.store(id_ptr + out + r, si.to(tl.int32))
 
 
+@launcher
 def moe_topk_route_triton(logits, bias, top_k, scoring, renormalize, num_groups, topk_groups, group_score,
                           scaling_factor):
     """Launch on contiguous ``logits [T,E]`` (fp32/fp16/bf16) and fp32 ``bias [E]`` or None.

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launcher
+
 
 @triton.jit
 def _gemm_step(acc, a, w_ptr, d, k, K, kmask, dmask, IEEE: tl.constexpr, UPCAST: tl.constexpr):
@@ -112,6 +114,7 @@ def _row_layernorm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, D, eps,
     tl.store(out_ptr + row * D + d, y.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
+@launcher
 def patch_embed(pixels, weight, bias, class_embedding, position_embedding, ln_weight, ln_bias, ln_eps, lut=None):
     """Shapes validated by the caller; ``weight`` [D, 3, p, p] contiguous; pixels any strides.
     With ``lut`` (float32 [C, 256], contiguous) ``pixels`` are uint8 tiles normalized on load."""
@@ -153,6 +156,7 @@ def gemm_blocks(P: int, d: int) -> tuple[int, int]:
     return block_m, block_d
 
 
+@launcher
 def row_layernorm(staged: torch.Tensor, ln_weight, ln_bias, ln_eps: float, out: torch.Tensor) -> None:
     """out[..., :] = LayerNorm over the last dim of the fp32 rows in ``staged`` (same shape)."""
     d = staged.shape[-1]
