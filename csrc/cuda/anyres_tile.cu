@@ -4,29 +4,30 @@
 // Pillow's resize is two separable passes with a uint8 rounding between them; the GPU runs them
 // as two passes too, inside one block, through shared memory (no global scratch):
 //   * a block owns 32 x 64 output pixels of one tile. Along the first pass's axis A (x, or y for
-//     Pillow >= 13's vertical-first order) they read a source span of ~64 * scale + 4 * scale
-//     pixels; along the second axis B, a span of ~32 * scale + 4 * scale source lines;
+//     Pillow >= 13's vertical-first order) they read a source span of ~(64 + 4) * scale pixels
+//     (x) or ~(32 + 4) * scale (y); along the second axis B, ~(32 + 4) * scale source lines (or
+//     ~(64 + 4) * scale);
 //   * the B span is walked in chunks of source lines. Per chunk: stage the chunk's source pixels
 //     in shared memory (coalesced, converted once: gray stays one plane, RGBA is composited onto
 //     white once per pixel); first pass: each staged line -> the block's A outputs, int32 from
-//     the 2^21 bias, >> 22, clip8 -> uint8 lines in shared memory; second pass: each thread adds
-//     the chunk's lines to the int32 accumulators of its 8 output pixels (the sum is associative,
-//     so chunking does not change it). At the end: clip8, normalize, write the tile (padding is
-//     normalize(0), as before).
-// The tap tables come from the host (cuda/anyres_bind.cpp, built with common/anyres_resample.h as
-// the CPU kernel's are), and the per-element math (kRoundBias, clip8, composite_white,
-// normalize_u8) is the shared one, so the bytes are the CPU kernel's.
+//     the 2^21 bias, >> 22, clip8 -> uint8 lines in shared memory (dp4a on 4 source bytes at a
+//     time against byte planes of the weights, recombined exactly); second pass: each thread adds
+//     the chunk's lines to the int32 accumulators of its 8 output pixels (integer sums: chunking
+//     does not change them). At the end: clip8, normalize, write the tile (padding: normalize(0)).
+// The tap tables come from the host (cuda/anyres_tile_host.cpp, built with common/
+// anyres_resample.h as the CPU kernel's are), and the per-element math (kRoundBias, clip8,
+// composite_white, normalize_u8) is the shared one, so the bytes are the CPU kernel's.
+// Blocks whose spans do not fit the shared memory (downscales beyond ~25x) read the source and
+// the weights from global memory, one tap at a time (same arithmetic, slower).
 //
-// Bytes moved per image: the source once (h * w * C), plus the overlap of neighbouring blocks'
-// spans (~4 * scale lines per 32 output rows, ~4 * scale columns per 64 output columns, mostly
-// L2 hits), plus the tiles (num_tiles * 3 * S^2 * sizeof(out)); nothing else touches HBM.
-// 4032 x 3024 RGB -> 672 x 504 in 2 x 2 tiles of 336 + the global view, fp32: 36.6 MB + 6.8 MB
-// = 43 MB, i.e. 13 us at an H100 SXM's 3.35 TB/s; the >= 50% target is 26 us. The arithmetic is
-// ~0.38 G int32 multiply-adds for that image (the halo lines included), each with a shared-memory
-// byte load, plus a weight load per tap: ~1 G lane loads at 32 per SM and clock is ~60 us on an
-// H100, so this version is likely bound by shared-memory loads, not HBM (time it).
-// Blocks whose spans do not fit the shared memory budget (downscales beyond ~20x) read the source
-// and the weights from global memory instead (same arithmetic, slower).
+// Bytes moved per image: the source once per target (h * w * C; twice with the global view, the
+// second read partly from L2) plus the overlap of neighbouring blocks' spans (~4 * scale lines
+// per 32 output rows, mostly L2 hits), plus the tiles (num_tiles * 3 * S^2 * sizeof(out)); no
+// intermediate touches HBM. 4032 x 3024 RGB -> 672 x 504 in 2 x 2 tiles of 336 + the global view,
+// fp32: 36.6 MB + 6.8 MB = 43 MB at least, 13 us at an H100 SXM's 3.35 TB/s; the >= 50% target
+// is 26 us. Arithmetic for that image: ~0.38 G multiply-adds (halo lines included), ~90% in the
+// first pass at ~1.3 instructions per 4 (dp4a), the rest one byte load + IMAD each: about as
+// long again on an H100, so time it before deciding which side bounds it.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -95,14 +96,16 @@ struct Work {
   int nch;
 };
 
-// Shared memory of one block: [hdr: xmin - sa0, count per A output][weights: ksize x kA, staged
-// only][stage: nch x lines x span, staged only][mid: nch x lines x kA first-pass bytes].
+// Shared memory of one block: [hdr: xmin - sa0, count per A output][weights, staged only: one
+// uint4 per group of 4 taps and A output (pack_weights4)][stage, staged only: nch x lines x pitch]
+// [mid: nch x lines x kA first-pass bytes].
 struct Smem {
   int32_t* hdr;
-  int32_t* w;
+  uint4* w;
   uint8_t* stage;
   uint8_t* mid;
   int lines;  // source lines per chunk
+  int pitch;  // stage bytes per line: the span rounded up to words, plus the word a shifted read may touch
   bool staged;
 };
 
@@ -111,76 +114,136 @@ struct Smem {
 template <bool kVFirst>
 __device__ __forceinline__ Smem plan_smem(const Work<kVFirst>& k, uint8_t* base, int64_t bytes) {
   constexpr int kA = Work<kVFirst>::kA;
-  const int64_t hdr = 2 * kA * 4, w = int64_t(k.A.ksize) * kA * 4, span = k.sa1 - k.sa0, lines = k.sb1 - k.sb0;
+  const int64_t hdr = 2 * kA * 4, w = int64_t(k.A.ksize + 3) / 4 * kA * 16;
+  const int64_t pitch = int64_t(k.sa1 - k.sa0 + 3) / 4 * 4 + 4, lines = k.sb1 - k.sb0;
   Smem s;
   s.hdr = reinterpret_cast<int32_t*>(base);
-  s.w = s.hdr + 2 * kA;
-  const int64_t staged_lines = hdr + w < bytes ? (bytes - hdr - w) / (k.nch * (span + kA)) : 0;
+  s.w = reinterpret_cast<uint4*>(base + hdr);
+  s.pitch = 0;
+  const int64_t staged_lines = hdr + w < bytes ? (bytes - hdr - w) / (k.nch * (pitch + kA)) : 0;
   s.staged = staged_lines >= kMinChunk || staged_lines >= lines;
   if (s.staged) {
     s.lines = int(staged_lines < lines ? staged_lines : lines);
-    s.stage = reinterpret_cast<uint8_t*>(s.w) + w;
-    s.mid = s.stage + int64_t(k.nch) * s.lines * span;
+    s.pitch = int(pitch);
+    s.stage = base + hdr + w;
+    s.mid = s.stage + int64_t(k.nch) * s.lines * pitch;
   } else {
     const int64_t n = (bytes - hdr) / (k.nch * kA);
     s.lines = int(n < lines ? n : lines);
     s.stage = nullptr;
-    s.mid = reinterpret_cast<uint8_t*>(s.w);
+    s.mid = base + hdr;
   }
   return s;
 }
 
-// First-pass input when the chunk and the weights are in shared memory.
-template <bool kVFirst>
-struct StagedLines {
-  const Smem& s;
-  int span, nch;
-  __device__ int32_t weight(int a, int t) const { return s.w[t * Work<kVFirst>::kA + a]; }
-  // line r of the chunk, source position sa0 + j along A
-  __device__ void pixel(int r, int j, int32_t* px) const {
-    for (int c = 0; c < 3; ++c) px[c] = c < nch ? s.stage[(c * s.lines + r) * span + j] : 0;
+// Up to 4 taps' weights as byte planes, w = hi * 2^16 + md * 2^8 + lo with lo, md unsigned and hi
+// signed (Pillow's normalized bicubic weights stay within 1.125 * 2^22 in magnitude, so hi is in
+// [-8, 72]), one byte per tap and zeros past n: dp4a then multiplies 4 source bytes at once and
+// the three int32 sums recombine exactly (mod 2^32, as Pillow's accumulator).
+__device__ __forceinline__ uint4 pack_weights4(const int32_t* w, int n) {
+  uint32_t lo = 0, md = 0, hi = 0;
+  for (int q = 0; q < 4; ++q) {
+    const uint32_t v = q < n ? uint32_t(w[q]) : 0u;
+    lo |= (v & 0xffu) << (8 * q);
+    md |= (v >> 8 & 0xffu) << (8 * q);
+    hi |= (v >> 16 & 0xffu) << (8 * q);
   }
-};
+  return make_uint4(lo, md, hi, 0u);
+}
 
-// The same read from global memory (spans too wide for shared memory).
-template <bool kVFirst>
-struct GlobalLines {
-  const Work<kVFirst>& k;
-  int c0;  // the chunk's first source line
-  __device__ int32_t weight(int a, int t) const { return k.A.at(k.a0 + a)[2 + t]; }
-  __device__ void pixel(int r, int j, int32_t* px) const {
-    const int b = c0 + r, a = k.sa0 + j;
-    k.src.rgb(kVFirst ? a : b, kVFirst ? b : a, px);
-  }
-};
+// The device instructions; the host branches spell out what they compute.
+__device__ __forceinline__ uint32_t dot4_uu(uint32_t px, uint32_t w, uint32_t acc) {  // u8 . u8
+#if defined(__CUDA_ARCH__)
+  asm("dp4a.u32.u32 %0, %1, %2, %0;" : "+r"(acc) : "r"(px), "r"(w));
+#else
+  for (int q = 0; q < 4; ++q) acc += (px >> (8 * q) & 0xffu) * (w >> (8 * q) & 0xffu);
+#endif
+  return acc;
+}
+__device__ __forceinline__ int32_t dot4_us(uint32_t px, uint32_t w, int32_t acc) {  // u8 . s8
+#if defined(__CUDA_ARCH__)
+  asm("dp4a.u32.s32 %0, %1, %2, %0;" : "+r"(acc) : "r"(px), "r"(w));
+#else
+  for (int q = 0; q < 4; ++q) acc += int32_t(px >> (8 * q) & 0xffu) * int8_t(w >> (8 * q) & 0xffu);
+#endif
+  return acc;
+}
+__device__ __forceinline__ uint32_t bytes4(uint32_t lo, uint32_t hi, int shift) {  // bytes shift/8 .. +3 of hi:lo
+#if defined(__CUDA_ARCH__)
+  return __funnelshift_r(lo, hi, shift);
+#else
+  return uint32_t(((uint64_t(hi) << 32) | lo) >> shift);
+#endif
+}
 
-// Source lines [c0, c0 + n) x the A span into the stage, read along memory rows (coalesced).
+// Source lines [c0, c0 + n) x the A span into the stage, read along memory rows (coalesced):
+// consecutive threads take consecutive x, i.e. consecutive j (A = x) or consecutive lines r (B = x).
 template <bool kVFirst>
 __device__ __forceinline__ void stage_chunk(const Work<kVFirst>& k, const Smem& s, int c0, int n) {
   const int span = k.sa1 - k.sa0;
-  for (int e = threadIdx.x; e < n * span; e += kThreads) {
-    // consecutive threads take consecutive x: along the span (A = x) or along the lines (B = x)
-    const int r = kVFirst ? e % n : e / span, j = kVFirst ? e / n : e % span;
+  const int inner = kVFirst ? n : span, outer = kVFirst ? span : n;
+  const int dq = kThreads / inner, dr = kThreads % inner;
+  int i = threadIdx.x % inner, o = threadIdx.x / inner;
+  while (o < outer) {
+    const int r = kVFirst ? i : o, j = kVFirst ? o : i;
     int32_t px[3];
     k.src.rgb(kVFirst ? k.sa0 + j : c0 + r, kVFirst ? c0 + r : k.sa0 + j, px);
-    for (int c = 0; c < k.nch; ++c) s.stage[(c * s.lines + r) * span + j] = uint8_t(px[c]);
+    for (int c = 0; c < k.nch; ++c) s.stage[(c * s.lines + r) * s.pitch + j] = uint8_t(px[c]);
+    i += dr, o += dq;  // kThreads elements on, without a division
+    if (i >= inner) i -= inner, ++o;
   }
 }
 
-// First pass of n chunk lines: mid[c][r][a] = clip8(bias + sum_t px * w), Pillow's rounding.
-template <bool kVFirst, class Src>
-__device__ __forceinline__ void first_pass(const Work<kVFirst>& k, const Smem& s, const Src& src, int n) {
+// First pass of n staged lines: mid[c][r][a] = clip8(bias + sum_t px * w), Pillow's rounding.
+// A thread reads its taps' bytes a word at a time (shifted to its first tap) and multiplies them
+// 4 at a time with dp4a; the bytes past its last tap meet zero weights.
+template <bool kVFirst>
+__device__ __forceinline__ void first_pass_staged(const Work<kVFirst>& k, const Smem& s, int n) {
   constexpr int kA = Work<kVFirst>::kA;
   const int na = k.a1 - k.a0;
   for (int e = threadIdx.x; e < n * na; e += kThreads) {  // dense: edge blocks keep every lane busy
     const int a = e % na, r = e / na;
-    const int j0 = s.hdr[a], count = s.hdr[kA + a];
+    const int j0 = s.hdr[a], groups = (s.hdr[kA + a] + 3) / 4, shift = (j0 & 3) * 8;
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(s.stage);  // pitch is whole words
+    int row[3];  // word index of the first tap's word, per plane
+    uint32_t prev[3], lo[3] = {0, 0, 0}, md[3] = {0, 0, 0};
+    int32_t hi[3] = {0, 0, 0};
+    for (int c = 0; c < 3; ++c) {
+      row[c] = (min(c, k.nch - 1) * s.lines + r) * (s.pitch / 4) + (j0 >> 2);
+      prev[c] = words[row[c]];
+    }
+    for (int g = 0; g < groups; ++g) {
+      const uint4 w = s.w[g * kA + a];
+      for (int c = 0; c < 3; ++c) {
+        if (c >= k.nch) continue;
+        const uint32_t next = words[row[c] + g + 1], px = bytes4(prev[c], next, shift);
+        prev[c] = next;
+        lo[c] = dot4_uu(px, w.x, lo[c]);
+        md[c] = dot4_uu(px, w.y, md[c]);
+        hi[c] = dot4_us(px, w.z, hi[c]);
+      }
+    }
+    for (int c = 0; c < k.nch; ++c) {
+      const uint32_t acc = uint32_t(kRoundBias) + (uint32_t(hi[c]) << 16) + (md[c] << 8) + lo[c];
+      s.mid[(c * s.lines + r) * kA + a] = clip8(int32_t(acc));
+    }
+  }
+}
+
+// The same from global memory, one tap at a time (spans too wide for shared memory).
+template <bool kVFirst>
+__device__ __forceinline__ void first_pass_global(const Work<kVFirst>& k, const Smem& s, int c0, int n) {
+  constexpr int kA = Work<kVFirst>::kA;
+  const int na = k.a1 - k.a0;
+  for (int e = threadIdx.x; e < n * na; e += kThreads) {
+    const int a = e % na, r = e / na, b = c0 + r;
+    const int32_t* tap = k.A.at(k.a0 + a);
     int32_t acc[3] = {kRoundBias, kRoundBias, kRoundBias};
-    for (int t = 0; t < count; ++t) {
-      const int32_t w = src.weight(a, t);
+    for (int t = 0; t < tap[1]; ++t) {
       int32_t px[3];
-      src.pixel(r, j0 + t, px);
-      for (int c = 0; c < 3; ++c) acc[c] += px[c] * w;
+      const int j = tap[0] + t;
+      k.src.rgb(kVFirst ? j : b, kVFirst ? b : j, px);
+      for (int c = 0; c < 3; ++c) acc[c] += px[c] * tap[2 + t];
     }
     for (int c = 0; c < k.nch; ++c) s.mid[(c * s.lines + r) * kA + a] = clip8(acc[c]);
   }
@@ -231,9 +294,9 @@ __device__ __forceinline__ void resample_block(const Work<kVFirst>& k, const Sme
     if constexpr (kStaged) {
       stage_chunk(k, s, c0, n);
       __syncthreads();
-      first_pass(k, s, StagedLines<kVFirst>{s, k.sa1 - k.sa0, k.nch}, n);
+      first_pass_staged(k, s, n);
     } else {
-      first_pass(k, s, GlobalLines<kVFirst>{k, c0}, n);
+      first_pass_global(k, s, c0, n);
     }
     __syncthreads();
     second_pass(k, s, win, c0, n, acc);
@@ -263,9 +326,11 @@ __device__ __forceinline__ void run_block(const ImageDesc& d, const ResizeDesc& 
     s.hdr[a] = e[0] - k.sa0;
     s.hdr[kA + a] = e[1];
   }
-  if (s.staged)  // transposed, so that a warp's weight loads are consecutive words
-    for (int e = threadIdx.x; e < k.A.ksize * na; e += kThreads)
-      s.w[(e / na) * kA + e % na] = k.A.at(k.a0 + e % na)[2 + e / na];
+  if (s.staged)  // [group][a]: a warp's weight loads are consecutive
+    for (int e = threadIdx.x; e < (k.A.ksize + 3) / 4 * na; e += kThreads) {
+      const int a = e % na, g = e / na;
+      s.w[g * kA + a] = pack_weights4(k.A.at(k.a0 + a) + 2 + 4 * g, min(4, k.A.ksize - 4 * g));
+    }
   __syncthreads();
   if (s.staged)
     resample_block<kVFirst, true>(k, s, win, acc);
