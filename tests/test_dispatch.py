@@ -322,3 +322,38 @@ def test_ops_run_on_the_second_card():
         assert w.device == x.device
         torch.testing.assert_close(w.cpu(), w_ref, rtol=1e-5, atol=1e-6)
         assert torch.equal(ids.cpu(), ids_ref)
+
+
+# ---- the C++-registered ops under torch.compile and torch.export ---------------------------------
+
+def _router(x, bias):
+    w, ids = vlmkernels.ops.moe_topk_route(x, 3, scoring="sigmoid", bias=bias, num_groups=4, topk_groups=2,
+                                           weights_dtype=torch.bfloat16)
+    sorted_ids, expert_ids, total = vlmkernels.ops.moe_align_block_size(ids, 12, 4)
+    return w.float() * 2, ids, sorted_ids, expert_ids, total
+
+
+def test_compile_fullgraph_with_autograd():
+    x, bias = torch.randn(7, 12, requires_grad=True), torch.randn(12)
+    g = torch.randn(7, 3)
+    got = torch.compile(_router, fullgraph=True, backend="aot_eager")(x, bias)
+    (got[0] * g).sum().backward()
+    grad, x.grad = x.grad, None
+    want = _router(x, bias)
+    (want[0] * g).sum().backward()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(grad, x.grad)
+
+
+def test_export():
+    class Router(torch.nn.Module):
+        def forward(self, x, bias):
+            return _router(x, bias)
+
+    x, bias = torch.randn(7, 12), torch.randn(12)
+    ep = torch.export.export(Router(), (x, bias))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert {"vlmkernels.moe_topk_route.default", "vlmkernels.moe_align_block_size.default"} <= targets, targets
+    for a, b in zip(ep.module()(x, bias), _router(x, bias)):
+        assert torch.equal(a, b)

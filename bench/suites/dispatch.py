@@ -21,10 +21,9 @@ def _route_case(C, device: str, grad: bool) -> Case:
     logits = torch.randn(1, E, device=device, requires_grad=grad)
     raw = getattr(C, f"moe_topk_route_{device}")
     op = torch.ops.vlmkernels.moe_topk_route.default
-    args = (K, "softmax", True, None, 1, 1, "top2_sum", 1.0, torch.float32, "auto")
-    providers = {
-        "C++ direct": lambda: raw(logits.detach(), *args),
-        "ours-torch.ops": lambda: op(logits, *args),
+    providers = {  # the same call on each path: a Mixtral router's (the schema's defaults otherwise)
+        "C++ direct": lambda: raw(logits.detach(), K),
+        "ours-torch.ops": lambda: op(logits, K),
         "ours-vlmkernels.ops": lambda: vlmkernels.ops.moe_topk_route(logits, K),
     }
     return Case("moe_topk_route", FAMILY, {"T": 1, "E": E, "k": K, "requires_grad": grad}, "float32", providers,
@@ -38,8 +37,8 @@ def _align_case(C, device: str) -> Case:
     raw = getattr(C, f"moe_align_block_size_{device}")
     op = torch.ops.vlmkernels.moe_align_block_size.default
     providers = {
-        "C++ direct": lambda: raw(ids, E, BLOCK, None, "auto"),
-        "ours-torch.ops": lambda: op(ids, E, BLOCK, None, "auto"),
+        "C++ direct": lambda: raw(ids, E, BLOCK),
+        "ours-torch.ops": lambda: op(ids, E, BLOCK),
         "ours-vlmkernels.ops": lambda: vlmkernels.ops.moe_align_block_size(ids, E, BLOCK),
     }
     return Case("moe_align_block_size", FAMILY, {"T": 1, "k": K, "E": E, "block": BLOCK}, "int32", providers,

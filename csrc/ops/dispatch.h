@@ -37,8 +37,10 @@ inline std::vector<double> to_py(c10::ArrayRef<double> l) { return l.vec(); }
 }  // namespace detail
 
 // Runs `op` with the Python backend its `backend` argument (the last of args) selects.
+// The call is below the op's autograd, so the backend's own torch ops must record no graph.
 template <typename Ret, typename... Args>
 Ret call_python_backend(const char* op, const Args&... args) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   pybind11::gil_scoped_acquire gil;
   pybind11::object& fn = python_backend();
   TORCH_CHECK(fn, "vlmkernels.", op, ": the Python backends are not registered (import vlmkernels)");

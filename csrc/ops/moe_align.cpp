@@ -73,9 +73,11 @@ TORCH_LIBRARY_IMPL(vlmkernels, Autograd, m) { m.impl("moe_align_block_size", tor
 
 // The same C++ entry without the dispatcher, for the bench's host-overhead rows.
 VLMK_BINDINGS(moe_align_op) {
-  m.def("moe_align_block_size_cpu", &vlmk::align<c10::DeviceType::CPU>, "moe_align_block_size on CPU tensors, no dispatcher");
+  namespace py = pybind11;
+  m.def("moe_align_block_size_cpu", &vlmk::align<c10::DeviceType::CPU>, "no dispatcher", py::arg("ids"),
+        py::arg("num_experts"), py::arg("block_size"), py::arg("expert_map") = py::none(), py::arg("backend") = "auto");
 #ifdef VLMK_WITH_CUDA
-  m.def("moe_align_block_size_cuda", &vlmk::align<c10::DeviceType::CUDA>,
-        "moe_align_block_size on CUDA tensors, no dispatcher");
+  m.def("moe_align_block_size_cuda", &vlmk::align<c10::DeviceType::CUDA>, "no dispatcher", py::arg("ids"),
+        py::arg("num_experts"), py::arg("block_size"), py::arg("expert_map") = py::none(), py::arg("backend") = "auto");
 #endif
 }

@@ -146,15 +146,13 @@ class RouteFunction : public torch::autograd::Function<RouteFunction> {
 };
 
 // At the Autograd key: a call that needs no gradient goes straight to the kernel below.
-Route route_autograd(const at::Tensor& logits, int64_t top_k, c10::string_view scoring, bool renormalize,
-                     const std::optional<at::Tensor>& bias, int64_t num_groups, int64_t topk_groups,
-                     c10::string_view group_score, double scaling_factor, at::ScalarType weights_dtype,
-                     c10::string_view backend) {
-  if (!(at::GradMode::is_enabled() && logits.requires_grad())) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    return route_op().call(logits, top_k, scoring, renormalize, bias, num_groups, topk_groups, group_score,
-                           scaling_factor, weights_dtype, backend);
-  }
+Route route_autograd(c10::DispatchKeySet ks, const at::Tensor& logits, int64_t top_k, c10::string_view scoring,
+                     bool renormalize, const std::optional<at::Tensor>& bias, int64_t num_groups,
+                     int64_t topk_groups, c10::string_view group_score, double scaling_factor,
+                     at::ScalarType weights_dtype, c10::string_view backend) {
+  if (!(at::GradMode::is_enabled() && logits.requires_grad()))
+    return route_op().redispatch(ks & c10::after_autograd_keyset, logits, top_k, scoring, renormalize, bias,
+                                 num_groups, topk_groups, group_score, scaling_factor, weights_dtype, backend);
   auto out = RouteFunction::apply(logits, top_k, std::string(scoring), renormalize, bias, num_groups, topk_groups,
                                   std::string(group_score), scaling_factor, weights_dtype, std::string(backend));
   return {out[0], out[1]};
@@ -171,8 +169,19 @@ TORCH_LIBRARY_IMPL(vlmkernels, Autograd, m) { m.impl("moe_topk_route", TORCH_FN(
 
 // The same C++ entry without the dispatcher, for the bench's host-overhead rows.
 VLMK_BINDINGS(moe_route_op) {
-  m.def("moe_topk_route_cpu", &vlmk::route<c10::DeviceType::CPU>, "moe_topk_route on CPU tensors, no dispatcher");
+  namespace py = pybind11;
+  // the schema's defaults, so that the bench calls both paths with the same arguments
+  const auto args = [] {
+    return std::make_tuple(py::arg("logits"), py::arg("top_k"), py::arg("scoring") = "softmax",
+                           py::arg("renormalize") = true, py::arg("bias") = py::none(), py::arg("num_groups") = 1,
+                           py::arg("topk_groups") = 1, py::arg("group_score") = "top2_sum",
+                           py::arg("scaling_factor") = 1.0, py::arg("weights_dtype") = at::kFloat,
+                           py::arg("backend") = "auto");
+  };
+  std::apply([&](auto... a) { m.def("moe_topk_route_cpu", &vlmk::route<c10::DeviceType::CPU>, "no dispatcher", a...); },
+             args());
 #ifdef VLMK_WITH_CUDA
-  m.def("moe_topk_route_cuda", &vlmk::route<c10::DeviceType::CUDA>, "moe_topk_route on CUDA tensors, no dispatcher");
+  std::apply([&](auto... a) { m.def("moe_topk_route_cuda", &vlmk::route<c10::DeviceType::CUDA>, "no dispatcher", a...); },
+             args());
 #endif
 }

@@ -69,11 +69,10 @@ class SelectFunction : public torch::autograd::Function<SelectFunction> {
 };
 
 // At the Autograd key: a call that needs no gradient goes straight to the kernel below.
-Select select_autograd(const at::Tensor& scores, const at::Tensor& tokens, int64_t k, c10::string_view backend) {
-  if (!(at::GradMode::is_enabled() && (tokens.requires_grad() || scores.requires_grad()))) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    return select_op().call(scores, tokens, k, backend);
-  }
+Select select_autograd(c10::DispatchKeySet ks, const at::Tensor& scores, const at::Tensor& tokens, int64_t k,
+                       c10::string_view backend) {
+  if (!(at::GradMode::is_enabled() && tokens.requires_grad()))  // scores get no gradient
+    return select_op().redispatch(ks & c10::after_autograd_keyset, scores, tokens, k, backend);
   auto out = SelectFunction::apply(scores, tokens, k, std::string(backend));
   return {out[0], out[1]};
 }

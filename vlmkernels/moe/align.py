@@ -126,4 +126,5 @@ def moe_align_block_size(
     ``expert_map [E]`` maps global to local expert ids; -1 (and any id outside ``[0, E)``) drops
     the entry. ``T == 0`` gives empty buffers and ``num_tokens_post_padded == [0]``.
     """
-    return _OP(ids, num_experts, block_size, expert_map, backend)
+    return _OP(ids, num_experts, block_size, expert_map) if backend == "auto" else \
+        _OP(ids, num_experts, block_size, expert_map, backend)

@@ -208,5 +208,7 @@ def moe_topk_route(
     differ from the selection order; a negative ``scaling_factor`` keeps the unscaled order).
     ``T == 0`` returns empty ``[0, k]`` tensors. Weights are differentiable w.r.t. ``logits``.
     """
-    return _OP(logits, top_k, scoring, renormalize, bias, num_groups, topk_groups, group_score, scaling_factor,
-               weights_dtype, backend)
+    # arguments cost host time to convert: the dtype goes as its code, a default backend not at all
+    args = (logits, top_k, scoring, renormalize, bias, num_groups, topk_groups, group_score, scaling_factor,
+            library.dtype_arg(weights_dtype))
+    return _OP(*args) if backend == "auto" else _OP(*args, backend)
