@@ -404,6 +404,8 @@ __global__ void __launch_bounds__(kThreads, 2) anyres_tile_kernel(const ImageDes
 
 }  // namespace
 
+// ---- host launcher (tests/test_anyres_tile_separable.py runs the device code above on the host) ----
+
 // meta: device bytes = [ImageDesc x n_images][TileDesc x num_tiles][int32 taps]; out [num_tiles, 3, S, S].
 void launch_anyres_tile(const at::Tensor& meta, int64_t n_images, at::Tensor& out, int64_t tile, const float* mean,
                         const float* stdv) {
@@ -423,8 +425,9 @@ void launch_anyres_tile(const at::Tensor& meta, int64_t n_images, at::Tensor& ou
   const int smem = int(std::min<size_t>(kSmemMax, at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin));
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, out.scalar_type(), "anyres_tile_cuda", [&] {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(anyres_tile_kernel<scalar_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    anyres_tile_kernel<scalar_t><<<unsigned(blocks), kThreads, smem, stream>>>(
+    const auto kernel = anyres_tile_kernel<scalar_t>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    kernel<<<unsigned(blocks), kThreads, smem, stream>>>(
         images, tiles, taps, int(tile), stripes, bands, smem, norm, out.data_ptr<scalar_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
