@@ -38,7 +38,7 @@ build: $(STAMP)
 	$(VPY) setup.py -q build_ext --inplace
 
 test: build
-	TRITON_INTERPRET=1 $(VPY) -m pytest -q tests $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 VLMKERNELS_REQUIRE_EXT=1 $(VPY) -m pytest -q tests $(PYTEST_ARGS)
 
 bench: build
 	$(VPY) -m bench $(BENCH_ARGS)

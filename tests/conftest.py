@@ -11,6 +11,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HAS_CUDA = torch.cuda.is_available()
 
 
+def pytest_configure(config):
+    # `make test` builds the extension first: a broken build must fail the run, not skip every
+    # C++ parity test as an optional backend
+    if os.environ.get("VLMKERNELS_REQUIRE_EXT") == "1":
+        from vlmkernels import _ext
+
+        if _ext.C is None:
+            raise pytest.UsageError(f"VLMKERNELS_REQUIRE_EXT=1 but vlmkernels._C is not importable: {_ext.IMPORT_ERROR}")
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU (run bench/gpu_check.sh on one)")
     for item in items:

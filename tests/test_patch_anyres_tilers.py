@@ -5,11 +5,10 @@ tilers, unpatch restores the original forward."""
 import pytest
 import torch
 
+import python_ref.registry as refreg
 import vlmkernels
 from tests.helpers import assert_close
 from vlmkernels import registry as kernel_registry
-
-refreg = pytest.importorskip("python_ref.registry")
 
 TILER_RULES = {"gpt4v": ("MultiScaleTiler", "python_ref_multiscale_tiler"),
                "claude": ("DocumentTiler", "python_ref_document_tiler")}
