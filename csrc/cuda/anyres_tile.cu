@@ -45,7 +45,7 @@ constexpr int kThreads = 256;
 constexpr int kTileX = 64, kTileY = 32;                // output pixels per block
 constexpr int kPix = kTileX * kTileY / kThreads;       // output pixels per thread (one column)
 constexpr int kSmemMax = 96 * 1024;                    // dynamic shared memory per block (2 per SM)
-constexpr int kMinChunk = 8;                           // fewer staged lines per chunk: read from global
+constexpr int kMinChunk = 8;                           // staging fewer lines per chunk: read global memory
 
 struct Norm {
   float mean[3], stdv[3];
