@@ -64,6 +64,20 @@ def test_cpp_ops_never_enter_python(op, monkeypatch):
         assert not seen, f"{op} (backend={backend!r}) entered Python: {seen}"
 
 
+@pytest.mark.cuda
+def test_cuda_ops_never_enter_python(monkeypatch):
+    monkeypatch.delenv("VLMKERNELS_BACKEND", raising=False)
+    x = torch.randn(5, 64, device="cuda")
+    ids = torch.randint(0, 64, (5, 8), dtype=torch.int32, device="cuda")
+    calls = [lambda: _route(x, "auto"), lambda: _route(x, "cuda"),
+             lambda: torch.ops.vlmkernels.moe_align_block_size.default(ids, 64, 16, None, "auto")]
+    for call in calls:
+        call()
+        with python_frames() as seen:
+            call()
+        assert not seen, seen
+
+
 @needs_ext
 def test_cpp_autograd_never_enters_python():
     x = torch.randn(6, 11, dtype=torch.float64, requires_grad=True)
