@@ -2,7 +2,8 @@
 same call through ``torch.ops.vlmkernels.*`` and through ``vlmkernels.ops``, with and without
 inputs that require grad. The table reports each path's time *minus* the direct call's: what the
 dispatch layer adds to every call. Timed as host wall time on every device (at these sizes a GPU op
-is launch-bound), at decode size, T = 1.
+is launch-bound), at decode size, T = 1. On a GPU the Triton backend of the same op is timed too:
+the host time of its launches.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def _route_case(C, device: str, grad: bool) -> Case:
         "ours-torch.ops": lambda: op(logits, K),
         "ours-vlmkernels.ops": lambda: vlmkernels.ops.moe_topk_route(logits, K),
     }
+    if device == "cuda":  # host time of a Triton launch (one kernel) through the same op
+        providers["ours-torch.ops triton"] = lambda: op(logits, K, "softmax", True, None, 1, 1, "top2_sum", 1.0,
+                                                        torch.float32, "triton")
     return Case("moe_topk_route", FAMILY, {"T": 1, "E": E, "k": K, "requires_grad": grad}, "float32", providers,
                 baseline="C++ direct", timing="host", compare="difference")
 
@@ -41,6 +45,8 @@ def _align_case(C, device: str) -> Case:
         "ours-torch.ops": lambda: op(ids, E, BLOCK),
         "ours-vlmkernels.ops": lambda: vlmkernels.ops.moe_align_block_size(ids, E, BLOCK),
     }
+    if device == "cuda":  # host time of the Triton align (four launches) through the same op
+        providers["ours-torch.ops triton"] = lambda: op(ids, E, BLOCK, None, "triton")
     return Case("moe_align_block_size", FAMILY, {"T": 1, "k": K, "E": E, "block": BLOCK}, "int32", providers,
                 baseline="C++ direct", timing="host", compare="difference")
 
