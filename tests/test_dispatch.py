@@ -4,8 +4,9 @@ against the Python formula that builds without the extension use), backend choic
 Triton launches on their inputs' device."""
 
 import contextlib
-import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -371,3 +372,26 @@ def test_export():
     assert {"vlmkernels.moe_topk_route.default", "vlmkernels.moe_align_block_size.default"} <= targets, targets
     for a, b in zip(ep.module()(x, bias), _router(x, bias)):
         assert torch.equal(a, b)
+
+
+def test_without_the_extension_every_op_falls_back_with_autograd():
+    """A build without vlmkernels._C registers Python impls and Python autograd for the C++ ops."""
+    code = """
+import sys; sys.modules['vlmkernels._C'] = None
+import torch, vlmkernels
+from vlmkernels import _ext, library, registry
+assert _ext.C is None and not library.cpp_kernel('moe_topk_route', 'CPU')
+x = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
+f = lambda t: vlmkernels.ops.moe_topk_route(t, 3, weights_dtype=torch.float64)[0]
+assert torch.autograd.gradcheck(f, x)
+assert registry.select('moe_topk_route', 'auto', 'cpu')[0] == 'reference'
+ids = vlmkernels.ops.moe_topk_route(x, 3)[1]
+assert int(vlmkernels.ops.moe_align_block_size(ids, 9, 4)[2]) % 4 == 0
+tok = torch.randn(2, 7, 3, requires_grad=True)
+vlmkernels.ops.topk_select_tokens(torch.randn(2, 7), tok, 3)[0].sum().backward()
+assert tok.grad.abs().sum() > 0
+print('ok')
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=str(Path(__file__).resolve().parents[1]))
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
