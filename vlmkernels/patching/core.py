@@ -5,13 +5,31 @@ A family registers :class:`PatchRule` objects with :func:`register_rule`. ``patc
 each rule whether it matches, and binds the rule's replacement methods on the *instance*: classes
 are never mutated and state (weights, buffers, state_dict keys) is untouched. The originals are
 remembered on the instance so that :func:`unpatch` restores them exactly.
+
+A patched object behaves like the original wherever a user touches it:
+
+* ``copy.copy``, ``copy.deepcopy``, ``pickle`` and ``torch.save``/``torch.load`` give a copy that is
+  patched the same way (``patch_info`` equal) and unpatches exactly. The instance gets its own
+  ``__reduce_ex__``, which the three of them look up on the instance: it hands over the state with
+  the patch removed plus the patch record, and the copy re-binds the rule's functions once its state
+  is set. Copies in the same process reuse the functions (a rule's functions reach the instance
+  only through ``self``); a pickle cannot carry functions, so loading re-runs the rule's ``build``
+  (retried as the load restores further objects, for rules that look at another patched object).
+  A loaded object whose rule declines (e.g. its forced backend is unavailable on this machine)
+  comes back unpatched, and ``patch_info`` says so (None).
+* What HF serializes never sees the patch: an object whose class has ``to_dict`` (image processors)
+  gets an instance ``to_dict`` that drops the patch attributes, so ``print``, ``to_json_string`` and
+  ``save_pretrained`` write what the unpatched object writes. Modules keep the patch out of their
+  ``state_dict`` (plain attributes, no parameters or buffers).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import types
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -19,8 +37,24 @@ from ..schemas import FAMILIES
 
 log = logging.getLogger("vlmkernels")
 
-_STATE_ATTR = "_vlmkernels_patch"  # per-instance record: {method: (had_instance_attr, original)}
-_MISSING = object()
+_STATE_ATTR = "_vlmkernels_patch"  # the instance's _PatchState
+
+
+class _PatchState:
+    """What patch() bound on one instance: ``info`` ({"family", "rule", "backend"}), the rule's
+    ``methods`` (unbound functions), the instance attributes that the bound names shadowed
+    (``originals``; a name absent from it had none) and every name bound (``names``)."""
+
+    def __init__(self, info: dict, methods: dict | None, originals: dict | None = None, names: tuple = ()):
+        self.info, self.methods, self.originals, self.names = info, methods, originals or {}, names
+
+    def __deepcopy__(self, memo):
+        # functions are shared, not copied; originals may be bound to the instance: copy them with it
+        return _PatchState(dict(self.info), self.methods, copy.deepcopy(self.originals, memo), self.names)
+
+    def __reduce__(self):
+        # a pickle carries the record only (closures do not pickle); loading rebuilds from the rule
+        return _PatchState, (dict(self.info), None)
 
 
 class SkipPatch(Exception):
@@ -49,8 +83,9 @@ class PatchRule:
 
     ``match(obj)`` says whether the rule applies; ``build(obj, backend)`` returns
     ``{method_name: function}`` (unbound functions taking ``self`` first) or raises
-    :class:`SkipPatch`. Rules are tried in descending ``priority``; the first that matches an
-    object decides for it.
+    :class:`SkipPatch`. The functions may capture settings but must reach the instance's state only
+    through ``self``: copies of the instance bind the same functions. Rules are tried in descending
+    ``priority``; the first that matches an object decides for it.
     """
 
     family: str
@@ -132,32 +167,122 @@ def _iter_objects(obj) -> Iterable[tuple[str, Any]]:
 
 
 def _bind(obj, methods: dict[str, Callable], info: dict) -> None:
-    state = obj.__dict__.get(_STATE_ATTR)
-    if state is None:
-        state = obj.__dict__[_STATE_ATTR] = {"originals": {}, "info": info}
-    state["info"] = info
-    for name, fn in methods.items():
-        if name not in state["originals"]:
-            state["originals"][name] = obj.__dict__.get(name, _MISSING)
-        obj.__dict__[name] = types.MethodType(fn, obj)
+    """Bind ``methods`` (and the copy / serialization hooks) on the unpatched instance ``obj``."""
+    bound = dict(methods)
+    bound["__reduce_ex__"] = _reduce_ex
+    if callable(getattr(type(obj), "to_dict", None)):
+        bound["to_dict"] = _to_dict
+    d = obj.__dict__
+    originals = {name: d[name] for name in bound if name in d}
+    d[_STATE_ATTR] = _PatchState(info, methods, originals, tuple(bound))
+    for name, fn in bound.items():
+        d[name] = types.MethodType(fn, obj)
 
 
 def _restore(obj) -> bool:
-    state = obj.__dict__.pop(_STATE_ATTR, None)
+    d = getattr(obj, "__dict__", None)
+    state = None if d is None else d.pop(_STATE_ATTR, None)
     if state is None:
         return False
-    for name, original in state["originals"].items():
-        if original is _MISSING:
-            obj.__dict__.pop(name, None)
-        else:
-            obj.__dict__[name] = original
+    d.update(_unpatched(d, state))
+    for name in state.names:
+        if name not in state.originals:
+            d.pop(name, None)
     return True
+
+
+def _unpatched(d: dict, state: _PatchState) -> dict:
+    """The instance dict ``d`` as it was before the patch described by ``state``."""
+    out = {k: v for k, v in d.items() if k != _STATE_ATTR and k not in state.names}
+    out.update(state.originals)
+    return out
+
+
+def _to_dict(self) -> dict:
+    """HF's ``to_dict`` (deep copy of ``__dict__``) without the patch attributes."""
+    out = type(self).to_dict(self)
+    for name in (_STATE_ATTR, *self.__dict__[_STATE_ATTR].names):
+        out.pop(name, None)
+    return out
+
+
+def _reduce_ex(self, protocol):
+    """Copy / pickle a patched instance: the class's own reduction with the patch taken out of the
+    state; the copy is created by :func:`_new_copy` and re-patched by :func:`_finish_copy`."""
+    func, args, state, *items = type(self).__reduce_ex__(self, protocol)
+    patch_state = self.__dict__[_STATE_ATTR]
+    slots = None
+    if isinstance(state, tuple) and len(state) == 2:  # (dict, slots) from objects with __slots__
+        state, slots = state
+    if not isinstance(state, dict) or len(items) > 2:
+        raise TypeError(f"cannot copy a patched {type(self).__name__}: unusual reduction; unpatch it first")
+    state = _unpatched(state, patch_state)
+    return (_new_copy, (func, args), (state if slots is None else (state, slots), patch_state), *items)
+
+
+def _new_copy(func, args):
+    obj = func(*args)
+    # the unpickler and copy look __setstate__ up on the instance: set the state, then re-patch
+    obj.__dict__["__setstate__"] = types.MethodType(_finish_copy, obj)
+    return obj
+
+
+# objects loaded from a pickle whose rule declined while they were restored (it may depend on an
+# object restored later in the same load, e.g. a module patched first by patch()); retried after each
+# object that is re-patched
+_PENDING: list[tuple[weakref.ref, dict]] = []
+
+
+def _finish_copy(obj, packed) -> None:
+    del obj.__dict__["__setstate__"]
+    state, patch_state = packed
+    setstate = getattr(type(obj), "__setstate__", None)
+    if setstate is not None:
+        setstate(obj, state)
+    else:
+        if isinstance(state, tuple):
+            state, slots = state
+            for k, v in slots.items():
+                setattr(obj, k, v)
+        obj.__dict__.update(state)
+    if patch_state.methods is not None:  # a copy in this process: the same functions, no rebuild
+        _bind(obj, patch_state.methods, patch_state.info)
+    elif _rebuild(obj, patch_state.info):
+        _retry_pending()
+    else:
+        _PENDING.append((weakref.ref(obj), patch_state.info))
+
+
+def _rebuild(obj, info: dict) -> bool:
+    rule = next((r for r in rules() if (r.family, r.name) == (info["family"], info["rule"])), None)
+    try:
+        if rule is None:
+            raise SkipPatch(f"no rule {info['family']}.{info['rule']} in this vlmkernels")
+        methods = rule.build(obj, info["backend"])
+    except SkipPatch as e:
+        log.info("vlmkernels: the loaded %s is not patched (yet): %s", type(obj).__name__, e)
+        return False
+    _bind(obj, methods, dict(info))
+    return True
+
+
+def _retry_pending() -> None:
+    progress = True
+    while progress:
+        progress = False
+        for entry in list(_PENDING):
+            obj = entry[0]()
+            if obj is None or patch_info(obj) is not None:
+                _PENDING.remove(entry)
+            elif _rebuild(obj, entry[1]):
+                _PENDING.remove(entry)
+                progress = True
 
 
 def patch_info(obj) -> dict | None:
     """``{"family", "rule", "backend"}`` when ``obj`` itself is patched, else None."""
     state = getattr(obj, "__dict__", {}).get(_STATE_ATTR)
-    return None if state is None else dict(state["info"])
+    return None if state is None else dict(state.info)
 
 
 def patch(obj, *, families: Iterable[str] | None = None, backend: str = "auto") -> PatchReport:
@@ -210,5 +335,9 @@ def patch(obj, *, families: Iterable[str] | None = None, backend: str = "auto") 
 
 
 def unpatch(obj) -> int:
-    """Restore every instance patched inside ``obj``; returns how many were restored."""
-    return sum(_restore(sub) for _, sub in list(_iter_objects(obj)))
+    """Restore every instance patched inside ``obj``; returns how many were restored (0, with a
+    warning as :func:`patch` gives, when nothing inside ``obj`` was patched)."""
+    restored = sum(_restore(sub) for _, sub in list(_iter_objects(obj)))
+    if not restored:
+        warnings.warn(f"vlmkernels.unpatch: nothing was patched in {type(obj).__name__}", stacklevel=2)
+    return restored
