@@ -129,6 +129,28 @@ def test_empty_tokens(backend):
     assert out.shape == (0, 16)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_empty_dims_agree_across_backends(backend):
+    out = ops.fused_moe(*make_inputs(3, 0, 4, 8, 2), backend=backend)  # H = 0: an empty result
+    assert out.shape == (3, 0)
+    out = ops.fused_moe(*make_inputs(3, 16, 4, 8, 0), backend=backend)  # k = 0: no expert adds anything
+    assert out.shape == (3, 16) and not out.any()
+    hidden, gate_up, down, weights, ids = make_inputs(3, 16, 4, 8, 2)
+    with pytest.raises(ValueError, match="gate_up_proj"):  # I = 0 is rejected by every backend alike
+        ops.fused_moe(hidden, gate_up[:, :0], down[..., :0], weights, ids, backend=backend)
+
+
+def test_default_id_check_skips_tensors_without_data():
+    """meta and fake tensors have no values to check: the default check_ids must not read them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    meta = [t.to("meta") for t in make_inputs(3, 16, 4, 8, 2)]
+    assert ops.fused_moe(*meta).shape == (3, 16)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in make_inputs(3, 16, 4, 8, 2)]
+        assert ops.fused_moe(*fake).shape == (3, 16)
+
+
 def test_auto_backend_on_cpu_is_reference():
     assert vlmkernels.registry.select("fused_moe", "auto", "cpu")[0] == "reference"
     assert vlmkernels.registry._entry("fused_moe").preference["cuda"][0] == "triton"

@@ -288,6 +288,21 @@ def test_errors(backend):
         vops.moe_topk_route(x, 2, group_score="mean", backend=backend)
     with pytest.raises(ValueError, match="topk_groups"):
         vops.moe_topk_route(x, 2, num_groups=2, topk_groups=3, backend=backend)
+    # values torch's argument parser rejects (or takes: a bool) without naming what is wrong
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, E=6\], got top_k=18446744073709551616"):
+        vops.moe_topk_route(x, 2**64, backend=backend)
+    for bad in (2.5, True, "2", None):
+        with pytest.raises(TypeError, match="top_k must be an int"):
+            vops.moe_topk_route(x, bad, backend=backend)
+    import numpy as np
+
+    assert vops.moe_topk_route(x, np.int64(2), backend=backend)[1].shape == (4, 2)
+
+
+def test_bad_backend_from_the_environment_names_the_variable(monkeypatch):
+    monkeypatch.setenv("VLMKERNELS_BACKEND", "garbage")
+    with pytest.raises(ValueError, match="VLMKERNELS_BACKEND.*'garbage'"):
+        vops.moe_topk_route(torch.randn(4, 6), 2)
 
 
 def test_triton_rejects_wide_rows():

@@ -126,6 +126,8 @@ def select(op: str, backend: str, device_type: str) -> tuple[str, Callable]:
     """
     if backend == "auto":
         backend = env_backend()
+        if backend != "auto" and backend not in BACKENDS:  # say where the bad name came from
+            raise ValueError(f"VLMKERNELS_BACKEND must be 'auto' or one of {BACKENDS}, got {backend!r}")
     key = (op, backend, device_type, triton_interpret())
     hit = _SELECTED.get(key)
     if hit is None:

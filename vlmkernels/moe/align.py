@@ -89,8 +89,12 @@ def _kernel_inputs(ids, expert_map, num_experts):
 
 def _triton(ids, num_experts, block_size, expert_map):
     check_align_args(ids, num_experts, block_size, expert_map)
-    from ..triton.moe_align import moe_align_block_size_triton
+    from ..triton.moe_align import MAX_EXPERTS, moe_align_block_size_triton
 
+    if num_experts > MAX_EXPERTS:
+        raise ValueError(
+            f"moe_align_block_size: the triton backend takes num_experts <= {MAX_EXPERTS}, got num_experts={num_experts}"
+        )
     ids, expert_map = _kernel_inputs(ids, expert_map, num_experts)
     M, _ = output_sizes(ids, num_experts, block_size)
     return moe_align_block_size_triton(ids, int(num_experts), int(block_size), expert_map, M)

@@ -22,6 +22,7 @@ gradient.
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .. import library, registry
 
@@ -89,8 +90,9 @@ def _check_ids_range(ids: torch.Tensor, num_experts: int) -> None:
 
 
 def _may_sync(t: torch.Tensor) -> bool:
-    """A range check reads values: never while tracing or capturing a CUDA graph."""
-    if torch.compiler.is_compiling():
+    """A range check reads values: never while tracing, on tensors without data (meta, fake) or
+    while capturing a CUDA graph."""
+    if torch.compiler.is_compiling() or t.is_meta or is_fake(t):
         return False
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return False

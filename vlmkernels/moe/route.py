@@ -13,6 +13,8 @@ recomputing the scores); ``bias`` gets no gradient (it only steers the discrete 
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from .. import library, registry
@@ -27,22 +29,29 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MAX_EXPERTS_GPU = 1024  # cuda/triton keep a whole row in registers
 
 
-def check_route_args(logits, top_k, scoring, renormalize, bias, num_groups, topk_groups, group_score,
-                     scaling_factor, weights_dtype) -> None:
-    """Validate metadata only (shapes, dtypes, options), so it also runs under torch.compile."""
+def _check_logits_and_top_k(logits, top_k) -> None:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"moe_topk_route: logits must be a Tensor, got {type(logits).__name__}")
     if logits.dim() != 2:
         raise ValueError(f"moe_topk_route: logits must be 2-D [T, E], got shape {tuple(logits.shape)}")
     if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"moe_topk_route: logits must be float32/float16/bfloat16/float64, got {logits.dtype}")
+    if isinstance(top_k, bool) or not hasattr(type(top_k), "__index__"):
+        raise TypeError(f"moe_topk_route: top_k must be an int, got {type(top_k).__name__} {top_k!r}")
+    E = logits.shape[1]
+    if not 1 <= top_k <= E:
+        raise ValueError(f"moe_topk_route: top_k must be in [1, E={E}], got top_k={top_k}")
+
+
+def check_route_args(logits, top_k, scoring, renormalize, bias, num_groups, topk_groups, group_score,
+                     scaling_factor, weights_dtype) -> None:
+    """Validate metadata only (shapes, dtypes, options), so it also runs under torch.compile."""
+    _check_logits_and_top_k(logits, top_k)
     if scoring not in SCORINGS:
         raise ValueError(f"moe_topk_route: scoring must be one of {tuple(SCORINGS)}, got {scoring!r}")
     if group_score not in GROUP_SCORES:
         raise ValueError(f"moe_topk_route: group_score must be one of {tuple(GROUP_SCORES)}, got {group_score!r}")
     E = logits.shape[1]
-    if not 1 <= top_k <= E:
-        raise ValueError(f"moe_topk_route: top_k must be in [1, E={E}], got top_k={top_k}")
     if num_groups < 1 or E % num_groups:
         raise ValueError(f"moe_topk_route: E={E} is not divisible by num_groups={num_groups}")
     if not 1 <= topk_groups <= num_groups:
@@ -208,6 +217,10 @@ def moe_topk_route(
     differ from the selection order; a negative ``scaling_factor`` keeps the unscaled order).
     ``T == 0`` returns empty ``[0, k]`` tensors. Weights are differentiable w.r.t. ``logits``.
     """
+    if type(top_k) is not int or not 0 < top_k < 2**63:
+        # the op's argument parser takes bools and rejects 2**64 or 2.5 without saying what is wrong
+        _check_logits_and_top_k(logits, top_k)
+        top_k = operator.index(top_k)
     # arguments cost host time to convert: the dtype goes as its code, a default backend not at all
     args = (logits, top_k, scoring, renormalize, bias, num_groups, topk_groups, group_score, scaling_factor,
             library.dtype_arg(weights_dtype))

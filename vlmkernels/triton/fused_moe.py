@@ -313,7 +313,7 @@ def fused_moe(hidden, gate_up_proj, down_proj, weights, ids, activation="silu", 
     inter = gate_up_proj.shape[1] // 2
     k = ids.shape[1]
     out = hidden.new_empty((T, H))
-    if T == 0 or k == 0:
+    if T == 0 or k == 0 or H == 0:  # nothing to compute (the reference returns the same)
         return out.zero_()
     chunk = chunk_tokens(T, k, inter, H, hidden.dtype, hidden.device)
     # one pair of buffers for every chunk; every row the sum reads is written first: no zero fill

@@ -18,6 +18,10 @@ import triton.language as tl
 
 from .launch import launcher
 
+# _count and _block_experts hold a [16, next_power_of_2(E)] one-hot tile; Triton caps a tile at 2**20
+# elements
+MAX_EXPERTS = 2**16
+
 
 @triton.jit
 def _local_expert(ids_ptr, map_ptr, offs, n, E, HAS_MAP: tl.constexpr):
