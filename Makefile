@@ -5,7 +5,7 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.deps-installed
 DEPS   := torch==2.14.1 torchvision==0.29.1 triton "transformers>=5.17" numpy pytest pytest-benchmark \
-          hypothesis pybind11 ninja pillow matplotlib "setuptools>=70" wheel
+          hypothesis pybind11 ninja pillow matplotlib "setuptools>=70" wheel "peft>=0.21" bitsandbytes
 export MAX_JOBS ?= 2
 # setup.py finds the CUDA toolkit itself (CUDA_HOME, /usr/local/cuda, or the nvcc on PATH)
 # CUDA compile-only build here: sm_90 unless the caller says otherwise

@@ -6,6 +6,6 @@
 
 from .registry import ARCHITECTURES, build, example_inputs  # noqa: F401
 from . import ops  # noqa: F401
-from . import fusion, training  # noqa: F401  (fusion-point modules; training strategies)
+from . import fusion, training  # noqa: F401  (fusion-point modules; training strategies and recipes)
 
 __all__ = ["ARCHITECTURES", "build", "example_inputs", "ops", "fusion", "training"]

@@ -83,7 +83,9 @@ def build(name: str, size: str = "tiny", **overrides) -> torch.nn.Module:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     if name not in ARCHITECTURES:
         raise KeyError(f"unknown architecture {name!r}; choose from {sorted(NAMES)}")
-    return ARCHITECTURES[name].builder(size, **overrides)
+    model = ARCHITECTURES[name].builder(size, **overrides)
+    model.python_ref_name = name  # lets training.configure(model, stage=...) find the recipe
+    return model
 
 
 def example_inputs(name: str, batch_size: int = 2, seed: int = 0, size: str = "tiny", model=None) -> dict:

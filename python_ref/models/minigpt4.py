@@ -23,6 +23,11 @@ PROJECTIONS = ("mlp", "linear")
 
 
 class MiniGPT4(nn.Module):
+    # BLIP-2's ViT + Q-Former are MiniGPT-4's frozen visual encoder; its fusion module (what the
+    # alignment stages train) is the projection alone (python_ref.training)
+    PARTS = {"vision": ("vision_tower.", "ln_vision.", "qformer.", "query_tokens."),
+             "fusion": ("projection.",), "llm": ("language_model.",)}
+
     def __init__(self, vision_tower: nn.Module, qformer: nn.Module, num_queries: int, projection: nn.Module,
                  language_model: nn.Module):
         super().__init__()
