@@ -25,14 +25,16 @@ Each system's recipe, with a learning rate per part and the data it expects::
 - llava_next: LLaVA-NeXT blog (llava-vl.github.io/blog/2024-01-30-llava-next), "Training": stage 2
   trains the full model, the vision tower at 2e-6 (mm_vision_tower_lr of LLaVA-VL/LLaVA-NeXT).
 - llava_onevision: Li et al. 2024, "LLaVA-OneVision: Easy Visual Task Transfer", Sec. 4 and Table 3;
-  LLaVA-VL/LLaVA-NeXT scripts/train.
+  LLaVA-VL/LLaVA-NeXT scripts/train/pretrain_clip.sh (projector, 1e-3) and finetune_ov.sh (full model
+  at 1e-5, mm_vision_tower_lr 2e-6).
 - blip2: Li et al. 2023, "BLIP-2", Sec. 3.2-3.4 (AdamW, peak 1e-4, both stages); salesforce/LAVIS
-  configs blip2 pretrain_stage1/stage2. The document's figure freezes the Q-Former in stage 2; the
+  lavis/projects/blip2/train/pretrain_stage1.yaml and pretrain_stage2.yaml (init_lr 1e-4). The document's figure freezes the Q-Former in stage 2; the
   paper trains it.
 - instructblip: Dai et al. 2023, "InstructBLIP", Sec. 2.5 and 3 (peak 1e-5). The paper says "only the
   Q-Former"; LAVIS blip2_vicuna_instruct.py freezes only the ViT and the LLM, so llm_proj trains too.
-- minigpt4: Zhu et al. 2023, "MiniGPT-4", Sec. 3; Vision-CAIR/MiniGPT-4
-  train_configs/minigpt4_stage1_pretrain.yaml (init_lr 1e-4) and minigpt4_stage2_finetune.yaml (3e-5).
+- minigpt4: Zhu et al. 2023, "MiniGPT-4", Sec. 3 (the projection alone trains in both stages);
+  Vision-CAIR/MiniGPT-4 train_configs/minigpt4_stage1_pretrain.yaml (init_lr 1e-4) and
+  minigpt4_stage2_finetune.yaml (init_lr 3e-5).
 - minigpt5, dynamic_qformer, leo, florence_vl, dynamic_vision_selector: these builds are the
   document's designs, so the recipe is the document's: alignment pre-training, then instruction tuning.
 - gemini, gpt4v, claude: the document's "端到端架构" (end-to-end) systems: one end-to-end stage.
@@ -49,7 +51,7 @@ LoRA adapters (peft) belong to the part of the layer they adapt.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Iterable, Mapping, Optional
 
@@ -90,7 +92,7 @@ class Stage:
     name: str
     lr: Mapping[str, Optional[float]]
     data: str
-    exclude: tuple[str, ...] = field(default=())
+    exclude: tuple[str, ...] = ()
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -107,14 +109,13 @@ _DOC_TWO_STAGE = (
 )
 _DOC_END_TO_END = (_doc_stage("end_to_end", "multimodal data of every modality the model reads (unspecified)"),)
 _LCS_558K = "LCS-558K: BLIP-captioned LAION/CC/SBU image-caption pairs, 1 epoch"
-_ALL = ("vision", "fusion", "llm")
 
 # The one table: system -> its stages (sources in the module docstring).
 RECIPES: dict[str, tuple[Stage, ...]] = {
     "clip": (
-        Stage("pretrain", dict.fromkeys(_ALL, 4e-4),
+        Stage("pretrain", dict.fromkeys(PART_NAMES, 4e-4),
               "WIT: 400M image-text pairs, symmetric InfoNCE, batch 32,768, 32 epochs at 224 px"),
-        Stage("high_res", dict.fromkeys(_ALL, 2e-5), "WIT, one more epoch at 336 px (ViT-L/14@336px)"),
+        Stage("high_res", dict.fromkeys(PART_NAMES, 2e-5), "WIT, one more epoch at 336 px (ViT-L/14@336px)"),
     ),
     "llava_v1": (
         Stage("pretrain", {"fusion": 2e-3}, "CC3M filtered to 595K image-caption pairs, 1 epoch"),
