@@ -60,6 +60,7 @@ from torch import nn
 __all__ = ["STRATEGIES", "PART_NAMES", "DEFAULT_PARTS", "Stage", "RECIPES", "recipe", "parts", "configure",
            "add_lora", "lora_layers", "is_adapter", "trainable_summary"]
 
+# the document's four strategies; "lora" and "qlora" are both its lightweight adaptation (轻量级适配)
 STRATEGIES = ("alignment_pretrain", "instruction_tuning", "end_to_end", "lora", "qlora")
 PART_NAMES = ("vision", "fusion", "llm")
 
