@@ -240,6 +240,38 @@ def test_cpp_route_backward_matches_python_formula(scoring, renormalize, grouped
                                     x[finite][:4].clone().requires_grad_())
 
 
+@needs_ext
+@pytest.mark.parametrize("op", ["moe_topk_route", "topk_select_tokens", "fused_moe", "anyres_pack"])
+def test_autograd_is_registered_in_cpp(op):
+    assert library.cpp_kernel(op, "Autograd")
+
+
+def _moe_grads_against_float64():
+    """fused_moe's gradients (fp32, random upstream gradient) and python_ref's in float64."""
+    from python_ref.ops.moe_experts import fused_moe as ref
+
+    g = torch.Generator().manual_seed(3)
+    shapes = ((7, 6), (5, 8, 6), (5, 6, 4), (7, 2))
+    leaves = [torch.randn(*s, generator=g, requires_grad=True) for s in shapes]
+    ids = torch.randint(0, 5, (7, 2), generator=g)
+    up = torch.randn(7, 6, generator=g)
+    got = torch.autograd.grad(vlmkernels.ops.fused_moe(*leaves, ids, backend="reference"), leaves, up)
+    refs = [t.detach().double().requires_grad_() for t in leaves]
+    want = torch.autograd.grad(ref(*refs, ids), refs, up.double())
+    return got, want
+
+
+@needs_ext
+def test_cpp_autograd_of_python_ops_matches_float64_reference():
+    for a, b in zip(*_moe_grads_against_float64()):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+    x = torch.randn(3, 4, requires_grad=True)
+    with torch.no_grad():
+        out = vlmkernels.ops.fused_moe(x, torch.randn(2, 6, 4), torch.randn(2, 4, 3), torch.rand(3, 1),
+                                       torch.zeros(3, 1, dtype=torch.long))
+    assert out.grad_fn is None
+
+
 def test_route_weights_need_no_grad_when_nothing_requires_it():
     w, ids = vlmkernels.ops.moe_topk_route(torch.randn(4, 9), 2)
     assert not w.requires_grad and w.grad_fn is None and ids.dtype == torch.int32
@@ -375,7 +407,8 @@ def test_export():
 
 
 def test_without_the_extension_every_op_falls_back_with_autograd():
-    """A build without vlmkernels._C registers Python impls and Python autograd for the C++ ops."""
+    """A build without vlmkernels._C registers Python impls and the Python autograd formulas (which
+    the C++ autograd of route, token select, fused_moe and anyres_pack replaces where it is built)."""
     code = """
 import sys; sys.modules['vlmkernels._C'] = None
 import torch, vlmkernels
@@ -390,6 +423,9 @@ assert int(vlmkernels.ops.moe_align_block_size(ids, 9, 4)[2]) % 4 == 0
 tok = torch.randn(2, 7, 3, requires_grad=True)
 vlmkernels.ops.topk_select_tokens(torch.randn(2, 7), tok, 3)[0].sum().backward()
 assert tok.grad.abs().sum() > 0
+from tests.test_dispatch import _moe_grads_against_float64
+for a, b in zip(*_moe_grads_against_float64()):
+    torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
 print('ok')
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
