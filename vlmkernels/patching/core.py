@@ -184,10 +184,9 @@ def _restore(obj) -> bool:
     state = None if d is None else d.pop(_STATE_ATTR, None)
     if state is None:
         return False
-    d.update(_unpatched(d, state))
     for name in state.names:
-        if name not in state.originals:
-            d.pop(name, None)
+        d.pop(name, None)
+    d.update(state.originals)
     return True
 
 
@@ -201,21 +200,25 @@ def _unpatched(d: dict, state: _PatchState) -> dict:
 def _to_dict(self) -> dict:
     """HF's ``to_dict`` (deep copy of ``__dict__``) without the patch attributes."""
     out = type(self).to_dict(self)
-    for name in (_STATE_ATTR, *self.__dict__[_STATE_ATTR].names):
+    state = self.__dict__[_STATE_ATTR]
+    for name in (_STATE_ATTR, *state.names):
         out.pop(name, None)
+    out.update(copy.deepcopy(state.originals))
     return out
 
 
 def _reduce_ex(self, protocol):
     """Copy / pickle a patched instance: the class's own reduction with the patch taken out of the
     state; the copy is created by :func:`_new_copy` and re-patched by :func:`_finish_copy`."""
-    func, args, state, *items = type(self).__reduce_ex__(self, protocol)
-    patch_state = self.__dict__[_STATE_ATTR]
+    rv = type(self).__reduce_ex__(self, protocol)
+    state = rv[2] if isinstance(rv, tuple) and len(rv) > 2 else None
     slots = None
     if isinstance(state, tuple) and len(state) == 2:  # (dict, slots) from objects with __slots__
         state, slots = state
-    if not isinstance(state, dict) or len(items) > 2:
-        raise TypeError(f"cannot copy a patched {type(self).__name__}: unusual reduction; unpatch it first")
+    if not isinstance(state, dict) or len(rv) > 5:  # a custom reduction we cannot take the patch out of
+        raise TypeError(f"cannot copy a patched {type(self).__name__} (custom __reduce__); unpatch it first")
+    func, args, _, *items = rv
+    patch_state = self.__dict__[_STATE_ATTR]
     state = _unpatched(state, patch_state)
     return (_new_copy, (func, args), (state if slots is None else (state, slots), patch_state), *items)
 
