@@ -12,6 +12,8 @@ from collections import OrderedDict
 
 from .results import RESULTS_DIR, latest_per_device, read_csv
 
+# suites whose cases compare by difference (Case.compare="difference"): ours minus the baseline
+DIFFERENCE_FAMILIES = ("dispatch",)
 START = "<!-- bench-table:start -->"
 END = "<!-- bench-table:end -->"
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
@@ -55,6 +57,8 @@ def device_table(rows: list[dict]) -> str:
         b = f"{base['provider']} {_fmt_us(float(base['p50']))}" if base else "n/a"
         o = f"{best['provider'][5:]} {_fmt_us(float(best['p50']))}" if best else "n/a"
         ratio = f"{float(base['p50']) / float(best['p50']):.2f}×" if base and best else "n/a"
+        if family in DIFFERENCE_FAMILIES and base and best:
+            ratio = f"+{_fmt_us(float(best['p50']) - float(base['p50']))} (overhead)"
         line = f"| {op} | {shape} | {dtype} | {mode} | {b} | {o} | {ratio} |"
         if gpu:
             roof = best.get("roofline") if best else ""
