@@ -58,7 +58,8 @@ def device_table(rows: list[dict]) -> str:
         o = f"{best['provider'][5:]} {_fmt_us(float(best['p50']))}" if best else "n/a"
         ratio = f"{float(base['p50']) / float(best['p50']):.2f}×" if base and best else "n/a"
         if family in DIFFERENCE_FAMILIES and base and best:
-            ratio = f"+{_fmt_us(float(best['p50']) - float(base['p50']))} (overhead)"
+            diff = float(best["p50"]) - float(base["p50"])
+            ratio = f"{'+' if diff >= 0 else '-'}{_fmt_us(abs(diff))} (overhead)"
         line = f"| {op} | {shape} | {dtype} | {mode} | {b} | {o} | {ratio} |"
         if gpu:
             roof = best.get("roofline") if best else ""
