@@ -1,4 +1,4 @@
-"""LLaVA-OneVision: SigLIP (last layer, all tokens) + 2-layer MLP projector + Qwen2, one model
+"""LLaVA-OneVision: SigLIP (last kept layer, all tokens) + 2-layer MLP projector + Qwen2, one model
 for single images (AnyRes, ``anyres_max_9``), multi-image samples and video, exactly as HF
 ``LlavaOnevisionForConditionalGeneration`` (published) computes it.
 
@@ -30,6 +30,9 @@ NUM_FRAMES = 16
 SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]
 # llava-hf/llava-onevision-qwen2-7b-ov-hf
 BASE_TEXT = dict(vocab_size=152128)
+# SigLIP-so400m has 27 layers; LLaVA-NeXT's siglip_encoder.py deletes the last one (and the head) and
+# reads the last hidden state, so the HF checkpoint's vision_config has 26 layers, read at -1.
+BASE_VISION = dict(num_hidden_layers=26)
 BASE_IMAGE_TOKEN, BASE_VIDEO_TOKEN = 151646, 151647
 IMAGE_SIDES = {"tiny": (17, 120), "small": (60, 400), "base": (300, 1600)}
 RAW_FRAMES = {"tiny": 37, "small": 48, "base": 64}  # frames of the raw example video, before sampling
@@ -45,7 +48,8 @@ def onevision_config(size: str, vision: Optional[dict] = None, text: Optional[di
                      **overrides) -> LlavaOnevisionConfig:
     C.check_size(size)
     text = {**(BASE_TEXT if size == "base" else {}), **(text or {})}
-    vcfg = C.vision_config(size, "siglip", vision_use_head=False, **(vision or {}))
+    vision = {"vision_use_head": False, **(BASE_VISION if size == "base" else {}), **(vision or {})}
+    vcfg = C.vision_config(size, "siglip", **vision)
     tcfg = C.llm_config(size, "qwen2", **text)
     if size == "base":
         image_token, video_token = BASE_IMAGE_TOKEN, BASE_VIDEO_TOKEN
