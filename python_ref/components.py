@@ -5,8 +5,8 @@ Sizes:
 - ``"tiny"``: CPU tests (forward + backward in about a second): 1-2 layers, hidden 32, vocab 128,
   28-px images with 14-px patches (4 patches + CLS).
 - ``"small"``: CPU benches: 2 layers, hidden 64-128, 56-112-px images.
-- ``"base"``: the published dimensions (CLIP ViT-L/14-336, SigLIP-so400m/14-384, Vicuna-7B,
-  OPT-2.7B, Flan-T5-XL, BLIP-2 Q-Former). Build these on the meta device for shape checks:
+- ``"base"``: the published dimensions (CLIP ViT-L/14-336, SigLIP-so400m/14-384, BLIP-2's EVA ViT-g/14,
+  Vicuna-7B, OPT-2.7B, Flan-T5-XL, BLIP-2 Q-Former). Build these on the meta device for shape checks:
   ``with torch.device("meta"): python_ref.build(name, "base")``.
 
 Every architecture builder takes ``seed=0`` (weights drawn under ``torch.random.fork_rng``, so the
@@ -30,6 +30,8 @@ from torch import nn
 from transformers import (
     Blip2QFormerConfig,
     Blip2QFormerModel,
+    Blip2VisionConfig,
+    Blip2VisionModel,
     CLIPVisionConfig,
     CLIPVisionModel,
     LlamaConfig,
@@ -73,6 +75,18 @@ SIGLIP_VISION = {
     # google/siglip-so400m-patch14-384: 27x27 = 729 tokens x 1152 (no CLS)
     "base": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                  image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+}
+
+# BLIP-2's EVA ViT-g/14 as HF's Blip2VisionModel: LAVIS builds 39 of EVA's 40 blocks (the penultimate
+# layer's features) and its ln_vision is the model's post_layernorm in HF's converted checkpoints.
+EVA_VISION = {
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 image_size=28, patch_size=14),
+    "small": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=112, patch_size=14),
+    # Salesforce/blip2-* vision_config (Blip2VisionConfig defaults): 257 tokens x 1408 at 224 px
+    "base": dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
+                 image_size=224, patch_size=14),
 }
 
 LLAMA = {
@@ -148,7 +162,7 @@ NUM_QUERY_TOKENS = {"tiny": 4, "small": 8, "base": 32}
 # Text lengths used by the example batches (prompt + answer tokens).
 TEXT_LEN = {"tiny": 7, "small": 32, "base": 64}
 
-PRESETS = {"clip": CLIP_VISION, "siglip": SIGLIP_VISION, "llama": LLAMA, "qwen2": QWEN2, "opt": OPT, "t5": T5,
+PRESETS = {"clip": CLIP_VISION, "siglip": SIGLIP_VISION, "eva": EVA_VISION, "llama": LLAMA, "qwen2": QWEN2, "opt": OPT, "t5": T5,
            "qformer": QFORMER}
 
 
@@ -159,7 +173,7 @@ def check_size(size: str) -> str:
 
 
 def preset(kind: str, size: str, **overrides) -> dict:
-    """A copy of the preset kwargs for ``kind`` (clip, siglip, llama, opt, t5, qformer) at ``size``."""
+    """A copy of the preset kwargs for ``kind`` (clip, siglip, eva, llama, qwen2, opt, t5, qformer) at ``size``."""
     if kind not in PRESETS:
         raise ValueError(f"kind must be one of {sorted(PRESETS)}, got {kind!r}")
     return {**PRESETS[kind][check_size(size)], **overrides}
@@ -169,11 +183,14 @@ def preset(kind: str, size: str, **overrides) -> dict:
 # Config and module builders
 # ---------------------------------------------------------------------------------------------
 
+VISION_TOWERS = {"clip": (CLIPVisionConfig, CLIPVisionModel), "siglip": (SiglipVisionConfig, SiglipVisionModel),
+                 "eva": (Blip2VisionConfig, Blip2VisionModel)}
+
+
 def vision_config(size: str = "tiny", kind: str = "clip", **overrides):
-    cls = {"clip": CLIPVisionConfig, "siglip": SiglipVisionConfig}.get(kind)
-    if cls is None:
-        raise ValueError(f"vision kind must be 'clip' or 'siglip', got {kind!r}")
-    return cls(**preset(kind, size, **overrides))
+    if kind not in VISION_TOWERS:
+        raise ValueError(f"vision kind must be one of {sorted(VISION_TOWERS)}, got {kind!r}")
+    return VISION_TOWERS[kind][0](**preset(kind, size, **overrides))
 
 
 def llm_config(size: str = "tiny", kind: str = "llama", **overrides):
@@ -197,9 +214,10 @@ def _set_attn(config, attn_implementation: Optional[str]):
 
 def build_vision_tower(size: str = "tiny", kind: str = "clip", attn_implementation: Optional[str] = None,
                        **overrides) -> nn.Module:
-    """``CLIPVisionModel`` or ``SiglipVisionModel`` with random weights."""
+    """``CLIPVisionModel``, ``SiglipVisionModel`` or (``kind="eva"``) ``Blip2VisionModel`` with random
+    weights."""
     cfg = _set_attn(vision_config(size, kind, **overrides), attn_implementation)
-    return (CLIPVisionModel if kind == "clip" else SiglipVisionModel)(cfg)
+    return VISION_TOWERS[kind][1](cfg)
 
 
 def build_llm(size: str = "tiny", kind: str = "llama", attn_implementation: Optional[str] = None,

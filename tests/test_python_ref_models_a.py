@@ -216,9 +216,13 @@ def test_minigpt4_only_projection_trains():
         assert (p.grad is not None) == (n in trainable), n
     # visual positions are never trained on
     assert (out.labels[:, :C.NUM_QUERY_TOKENS["tiny"]] == C.IGNORE_INDEX).all()
-    linear = python_ref.build("minigpt4", "tiny", projection="linear", freeze=False)
-    assert isinstance(linear.projection, torch.nn.Linear)
-    assert all(p.requires_grad for p in linear.parameters())
+    published = python_ref.build("minigpt4", "tiny", variant="published", freeze=False)
+    assert isinstance(published.projection, torch.nn.Linear)
+    assert all(p.requires_grad for p in published.parameters())
+    out = _train_step(published, python_ref.example_inputs("minigpt4", 2, seed=0, model=published))
+    assert torch.isfinite(out.loss) and published.vision_tower.embeddings.patch_embedding.weight.grad is not None
+    with pytest.raises(ValueError, match="variant"):
+        python_ref.build("minigpt4", "tiny", variant="mlp")
     with pytest.raises(ValueError, match="pixel_values"):
         model(batch["pixel_values"][0], batch["input_ids"])
     with pytest.raises(TypeError, match="overrides"):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import python_ref
+from python_ref import training
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,3 +36,69 @@ def test_onevision_base_matches_hf_checkpoint():
     t = cfg.text_config
     assert (t.hidden_size, t.num_hidden_layers, t.num_key_value_heads, t.vocab_size) == (3584, 28, 4, 152128)
     assert (cfg.image_token_id, cfg.video_token_id) == (151646, 151647)
+
+
+def test_minigpt4_published_base_is_blip2_vit_qformer_and_linear():
+    # Vision-CAIR/MiniGPT-4: LAVIS EVA ViT-g/14 (depth 39 of 40, width 1408) + ln_vision, BLIP-2's
+    # Q-Former (32 queries x 768, cross-attention every 2nd layer), llama_proj = Linear(768, 4096)
+    m = _base("minigpt4", variant="published")
+    v = m.vision_tower.config
+    assert type(m.vision_tower).__name__ == "Blip2VisionModel"
+    assert (v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.intermediate_size) == (1408, 39, 16, 6144)
+    assert (v.image_size, v.patch_size) == (224, 14)
+    assert isinstance(m.ln_vision, torch.nn.Identity)  # ln_vision is the tower's post_layernorm
+    q = m.qformer.config
+    assert (q.hidden_size, q.num_hidden_layers, q.encoder_hidden_size, q.cross_attention_frequency) == (768, 12, 1408, 2)
+    assert m.query_tokens.weight.shape == (1, 32, 768)
+    assert isinstance(m.projection, torch.nn.Linear)
+    assert (m.projection.in_features, m.projection.out_features) == (768, 4096)
+    assert m.language_model.config.hidden_size == 4096 and m.language_model.config.num_hidden_layers == 32
+    feats = m.get_image_features(torch.empty(1, 3, 224, 224, device="meta"))
+    assert feats.shape == (1, 32, 4096)
+    # both MiniGPT-4 stages train llama_proj alone: 768 * 4096 + 4096 parameters
+    trainable = {n: p.numel() for n, p in m.named_parameters() if p.requires_grad}
+    assert set(trainable) == {"projection.weight", "projection.bias"} and sum(trainable.values()) == 768 * 4096 + 4096
+    # and so do python_ref.training's MiniGPT-4 stages on this variant
+    for stage, lr in (("pretrain", 1e-4), ("finetune", 3e-5)):
+        groups = training.configure(m, stage=stage)
+        assert [(g["name"], g["lr"]) for g in groups] == [("fusion", lr)]
+        assert {n for n, p in m.named_parameters() if p.requires_grad} == {"projection.weight", "projection.bias"}
+
+
+# ---------------------------------------------------------------- parity with the HF classes
+
+def test_minigpt4_published_is_blip2_with_a_llama():
+    """MiniGPT-4 as released is BLIP-2's vision side with a Linear into Llama: the same as HF's
+    Blip2ForConditionalGeneration with a Llama text model, its 32 image placeholders first."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    model = python_ref.build("minigpt4", "tiny", variant="published")
+    vocab = model.language_model.config.vocab_size
+    image_token = vocab - 1
+    q = model.query_tokens.weight.shape[1]
+    config = Blip2Config(vision_config=model.vision_tower.config.to_dict(),
+                         qformer_config=model.qformer.config.to_dict(),
+                         text_config=model.language_model.config.to_dict(), num_query_tokens=q,
+                         image_token_index=image_token)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        hf = Blip2ForConditionalGeneration(config).eval()
+    sd = hf.state_dict()
+    names = {"vision_model.": "vision_tower.", "language_projection.": "projection.",
+             "query_tokens": "query_tokens.weight"}
+    renamed = {}
+    for k, v in sd.items():
+        for old, new in names.items():
+            if k.startswith(old):
+                k = new + k[len(old):]
+                break
+        renamed[k] = v
+    model.load_state_dict(renamed, strict=True)
+    model.eval()
+    batch = python_ref.example_inputs("minigpt4", 2, seed=0, model=model)
+    ids = batch["input_ids"].masked_fill(batch["input_ids"] == image_token, 3)
+    with torch.no_grad():
+        ours = model(pixel_values=batch["pixel_values"], input_ids=ids).logits
+        hf_ids = torch.cat([torch.full((ids.size(0), q), image_token), ids], dim=1)
+        theirs = hf(pixel_values=batch["pixel_values"], input_ids=hf_ids).logits
+    torch.testing.assert_close(ours, theirs)

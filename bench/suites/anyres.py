@@ -3,7 +3,9 @@
 Baselines: HF's LLaVA-NeXT image processors (torchvision backend, the v5 default, and the PIL
 backend) configured as llava-v1.6 ships them (336 tiles, CLIP mean/std); HF's CLIP embeddings
 module plus its pre-LayerNorm for patch_embed; HF's ``LlavaNextModel.pack_image_features`` for
-anyres_pack. CPU per-image sizes are issue 4's 640x480 .. 4032x3024 at 2 threads.
+anyres_pack. CPU per-image sizes are issue 4's 640x480 .. 4032x3024 at 2 threads, from uint8
+tensors (``anyres_tile``) and, as users pass them, from PIL images through a patched processor
+(``anyres_tile[pil]``, issue 15).
 """
 
 from __future__ import annotations
@@ -109,8 +111,31 @@ def tile_cases(full: bool, device: str) -> list[Case]:
         cases = [gpu_case(*b) for b in batches]
     else:
         # issue 4's four sizes are the headline CPU comparison: quick mode keeps them all
-        cases = [cpu_case(*hw) for hw in CPU_SIZES]
+        cases = [cpu_case(*hw) for hw in CPU_SIZES] + [_pil_case(procs, *hw) for hw in CPU_SIZES]
     return [c for c in cases if c is not None]
+
+
+def _pil_case(procs: dict, H: int, W: int) -> Case | None:
+    """A PIL image (what users pass) through HF's two processors and through a patched one (ours:
+    Pillow's memory read in place where it is one block, else np.asarray's copy)."""
+    if "hf-pil" not in procs or functional("anyres_tile") is None:
+        return None
+    import copy
+
+    import vlmkernels
+    from PIL import Image
+
+    def make(i):
+        g = torch.Generator().manual_seed(i)
+        return Image.fromarray(torch.randint(0, 256, (H, W, 3), dtype=torch.uint8, generator=g).numpy())
+
+    inp = Inputs(make, nbytes=3 * H * W)
+    patched = copy.deepcopy(procs["hf-pil"])
+    vlmkernels.patch(patched, families=["anyres"])
+    providers = {name: (lambda p=p: p(images=inp(), return_tensors="pt")) for name, p in procs.items()}
+    providers["ours-cpu"] = lambda: patched(images=inp(), return_tensors="pt")
+    return Case("anyres_tile[pil]", FAMILY, {"H": H, "W": W}, "PIL->float32", providers, "hf-pil", x="H",
+                inputs=[inp], note="PIL input, per image, 2 threads; issue 15 targets >= 20x PIL, >= 5x torchvision")
 
 
 def _hf_clip_embed(D: int, dtype, device, tile: int = TILE, patch: int = 14):

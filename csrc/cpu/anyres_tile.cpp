@@ -90,11 +90,14 @@ class Scratch {
 };
 
 // A uint8 RGB image: channel c of pixel (y, x) is ch[c][y * row_stride + x * px_stride]; px_stride
-// is 1 (planar / grayscale planes) or 3 (interleaved RGB, ch[c] = base + c).
+// is 1 (planar / grayscale planes), 3 (interleaved RGB, ch[c] = base + c) or 4 (Pillow's RGBX
+// pixels, vlmkernels/anyres/pil.py: the 4th byte is read, never used).
 struct RgbSrc {
   const uint8_t* ch[3];
   int64_t h, w, row_stride, px_stride;
-  bool interleaved() const { return px_stride == 3 && ch[1] == ch[0] + 1 && ch[2] == ch[0] + 2; }
+  bool packed() const { return ch[1] == ch[0] + 1 && ch[2] == ch[0] + 2; }
+  bool interleaved() const { return px_stride == 3 && packed(); }
+  bool rgbx() const { return px_stride == 4 && packed(); }
 };
 
 RgbSrc planar_src(const uint8_t* p, int64_t h, int64_t w) {
@@ -153,6 +156,25 @@ __attribute__((target("ssse3"))) void stage_rgb8x8(const uint8_t* const* rows, i
   transpose8x8(g8, out + cstride);
   transpose8x8(b8, out + 2 * cstride);
 }
+
+// The same for RGBX rows (32 bytes per 8 pixels): one shuffle per 4 pixels groups R, G, B, X.
+__attribute__((target("ssse3"))) void stage_rgbx8x8(const uint8_t* const* rows, int64_t j, uint8_t* out,
+                                                    int64_t cstride) {
+  const __m128i split = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  __m128i r8[kBlock], g8[kBlock], b8[kBlock];
+  for (int r = 0; r < kBlock; ++r) {
+    const uint8_t* px = rows[r] + 4 * j;
+    const __m128i lo = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(px)), split);
+    const __m128i hi = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(px + 16)), split);
+    const __m128i rg = _mm_unpacklo_epi32(lo, hi);  // R0-3 R4-7 G0-3 G4-7
+    r8[r] = rg;
+    g8[r] = _mm_srli_si128(rg, 8);
+    b8[r] = _mm_unpackhi_epi32(lo, hi);  // B0-3 B4-7 X0-3 X4-7
+  }
+  transpose8x8(r8, out);
+  transpose8x8(g8, out + cstride);
+  transpose8x8(b8, out + 2 * cstride);
+}
 #endif
 
 // Rows [y, y + nrows) of src staged column-major per channel: stage[c][j][r] (rows past nrows
@@ -161,10 +183,11 @@ void stage_block(const RgbSrc& s, int64_t y, int nrows, uint8_t* stage) {
   const int64_t cstride = s.w * kBlock;
   int64_t j0 = 0;  // columns [0, j0) of every channel staged by a SIMD path
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (s.interleaved() && kHasSsse3) {
+  if ((s.interleaved() || s.rgbx()) && kHasSsse3) {
     const uint8_t* rows[kBlock];
     for (int r = 0; r < kBlock; ++r) rows[r] = s.ch[0] + (y + std::min(r, nrows - 1)) * s.row_stride;
-    for (; j0 + 8 <= s.w; j0 += 8) stage_rgb8x8(rows, j0, stage + j0 * kBlock, cstride);
+    const auto stage8 = s.rgbx() ? stage_rgbx8x8 : stage_rgb8x8;
+    for (; j0 + 8 <= s.w; j0 += 8) stage8(rows, j0, stage + j0 * kBlock, cstride);
   }
 #endif
   for (int c = 0; c < 3; ++c) {
@@ -376,14 +399,14 @@ class Resizer {
     if (htaps_[i] && !vtaps_[i]) {
       hpass(src, {HTarget{&*htaps_[i], out, ow, oh * ow}});
     } else if (htaps_[i]) {  // vertical first (Pillow >= 13 rule), then horizontal
-      Scratch tmp(kVFirst, oh * src.w * 3);
+      Scratch tmp(kVFirst, oh * src.w * std::max<int64_t>(3, src.px_stride));
       const RgbSrc v = vpass_src(src, *vtaps_[i], tmp.get());
       hpass(v, {HTarget{&*htaps_[i], out, ow, oh * ow}});
     } else if (vtaps_[i]) {
       if (src.px_stride == 1) {
         vpass(src.ch, 3, src.row_stride, ow, *vtaps_[i], out, ow, oh * ow);
       } else {
-        Scratch tmp(kVFirst, oh * src.w * 3);
+        Scratch tmp(kVFirst, oh * src.w * std::max<int64_t>(3, src.px_stride));
         to_planar(vpass_src(src, *vtaps_[i], tmp.get()), out);
       }
     } else {
@@ -391,12 +414,14 @@ class Resizer {
     }
   }
 
-  // Source rows resampled vertically (vt.out rows, full width) into tmp, same layout as src.
+  // Source rows resampled vertically (vt.out rows, full width) into tmp (oh * w * max(3, px_stride)
+  // bytes), same layout as src.
   static RgbSrc vpass_src(const RgbSrc& src, const AxisTaps& vt, uint8_t* tmp) {
     const int64_t oh = vt.out, w = src.w;
-    if (src.interleaved()) {  // the vertical pass ignores channels: one plane of 3w-byte rows
-      vpass(src.ch, 1, src.row_stride, w * 3, vt, tmp, w * 3, 0);
-      return RgbSrc{{tmp, tmp + 1, tmp + 2}, oh, w, w * 3, 3};
+    if (src.interleaved() || src.rgbx()) {  // the vertical pass ignores channels: one plane of rows
+      const int64_t ps = src.px_stride;
+      vpass(src.ch, 1, src.row_stride, w * ps, vt, tmp, w * ps, 0);
+      return RgbSrc{{tmp, tmp + 1, tmp + 2}, oh, w, w * ps, ps};
     }
     vpass(src.ch, 3, src.row_stride, w, vt, tmp, w, oh * w);
     return planar_src(tmp, oh, w);
@@ -636,14 +661,23 @@ void stream_targets(const RgbSrc& src, const std::vector<StreamTarget<out_t>>& t
   });
 }
 
+// Whether the unused 4th byte of an RGBX view's last pixel lies in its storage (the RGBX loops read
+// whole pixels).
+bool x_byte_readable(const at::Tensor& im) {
+  const int64_t last = im.storage_offset() + (im.size(0) - 1) * im.stride(0) + 4 * im.size(1);
+  return last <= int64_t(im.storage().nbytes());
+}
+
 // Any uint8 [H, W, C] view -> an RgbSrc, converted as HF converts (gray -> RGB, RGBA composited
-// onto white). Planar 3-channel and grayscale views with unit pixel stride and interleaved RGB
-// rows are read in place; anything else is converted once into interleaved `storage`.
+// onto white). Planar 3-channel and grayscale views with unit pixel stride, interleaved RGB rows
+// and Pillow's RGBX rows are read in place; anything else is converted once into interleaved
+// `storage`.
 RgbSrc make_src(const at::Tensor& im, std::optional<Scratch>& storage) {
   const int64_t h = im.size(0), w = im.size(1), c = im.size(2);
   const int64_t sh = im.stride(0), sw = im.stride(1), sc = im.stride(2);
   const uint8_t* p = im.data_ptr<uint8_t>();
-  if (c == 3 && sc == 1 && sw == 3) return RgbSrc{{p, p + 1, p + 2}, h, w, sh, 3};
+  if (c == 3 && sc == 1 && (sw == 3 || (sw == 4 && x_byte_readable(im))))
+    return RgbSrc{{p, p + 1, p + 2}, h, w, sh, sw};
   if (c == 3 && sw == 1) return RgbSrc{{p, p + sc, p + 2 * sc}, h, w, sh, 1};
   if (c == 1 && sw == 1) return RgbSrc{{p, p, p}, h, w, sh, 1};
   storage.emplace(kSrcCopy, h * w * 3);

@@ -1,6 +1,7 @@
 // torch.ops.vlmkernels.anyres_tile (CPU and CUDA tensors) and anyres_plan_llava (CPU), registered
-// from C++ (ops/dispatch.h). The plan table and images are checked by common/anyres_tile_args.h,
-// shared by both devices' kernels. Uint8 in, no gradients: autograd falls through.
+// from C++ (ops/dispatch.h). The plan table and images are checked first, for every backend, by
+// common/anyres_tile_args.h (shared with both devices' kernels). Uint8 in, no gradients: autograd
+// falls through.
 #include "bindings.h"
 #include "common/anyres_tile_args.h"
 #include "common/check.h"
@@ -15,16 +16,15 @@ at::Tensor tile(at::TensorList images, const at::Tensor& plan, int64_t num_tiles
                 c10::ArrayRef<double> mean, c10::ArrayRef<double> stdv, bool global_view, at::ScalarType out_dtype,
                 c10::string_view backend) {
   constexpr bool kCuda = kDevice == c10::DeviceType::CUDA;
+  const std::vector<at::Tensor> ims = images.vec();
+  const c10::Device device = ims.empty() ? c10::Device(c10::kCPU) : ims[0].device();
+  const std::vector<double> m = mean.vec(), s = stdv.vec();
+  // every backend validates here, before anything is allocated (a bad plan may ask for terabytes)
+  anyres::check_tile_args(ims, plan, num_tiles, tile_size, m, s, global_view, out_dtype, device);
   if (!runs_native(backend, kCuda ? "cuda" : "cpu"))
     return call_python_backend<at::Tensor>("anyres_tile", images, plan, num_tiles, tile_size, mean, stdv, global_view,
                                            out_dtype, backend);
-  VLMK_CHECK_ARG(tile_size >= 1 && tile_size <= 65536, "tile_size must be in [1, 65536], got ", tile_size);
-  VLMK_CHECK_ARG(num_tiles >= 0, "num_tiles must be >= 0, got ", num_tiles);
-  const std::vector<at::Tensor> ims = images.vec();
-  const c10::Device device = ims.empty() ? c10::Device(c10::kCPU) : ims[0].device();
   at::Tensor out = at::empty({num_tiles, 3, tile_size, tile_size}, at::TensorOptions().dtype(out_dtype).device(device));
-  const std::vector<double> m = mean.vec(), s = stdv.vec();
-  anyres::check_tile_args(ims, plan, out, tile_size, m, s, global_view);
   int64_t covered = global_view ? int64_t(ims.size()) : 0;
   const int64_t* p = plan.const_data_ptr<int64_t>();
   for (size_t i = 0; i < ims.size(); ++i) covered += p[i * anyres::kPlanCols + anyres::kRows] * p[i * anyres::kPlanCols + anyres::kCols];

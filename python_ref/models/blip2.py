@@ -19,15 +19,6 @@ from .. import components as C
 from ..registry import Architecture, register_architecture
 from ._hf_common import check_config_keys, construct, placeholder_batch, pop_common
 
-# EVA ViT-g/14 (Blip2VisionConfig defaults)
-BLIP2_VISION = {
-    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                 image_size=28, patch_size=14),
-    "small": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                  image_size=112, patch_size=14),
-    "base": dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
-                 image_size=224, patch_size=14),
-}
 # (text-config overrides, image token id) of the HF checkpoints at base
 BASE_TEXT = {"opt": (dict(vocab_size=50304), 50265), "t5": ({}, 32100), "llama": (dict(vocab_size=32002), 32001)}
 LLMS = ("opt", "t5")
@@ -38,7 +29,7 @@ def blip_configs(size: str, llm: str, vision: Optional[dict], text: Optional[dic
     C.check_size(size)
     base_text, base_token = BASE_TEXT[llm]
     tcfg = C.llm_config(size, llm, **{**(base_text if size == "base" else {}), **(text or {})})
-    vcfg = {**BLIP2_VISION[size], **(vision or {})}
+    vcfg = C.preset("eva", size, **(vision or {}))
     qcfg = C.preset("qformer", size, **(qformer or {}))
     token = base_token if size == "base" else tcfg.vocab_size - 1
     return vcfg, qcfg, tcfg, token

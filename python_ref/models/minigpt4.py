@@ -1,11 +1,20 @@
-"""MiniGPT-4 per the document: frozen CLIP ViT -> frozen Q-Former (learned queries) -> trainable
-MLP projection (Linear(q, 2048) -> GELU -> Linear(2048, llm) at base) -> frozen Llama (Vicuna-7B),
-the projected queries prefixed to the text.
+"""MiniGPT-4: frozen ViT -> frozen Q-Former (learned queries) -> trainable projection -> frozen
+Llama (Vicuna-7B dims), the projected queries prefixed to the text.
 
-Only the projection trains in the presets (``freeze=False`` unfreezes everything). Variant
-``projection="linear"`` is the published MiniGPT-4 (one Linear(768 -> 4096) after the BLIP-2
-Q-Former). Base: CLIP ViT-L/14 at 224 px = 257 tokens x 1024 (the Q-Former reads all of them,
-CLS included, after a LayerNorm as BLIP-2's ``ln_vision``), 32 queries x 768.
+- ``variant="document"`` (default), the design document's sketch: CLIP ViT-L/14 at 224 px (257
+  tokens x 1024; the Q-Former reads all of them, CLS included, after a LayerNorm as BLIP-2's
+  ``ln_vision``), a Q-Former with 32 queries x 768, and an MLP projection
+  Linear(768, 2048) -> GELU -> Linear(2048, 4096).
+- ``variant="published"``, the published model (Zhu et al. 2023; Vision-CAIR/MiniGPT-4
+  minigpt4/models/minigpt4.py): BLIP-2's EVA ViT-g/14 (1408 wide, the 39 of EVA's 40 blocks LAVIS
+  keeps, i.e. penultimate-layer features) and ``ln_vision``, BLIP-2's Q-Former (32 queries; its text
+  half is unused), and ``llama_proj`` = one Linear(768, 4096). The vision side is HF's
+  ``Blip2VisionModel`` (whose ``post_layernorm`` holds ``ln_vision`` in converted BLIP-2 checkpoints)
+  and ``Blip2QFormerModel``, so BLIP-2 weights load as they are; the tests check it against HF's
+  ``Blip2ForConditionalGeneration`` with the same parts.
+
+Only the projection trains in the presets, as in both of MiniGPT-4's stages (``freeze=False``
+unfreezes everything).
 """
 
 from __future__ import annotations
@@ -18,8 +27,8 @@ from torch import nn
 from .. import components as C
 from ..registry import Architecture, register_architecture
 
-PROJ_HIDDEN = {"tiny": 32, "small": 128, "base": 2048}
-PROJECTIONS = ("mlp", "linear")
+PROJ_HIDDEN = {"tiny": 32, "small": 128, "base": 2048}  # the document's MLP width
+VARIANTS = ("document", "published")
 
 
 class MiniGPT4(nn.Module):
@@ -28,11 +37,11 @@ class MiniGPT4(nn.Module):
     PARTS = {"vision": ("vision_tower.", "ln_vision.", "qformer.", "query_tokens."),
              "fusion": ("projection.",), "llm": ("language_model.",)}
 
-    def __init__(self, vision_tower: nn.Module, qformer: nn.Module, num_queries: int, projection: nn.Module,
-                 language_model: nn.Module):
+    def __init__(self, vision_tower: nn.Module, ln_vision: nn.Module, qformer: nn.Module, num_queries: int,
+                 projection: nn.Module, language_model: nn.Module):
         super().__init__()
         self.vision_tower = vision_tower
-        self.ln_vision = nn.LayerNorm(vision_tower.config.hidden_size)
+        self.ln_vision = ln_vision
         self.qformer = qformer
         self.query_tokens = C.QueryTokens(num_queries, qformer.config.hidden_size)
         self.projection = projection
@@ -58,7 +67,7 @@ class MiniGPT4(nn.Module):
 def build(size: str = "tiny", **overrides) -> MiniGPT4:
     seed = overrides.pop("seed", 0)
     attn = overrides.pop("attn_implementation", None)
-    projection = overrides.pop("projection", "mlp")
+    variant = overrides.pop("variant", "document")
     freeze = overrides.pop("freeze", True)
     vision = dict(overrides.pop("vision_config", None) or {})
     text = dict(overrides.pop("text_config", None) or {})
@@ -66,21 +75,26 @@ def build(size: str = "tiny", **overrides) -> MiniGPT4:
     num_queries = overrides.pop("num_query_tokens", C.NUM_QUERY_TOKENS[C.check_size(size)])
     if overrides:
         raise TypeError(f"unknown minigpt4 overrides: {sorted(overrides)}")
-    if projection not in PROJECTIONS:
-        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    published = variant == "published"
     if size == "base":
         vision.setdefault("image_size", 224)
     with C.seeded(seed):
-        tower = C.build_vision_tower(size, "clip", attn, **vision)
-        qf = C.build_qformer(size, tower.config.hidden_size, attn, **qformer)
+        tower = C.build_vision_tower(size, "eva" if published else "clip", attn, **vision)
+        d_vision = tower.config.hidden_size
+        # Blip2VisionModel already ends in ln_vision (its post_layernorm); CLIP's last hidden state is
+        # pre-norm, so the document's tower gets its own
+        ln_vision = nn.Identity() if published else nn.LayerNorm(d_vision)
+        qf = C.build_qformer(size, d_vision, attn, **qformer)
         llm = C.build_llm(size, "llama", attn, **text)
         q_hidden, l_hidden = qf.config.hidden_size, llm.config.hidden_size
-        if projection == "mlp":
+        if published:
+            proj = nn.Linear(q_hidden, l_hidden)
+        else:
             proj = nn.Sequential(nn.Linear(q_hidden, PROJ_HIDDEN[size]), nn.GELU(),
                                  nn.Linear(PROJ_HIDDEN[size], l_hidden))
-        else:
-            proj = nn.Linear(q_hidden, l_hidden)
-        model = MiniGPT4(tower, qf, num_queries, proj, llm)
+        model = MiniGPT4(tower, ln_vision, qf, num_queries, proj, llm)
     if freeze:
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("projection."))
@@ -97,7 +111,9 @@ def inputs(model, batch_size: int = 2, seed: int = 0, size: str = "tiny") -> dic
 
 register_architecture(Architecture(
     name="minigpt4", builder=build, inputs=inputs, source="document",
-    variants=("projection='mlp' (document)", "projection='linear' (published)"),
-    description="Frozen CLIP ViT -> frozen Blip2QFormerModel (32 queries x 768 at base) -> trainable MLP "
-                "projection -> frozen Llama, visual tokens prefixed.",
+    variants=("variant='document' (CLIP ViT-L/14, MLP projection)",
+              "variant='published' (BLIP-2's EVA ViT-g/14 + Q-Former, Linear projection)"),
+    description="Frozen ViT -> frozen Blip2QFormerModel (32 queries x 768 at base) -> trainable projection "
+                "-> frozen Llama, visual tokens prefixed. The default is the document's sketch (CLIP, MLP); "
+                "variant='published' is MiniGPT-4 as released (EVA ViT-g/14 from BLIP-2, Linear).",
 ))

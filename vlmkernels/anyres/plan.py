@@ -9,9 +9,9 @@ with the CUDA kernels, or the ``reference`` backend).
 from __future__ import annotations
 
 import functools
-
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from python_ref.ops.anyres import AnyResPlan
@@ -52,13 +52,35 @@ def _pins_cached(key, name: str) -> torch.Tensor:
     return _pins_checked(key, name)
 
 
+def as_int(value, name: str) -> int:
+    """An integer argument (a size): Python and numpy ints and one-element integer tensors. Floats
+    are rejected, not truncated (``32.7`` is a mistake, not 32), and so are bools (``True`` is not a
+    size)."""
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    return int(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def _is_int(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        dt = value.dtype
+        return value.numel() == 1 and dt != torch.bool and not dt.is_floating_point and not dt.is_complex
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def _pins_checked(grid_pinpoints, name: str) -> torch.Tensor:
-    try:
-        pins = torch.as_tensor(grid_pinpoints, dtype=torch.int64)
+    if isinstance(grid_pinpoints, torch.Tensor):
+        grid_pinpoints = grid_pinpoints.cpu().numpy()
+    array = isinstance(grid_pinpoints, np.ndarray)
+    try:  # lists as objects, so that each value is checked as given (a bool is not an int here)
+        pins = grid_pinpoints if array else np.asarray(grid_pinpoints, dtype=object)
     except (TypeError, ValueError, RuntimeError):
         raise ValueError(f"{name} must be a list of (height, width) pairs, got {grid_pinpoints!r}") from None
-    if pins.dim() != 2 or pins.shape[1] != 2 or pins.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty list of (height, width) pairs, got shape {tuple(pins.shape)}")
+    if pins.ndim != 2 or pins.shape[1] != 2 or pins.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty list of (height, width) pairs, got shape {pins.shape}")
+    if not (pins.dtype.kind in "iu" if array else all(_is_int(v) for v in pins.reshape(-1))):
+        raise TypeError(f"{name} must hold integers (floats are not truncated), got {grid_pinpoints!r}")
+    pins = torch.from_numpy(pins.astype(np.int64))
     if bool((pins <= 0).any()):
         raise ValueError(f"{name} must be positive, got {pins.tolist()}")
     return pins
@@ -77,6 +99,7 @@ _tile_pins_cached = functools.lru_cache(maxsize=64)(_tile_pins)
 def tile_pinpoints(grid_pinpoints, tile: int) -> torch.Tensor:
     """:func:`pinpoints_tensor`, also checking that every pinpoint is a multiple of ``tile`` (cached
     like it; do not modify the result)."""
+    tile = as_int(tile, "tile_size")
     key = _pins_key(grid_pinpoints)
     return _tile_pins(grid_pinpoints, tile) if key is None else _tile_pins_cached(key, tile)
 
@@ -118,9 +141,10 @@ def anyres_plan_batch(sizes, grid_pinpoints, tile_size: int, *, backend: str = "
         raise ValueError(f"sizes must be [n, 2] (height, width), got shape {tuple(sizes.shape)}")
     if bool((sizes <= 0).any()):
         raise ValueError("sizes must be positive")
-    if int(tile_size) <= 0:
+    tile = as_int(tile_size, "tile_size")
+    if tile <= 0:
         raise ValueError(f"tile_size must be positive, got {tile_size}")
-    args = (sizes.cpu().contiguous(), pinpoints_tensor(grid_pinpoints), int(tile_size))
+    args = (sizes.cpu().contiguous(), pinpoints_tensor(grid_pinpoints), tile)
     return library.op(OP).default(*args, backend)
 
 

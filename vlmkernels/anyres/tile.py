@@ -13,6 +13,7 @@ whole batch) and ``reference`` (python_ref, pure PyTorch).
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import Sequence
 
@@ -22,12 +23,13 @@ import torch
 from python_ref.ops.anyres import image_to_rgb_chw, normalize_u8, tiles_from_plan
 
 from .. import library, registry
-from .plan import plan_rows, tile_pinpoints
+from .plan import as_int, plan_rows, tile_pinpoints
 
 __all__ = ["anyres_tile"]
 
 OP = "anyres_tile"
 PLAN_COLS = 7  # resized_h, resized_w, pad_top, pad_left, rows, cols, first output tile
+MAX_TILE, MAX_SIDE, MAX_GRID = 65536, 1 << 24, 1 << 20  # as csrc/common/anyres_tile_args.h
 _CHANNELS = (1, 3, 4)
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8)  # uint8: raw tiles, not normalized
 _IDENTITY_NORM = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
@@ -78,13 +80,15 @@ def image_views(images) -> list[torch.Tensor]:
 
 
 def _per_channel(values, name: str) -> list[float]:
-    vals = [float(v) for v in (values if isinstance(values, (list, tuple)) else [values] * 3)]
-    if len(vals) == 1:
-        vals = vals * 3
+    """``mean``/``std``: one number, or 3 of them in a list, tuple, numpy array or tensor (as HF takes)."""
+    if isinstance(values, (np.ndarray, torch.Tensor)):
+        values = values.tolist()
+    vals = values if isinstance(values, (list, tuple)) else [values]
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in vals):
+        raise TypeError(f"{name} must be a number or 3 numbers (list, tuple, array or tensor), got {values!r}")
+    vals = [float(v) for v in vals] * (3 if len(vals) == 1 else 1)
     if len(vals) != 3:
-        raise ValueError(f"{name} must be a float or 3 floats, got {values!r}")
-    if name == "std" and any(v == 0 for v in vals):
-        raise ValueError(f"std must be non-zero, got {vals}")
+        raise ValueError(f"{name} must be a number or 3 numbers, got {values!r}")
     return vals
 
 
@@ -102,11 +106,9 @@ def tile_views(
 ) -> tuple[torch.Tensor, list[int]]:
     """Tiles of ``[H, W, C]`` views. With ``pad_to_max`` every image gets ``max(tiles)`` slots
     (zero-filled past its own tiles), i.e. the output reshapes to HF's ``[B, max_tiles, 3, S, S]``."""
-    tile = int(tile_size)
+    tile = as_int(tile_size, "tile_size")
     if tile <= 0:
         raise ValueError(f"tile_size must be positive, got {tile_size}")
-    if out_dtype not in _OUT_DTYPES:
-        raise TypeError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
     tile_pinpoints(grid_pinpoints, tile)
     if out_dtype == torch.uint8:
         mean, std = _IDENTITY_NORM  # the kernels ignore them; don't reject values nobody reads
@@ -150,8 +152,10 @@ def anyres_tile(
     ``images``: one image or a list; uint8 torch tensors or numpy arrays, ``[H, W]`` (grayscale),
     ``[C, H, W]`` or ``[H, W, C]`` with C = 1, 3 or 4 (see :func:`hwc_view`), all on one device
     (CPU or CUDA). Grayscale is replicated to RGB and RGBA is composited onto white, as HF does.
-    ``mean``/``std``: 3 floats (or one); ``out_dtype``: float32, float16 or bfloat16, or uint8
-    for the resized, zero-padded tile bytes *before* normalization (mean/std are then ignored;
+    ``grid_pinpoints`` and ``tile_size`` must be integers (Python or numpy ints, integer tensors):
+    floats are rejected rather than truncated, and so are bools. ``mean``/``std``: 3 numbers (or
+    one), as a list, tuple, numpy array or tensor. ``out_dtype``: float32, float16 or bfloat16, or
+    uint8 for the resized, zero-padded tile bytes *before* normalization (mean/std are then ignored;
     feed them to ``patch_embed_uint8``, or use ``anyres_encode``, to normalize on load).
     """
     if resample != "bicubic":
@@ -164,6 +168,75 @@ def anyres_tile(
 # ---- backends ------------------------------------------------------------------------------------
 
 
+def check_tile_args(images, plan, num_tiles, tile, mean, std, global_view, out_dtype, *, read_plan=True) -> None:
+    """The Python backends' copy of ``csrc/common/anyres_tile_args.h``: the same checks in the same
+    order, raising the same messages (tests/test_anyres_inputs.py holds them to it). ``read_plan``:
+    check the plan's values too (not under fake tensors, which have none)."""
+    n = len(images)
+    device = images[0].device if n else torch.device("cpu")
+    if not 1 <= tile <= MAX_TILE:
+        raise ValueError(f"anyres_tile: tile_size must be in [1, {MAX_TILE}], got {tile}")
+    if num_tiles < 0:
+        raise ValueError(f"anyres_tile: num_tiles must be >= 0, got {num_tiles}")
+    if out_dtype not in _OUT_DTYPES:
+        raise TypeError(f"anyres_tile: out_dtype must be float32, float16, bfloat16 or uint8, got {out_dtype}")
+    if plan.dtype != torch.int64:
+        raise TypeError(f"anyres_tile: plan must be int64, got {plan.dtype}")
+    if plan.device.type != "cpu":
+        raise ValueError("anyres_tile: plan must be a CPU tensor (a host-side table)")
+    if tuple(plan.shape) != (n, PLAN_COLS):
+        raise ValueError(f"anyres_tile: plan must be [num_images={n}, {PLAN_COLS}], got {tuple(plan.shape)}")
+    if not plan.is_contiguous():
+        raise ValueError("anyres_tile: plan must be contiguous")
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"anyres_tile: mean and std must have 3 values, got {len(mean)} and {len(std)}")
+    for c in range(3):
+        if std[c] == 0:
+            raise ValueError(f"anyres_tile: std must be non-zero, got std[{c}] = 0")
+    rows = plan.tolist() if read_plan else None
+    spans = []
+    for i, im in enumerate(images):
+        _check_image(i, im, device)
+        if rows is not None:
+            _check_plan_row(i, rows[i], tile, num_tiles, global_view)
+            spans.append((rows[i][6], rows[i][6] + rows[i][4] * rows[i][5] + int(global_view)))
+    spans.sort()
+    if any(b[0] < a[1] for a, b in zip(spans, spans[1:])):
+        raise ValueError("anyres_tile: plan: the output tiles of two images overlap")
+
+
+def _check_image(i: int, im: torch.Tensor, device: torch.device) -> None:
+    if im.dtype != torch.uint8:
+        raise TypeError(f"anyres_tile: images[{i}] must be uint8, got {im.dtype}")
+    if im.dim() != 3:
+        raise ValueError(f"anyres_tile: images[{i}] must be an [H, W, C] view, got shape {tuple(im.shape)}")
+    if im.device != device:
+        raise ValueError(f"anyres_tile: images[{i}] is on {im.device} but images[0] is on {device}")
+    h, w, c = im.shape
+    if c not in _CHANNELS:
+        raise ValueError(f"anyres_tile: images[{i}] must have 1, 3 or 4 channels, got {c}")
+    if h <= 0 or w <= 0:
+        raise ValueError(f"anyres_tile: images[{i}] is empty: shape {tuple(im.shape)}")
+    if h >= MAX_SIDE or w >= MAX_SIDE:
+        raise ValueError(f"anyres_tile: images[{i}] is too large: shape {tuple(im.shape)}")
+    if any(s < 0 for s in im.stride()):
+        raise ValueError(f"anyres_tile: images[{i}] must not have negative strides")
+
+
+def _check_plan_row(i: int, row: list[int], tile: int, num_tiles: int, global_view: bool) -> None:
+    rh, rw, pt, pl, rows, cols, first = row
+    if not (1 <= rows <= MAX_GRID and 1 <= cols <= MAX_GRID // rows):
+        raise ValueError(f"anyres_tile: plan[{i}]: bad grid {rows}x{cols} (at most {MAX_GRID} tiles)")
+    if not (1 <= rh < MAX_SIDE and 1 <= rw < MAX_SIDE):
+        raise ValueError(f"anyres_tile: plan[{i}]: bad resized size {rh}x{rw}")
+    if not (0 <= pt <= rows * tile - rh and 0 <= pl <= cols * tile - rw):
+        raise ValueError(f"anyres_tile: plan[{i}]: the resized image {rh}x{rw} at ({pt}, {pl}) does not fit the "
+                         f"{rows * tile}x{cols * tile} canvas")
+    count = rows * cols + int(global_view)
+    if not 0 <= first <= num_tiles - count:
+        raise ValueError(f"anyres_tile: plan[{i}]: its {count} tiles from tile {first} exceed num_tiles={num_tiles}")
+
+
 def _alloc(images, plan: torch.Tensor, num_tiles: int, tile: int, global_view: bool, out_dtype) -> torch.Tensor:
     device = images[0].device if len(images) else torch.device("cpu")
     covered = sum(r[4] * r[5] for r in plan.tolist()) + len(images) * int(global_view)
@@ -172,14 +245,11 @@ def _alloc(images, plan: torch.Tensor, num_tiles: int, tile: int, global_view: b
 
 
 def _tile_reference(images, plan, num_tiles, tile, mean, std, global_view, out_dtype):
-    if plan.device.type != "cpu" or plan.dtype != torch.int64 or tuple(plan.shape) != (len(images), PLAN_COLS):
-        raise ValueError(f"plan must be a CPU int64 [{len(images)}, {PLAN_COLS}] table, got {plan.dtype} {tuple(plan.shape)}")
+    check_tile_args(images, plan, num_tiles, tile, mean, std, global_view, out_dtype)
     out = _alloc(images, plan, num_tiles, tile, global_view, out_dtype)
     for i, (im, row) in enumerate(zip(images, plan.tolist())):
         rh, rw, top, left, rows, cols, first = row
         n = rows * cols + int(global_view)
-        if first < 0 or first + n > num_tiles:
-            raise ValueError(f"plan[{i}]: tiles [{first}, {first + n}) exceed num_tiles={num_tiles}")
         rgb = image_to_rgb_chw(im.permute(2, 0, 1), name=f"images[{i}]")
         tiles = tiles_from_plan(rgb, (rh, rw), (top, left), (rows, cols), tile, global_view)
         out[first:first + n] = torch.stack([normalize_u8(t, mean, std, out_dtype) for t in tiles])
@@ -193,5 +263,6 @@ registry.register(OP, "cuda", library.native_backend(OP, "cuda"), devices=("cuda
 
 @library.register_fake(OP)
 def _tile_fake(images, plan, num_tiles, tile, mean, std, global_view=True, out_dtype=torch.float32, backend="auto"):
+    check_tile_args(images, plan, num_tiles, tile, mean, std, global_view, out_dtype, read_plan=False)
     device = images[0].device if len(images) else torch.device("cpu")
     return torch.empty(num_tiles, 3, tile, tile, dtype=out_dtype, device=device)

@@ -10,26 +10,34 @@ from the PIL backend by 1-2 uint8 steps. The resize follows Pillow >= 13, which 
 pass first when the height shrinks much more than the width (python-pillow/Pillow#9549); with an
 older Pillow installed the PIL backend can differ from the fast path on those images.
 
-Inputs: PIL images (converted with HF's ``convert_to_rgb``: alpha composited onto white), uint8
-numpy arrays or torch tensors (HWC or CHW, grayscale replicated, RGBA composited onto white as HF's
-numpy path does), on CPU or (torchvision class, ``device=``/CUDA tensors) CUDA.
+Inputs: PIL images (HWC by construction, never inferred; RGB read in place where Pillow keeps it in
+one block, other modes converted with HF's ``convert_to_rgb``: alpha composited onto white; see
+``vlmkernels/anyres/pil.py``), uint8 numpy arrays or torch tensors laid out by HF's rule (``[H, W]``
+grayscale; channels first when the first dim is 1, 3 or 4, else last; ``input_data_format``
+overrides; grayscale replicated, RGBA composited onto white as HF's numpy path does), on CPU or
+(torchvision class, ``device=``/CUDA tensors) CUDA.
 
-Everything else falls back to the original ``preprocess``, unchanged: ``return_tensors`` other than
-"pt", ``do_resize``/``do_rescale``/``do_pad``/``do_convert_rgb`` False, a resample other than
-bicubic, ``rescale_factor`` != 1/255, global-view size / crop size / tile size that disagree,
-pinpoints that are not multiples of the tile size, non-uint8 images, URLs, extra positional
-arguments, ``data_format`` other than channels-first, and OneVision samples holding several images
-(HF pads those to a square instead of tiling).
+A processor whose own settings always need HF's code (e.g. ``LlavaNextImageProcessor()``, whose 224
+tiles do not divide its 336-multiple pinpoints) is not patched: ``patch()`` warns and reports it
+skipped, with the reason. Per call, everything else falls back to the original ``preprocess``,
+unchanged (logged at DEBUG): ``return_tensors`` other than "pt",
+``do_resize``/``do_rescale``/``do_pad``/``do_convert_rgb`` False, a resample other than bicubic,
+``rescale_factor`` != 1/255, global-view size / crop size / tile size that disagree, pinpoints that
+are not multiples of the tile size, an ``image_std`` with a zero (HF returns inf), non-uint8
+images, URLs, extra positional arguments, ``data_format`` other than channels-first, and OneVision
+samples holding several images (HF pads those to a square instead of tiling).
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import torch
 
-from ..anyres.tile import from_numpy, hwc_view, tile_views
+from ..anyres.pil import is_pil, pil_hwc
+from ..anyres.tile import _per_channel, from_numpy, hwc_view, tile_views
 from .core import PatchRule, SkipPatch, register_rule
 
 log = logging.getLogger("vlmkernels")
@@ -115,11 +123,12 @@ def _resolve(proc, kwargs: dict) -> dict:
     if not pins or any(int(h) % tile or int(w) % tile for h, w in pins):
         raise _Fallback(f"grid pinpoints {pins} are not multiples of {tile}")
     if kw.get("do_normalize"):
-        mean, std = kw["image_mean"], kw["image_std"]
-        mean = list(mean) if isinstance(mean, (list, tuple)) else [mean] * 3
-        std = list(std) if isinstance(std, (list, tuple)) else [std] * 3
-        if len(mean) != 3 or len(std) != 3:
-            raise _Fallback("mean/std must have 3 channels")
+        try:
+            mean, std = _per_channel(kw["image_mean"], "image_mean"), _per_channel(kw["image_std"], "image_std")
+        except (TypeError, ValueError) as e:
+            raise _Fallback(str(e)) from None
+        if 0.0 in std:
+            raise _Fallback(f"image_std={std} has a zero (HF divides by it)")
     else:
         mean, std = [0.0] * 3, [1.0] * 3  # (x - 0) / 1 is exactly HF's rescale-only output
     idf = kw.get("input_data_format")
@@ -128,12 +137,8 @@ def _resolve(proc, kwargs: dict) -> dict:
             "input_data_format": idf, "device": kw.get("device")}
 
 
-def _is_pil(x) -> bool:
-    return type(x).__module__.startswith("PIL.") and hasattr(x, "getbands")
-
-
 def _is_image(x) -> bool:
-    return _is_pil(x) or (isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim in (2, 3))
+    return is_pil(x) or (isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim in (2, 3))
 
 
 def _flatten(images, onevision: bool) -> tuple[list, list[int]]:
@@ -158,22 +163,9 @@ def _flatten(images, onevision: bool) -> tuple[list, list[int]]:
     raise _Fallback("unsupported images (URLs, mixed types)")
 
 
-def _pil_to_array(img) -> np.ndarray:
-    if img.mode == "RGB" and img.info.get("transparency") is None:
-        return np.asarray(img)
-    from transformers.image_transforms import convert_to_rgb
-
-    # HF's own rule (alpha onto white, palettes, ...); transformers < 5.2x has no return_numpy and
-    # returns a PIL image
-    try:
-        return np.asarray(convert_to_rgb(img, return_numpy=True))
-    except TypeError:
-        return np.asarray(convert_to_rgb(img))
-
-
 def _to_view(image, idf: str | None, index: int) -> torch.Tensor:
-    if _is_pil(image):
-        image = _pil_to_array(image)
+    if is_pil(image):  # HWC by construction: its layout is never inferred
+        return pil_hwc(image)
     if image.dtype not in (np.uint8, torch.uint8):
         raise _Fallback(f"images[{index}] is {image.dtype}, not uint8")
     if isinstance(image, np.ndarray):
@@ -184,7 +176,7 @@ def _to_view(image, idf: str | None, index: int) -> torch.Tensor:
         if image.shape[-1] not in (1, 3, 4):
             raise _Fallback(f"images[{index}] does not have 1, 3 or 4 channels")
         return image
-    try:
+    try:  # HF's inference (infer_channel_dimension_format with 1, 3 or 4 channels)
         return hwc_view(image, f"images[{index}]")
     except (TypeError, ValueError) as e:
         raise _Fallback(str(e)) from None
@@ -211,11 +203,24 @@ def _fast_preprocess(proc, images, kwargs: dict, backend: str, onevision: bool):
     return BatchFeature(data=data)
 
 
+def _check_own_settings(proc) -> None:
+    """Skip, with a warning saying why, a processor whose own settings always need HF's code (e.g.
+    ``LlavaNextImageProcessor()``: 224 tiles of 336-multiple pinpoints, whose partial tiles HF
+    resizes again): patched, it would run HF's code on every call while the report said "patched"."""
+    try:
+        _resolve(proc, {"return_tensors": "pt"})
+    except _Fallback as why:
+        reason = f"its settings need HF's code on every call: {why}"
+        warnings.warn(f"vlmkernels.patch: {type(proc).__name__} not patched: {reason}", stacklevel=4)
+        raise SkipPatch(reason) from None
+
+
 def _build(proc, backend: str) -> dict:
     names = _class_names(proc)
     onevision = bool(names & set(ONEVISION_CLASSES))
     if not hasattr(proc, "_standardize_kwargs"):
         raise SkipPatch("transformers < 5: the processor has no _standardize_kwargs (v5 API)")
+    _check_own_settings(proc)
 
     def preprocess(self, images, *args, **kwargs):
         original = type(self).preprocess
