@@ -102,3 +102,55 @@ def test_minigpt4_published_is_blip2_with_a_llama():
         hf_ids = torch.cat([torch.full((ids.size(0), q), image_token), ids], dim=1)
         theirs = hf(pixel_values=batch["pixel_values"], input_ids=hf_ids).logits
     torch.testing.assert_close(ours, theirs)
+
+
+# Each HF-built system and the transformers class it claims to be, with the variants to cover.
+HF_SYSTEMS = [
+    ("clip", "CLIPModel", {}, {}),
+    ("llava_v15", "LlavaForConditionalGeneration", {}, {}),
+    ("llava_v15", "LlavaForConditionalGeneration", {"alignment_loss_weight": 0.5}, {}),
+    ("llava_next", "LlavaNextForConditionalGeneration", {}, {}),
+    ("llava_onevision", "LlavaOnevisionForConditionalGeneration", {}, {"mode": "single"}),
+    ("llava_onevision", "LlavaOnevisionForConditionalGeneration", {}, {"mode": "multi"}),
+    ("llava_onevision", "LlavaOnevisionForConditionalGeneration", {}, {"mode": "video"}),
+    ("blip2", "Blip2ForConditionalGeneration", {"llm": "opt"}, {}),
+    ("blip2", "Blip2ForConditionalGeneration", {"llm": "t5"}, {}),
+    ("instructblip", "InstructBlipForConditionalGeneration", {"llm": "llama"}, {}),
+    ("instructblip", "InstructBlipForConditionalGeneration", {"llm": "t5"}, {}),
+]
+
+
+def _hf_logits(name, out):
+    return out.logits_per_image if name == "clip" else out.logits
+
+
+@pytest.mark.parametrize("name,cls_name,build_kw,input_kw", HF_SYSTEMS,
+                         ids=[f"{n}-{'-'.join(map(str, {**b, **i}.values())) or 'default'}"
+                              for n, _, b, i in HF_SYSTEMS])
+def test_hf_built_system_matches_its_hf_class(name, cls_name, build_kw, input_kw):
+    """``build(name, "tiny")`` with the weights of a fresh ``cls(config)`` loaded gives that HF
+    model's logits and (for the language models) its loss."""
+    import copy
+
+    import transformers
+
+    from python_ref.models import llava_onevision
+
+    hf_cls = getattr(transformers, cls_name)
+    model = python_ref.build(name, "tiny", **build_kw)
+    assert isinstance(model, hf_cls) and cls_name in python_ref.ARCHITECTURES[name].description
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)  # other weights than build()'s, so the copy is what makes them agree
+        hf = hf_cls(copy.deepcopy(model.config)).eval()
+    model.load_state_dict(hf.state_dict(), strict=True)  # same parameter names, nothing extra
+    model.eval()
+    if name == "llava_onevision":
+        batch = llava_onevision.make_inputs(model, 2, seed=0, **input_kw)
+    else:
+        batch = python_ref.example_inputs(name, 2, seed=0, model=model)
+    with torch.no_grad():
+        ours = model(**batch)
+        theirs = hf(**{k: v for k, v in batch.items() if name != "clip" or k != "labels"})
+    torch.testing.assert_close(ours.logits, _hf_logits(name, theirs), rtol=0, atol=0)
+    if name != "clip" and not build_kw.get("alignment_loss_weight"):
+        torch.testing.assert_close(ours.loss, theirs.loss, rtol=0, atol=0)
