@@ -183,6 +183,20 @@ def test_tile_checks_match_the_python_copy(bad):
         assert issubclass(got_type, want_type) and got == want, (backend, got, want)
 
 
+def test_the_fake_runs_the_same_checks():
+    """Under FakeTensorMode (torch.compile's tracing) the op's metadata checks still raise."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        args = {k: (mode.from_tensor(v) if isinstance(v, torch.Tensor) else v) for k, v in _args().items()}
+        args["images"] = [mode.from_tensor(im) for im in _args()["images"]]
+        assert OP(*args.values(), "auto").shape == (2, 3, 28, 28)
+        for bad, match in [(dict(out_dtype=torch.int32), "out_dtype"), (dict(std=[1.0, 0.0, 1.0]), "std must be"),
+                           (dict(images=[mode.from_tensor(torch.zeros(10, 12, 2, dtype=torch.uint8))]), "channels")]:
+            with pytest.raises((ValueError, TypeError), match=match):
+                OP(*{**args, **bad}.values(), "auto")
+
+
 def test_huge_grid_fails_before_allocating():
     """A grid past the limit would ask for exabytes: the grid check must come first, on every backend."""
     img = torch.zeros(10, 10, 3, dtype=torch.uint8)
