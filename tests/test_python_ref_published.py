@@ -154,3 +154,17 @@ def test_hf_built_system_matches_its_hf_class(name, cls_name, build_kw, input_kw
     torch.testing.assert_close(ours.logits, _hf_logits(name, theirs), rtol=0, atol=0)
     if name != "clip" and not build_kw.get("alignment_loss_weight"):
         torch.testing.assert_close(ours.loss, theirs.loss, rtol=0, atol=0)
+
+
+def test_document_inventions_are_named_as_such():
+    """Names that stand for the document's designs say where they differ from the published system,
+    and point to the published variant the package builds."""
+    arch = python_ref.ARCHITECTURES
+    assert "invention" in arch["minigpt5"].description and "variant='published'" in arch["minigpt5"].description
+    assert "invention" in arch["leo"].description and "variant='published'" in arch["leo"].description
+    assert "projector only" in " ".join(arch["florence_vl"].variants)
+    for name in ("minigpt5", "leo", "florence_vl", "dynamic_vision_selector", "minigpt4"):
+        assert arch[name].source == "document"
+    # the published variants named there build
+    assert python_ref.build("leo", "tiny", variant="published").variant == "published"
+    assert type(python_ref.build("minigpt4", "tiny", variant="published").vision_tower).__name__ == "Blip2VisionModel"

@@ -67,5 +67,6 @@ def example_inputs(model, batch_size=2, seed=0, size="tiny") -> dict:
 register_architecture(Architecture(
     name="dynamic_vision_selector", builder=build, inputs=example_inputs, source="document",
     variants=("dense softmax", "top_k=2 (MoVA: fp32 softmax -> top-k -> renormalise)"),
-    description="N ViT experts; conv-stem pooled features -> ExpertRouter -> ExpertMix -> Linear -> Llama",
+    description="The document's DynamicVisionSelector (MoVA's routing pattern, not a published system): N ViT "
+                "experts; conv-stem pooled features -> ExpertRouter -> ExpertMix -> Linear -> Llama",
 ))

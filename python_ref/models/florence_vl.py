@@ -7,7 +7,9 @@
 
 ``fusion_variant="document"``: concat -> Linear -> LayerNorm -> GELU -> Linear (the document's
 ``unified_proj``). ``fusion_variant="dbfusion"``: the published DBFusion projector, concat -> 3-layer
-GELU MLP with no LayerNorm (JiuhaiChen/Florence-VL ``mlp3x_gelu``; anchors/gated-fusion.md).
+GELU MLP with no LayerNorm (JiuhaiChen/Florence-VL ``mlp3x_gelu``; anchors/gated-fusion.md). Only the
+projector is published: the three encoders are the document's, not Florence-2's DaViT features at
+several depths and task prompts (4 x 1024 channels) that the published Florence-VL concatenates.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ def example_inputs(model, batch_size=2, seed=0, size="tiny") -> dict:
 
 register_architecture(Architecture(
     name="florence_vl", builder=build, inputs=example_inputs, source="document",
-    variants=("fusion_variant=document", "fusion_variant=dbfusion"),
-    description="coarse CLIP + fine CLIP (2x res, pooled) + semantic SigLIP -> MultiGranularityFusion -> Llama",
+    variants=("fusion_variant=document", "fusion_variant=dbfusion (the published projector only)"),
+    description="The document's Florence-VL: coarse CLIP + fine CLIP (2x res, pooled) + semantic SigLIP -> "
+                "MultiGranularityFusion -> Llama. The encoders are the document's stand-ins, not the "
+                "published Florence-2 DaViT features; fusion_variant='dbfusion' swaps in only the published "
+                "DBFusion projector.",
 ))

@@ -172,7 +172,9 @@ def example_inputs(model, batch_size=2, seed=0, size="tiny") -> dict:
 
 register_architecture(Architecture(
     name="leo", builder=build, inputs=example_inputs, source="document",
-    variants=("variant=document", "variant=document,top_k=2", "variant=published"),
-    description="4 ViT experts (high-res/OCR/depth/CLIP) -> ExpertRouter (+image_type override) -> "
-                "ExpertMix of per-expert Linear -> MLP -> Llama; published: 2 encoders, MLP adapters, interleaved",
+    variants=("variant=document", "variant=document,top_k=2", "variant=published (Mozhgan91/LEO)"),
+    description="The document's LEO: 4 ViT experts (high-res/OCR/depth/CLIP) -> ExpertRouter (+image_type "
+                "override) -> ExpertMix of per-expert Linear -> MLP -> Llama. The router is the document's "
+                "invention (MoVA's pattern), not in the published LEO; variant='published' builds LEO as "
+                "released: 2 encoders, one MLP adapter each, tokens interleaved.",
 ))

@@ -6,9 +6,13 @@ projection -> LLM.
     q = Q-Former(queries, cross-attending to fused)                   # [B, num_queries, Dq]
     tokens = projection(q)  -> prefix of the LLM input
 
-The gate is the document's design; the published MiniGPT-5 has no such gate (it maps LLM "voken"
-states into Stable Diffusion's text space, see anchors/gated-fusion.md), so ``gate_variant="gmu"`` offers
-the published gated multimodal unit instead. The "generative vision encoder" is a second ViT stand-in.
+The gate is the document's invention: the published MiniGPT-5 (eric-ai-lab/MiniGPT-5) has none. It
+reads images as MiniGPT-4 does (its code builds on MiniGPT-4's: EVA ViT-g/14 + BLIP-2 Q-Former +
+Linear into Vicuna-7B, which is ``build("minigpt4", variant="published")``) and maps the LLM's "voken"
+states into Stable Diffusion 2.1's text-embedding space to generate images (anchors/gated-fusion.md);
+that generation side needs diffusers and is not built here. ``gate_variant="gmu"`` swaps in
+Arevalo et al.'s gated multimodal unit (2017), a published gate but not MiniGPT-5's. The "generative
+vision encoder" is a second ViT stand-in.
 """
 
 from __future__ import annotations
@@ -69,6 +73,9 @@ def example_inputs(model, batch_size=2, seed=0, size="tiny") -> dict:
 
 register_architecture(Architecture(
     name="minigpt5", builder=build, inputs=example_inputs, source="document",
-    variants=("gate_variant=document", "gate_variant=gmu"),
-    description="two ViTs -> SigmoidGate g*a+(1-g)*b -> Blip2QFormerModel -> Linear -> Llama prefix LM",
+    variants=("gate_variant=document", "gate_variant=gmu (Arevalo et al. 2017, not MiniGPT-5's)"),
+    description="The document's MiniGPT-5: two ViTs -> SigmoidGate g*a+(1-g)*b -> Blip2QFormerModel -> Linear "
+                "-> Llama prefix LM. The gate is the document's invention, not in the published MiniGPT-5, "
+                "whose image input is MiniGPT-4's (build('minigpt4', variant='published')) and whose image "
+                "generation through Stable Diffusion is not built; gate_variant='gmu' is Arevalo et al.'s GMU.",
 ))
