@@ -187,9 +187,10 @@ def test_the_fake_runs_the_same_checks():
     """Under FakeTensorMode (torch.compile's tracing) the op's metadata checks still raise."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    real = _args()
     with FakeTensorMode() as mode:
-        args = {k: (mode.from_tensor(v) if isinstance(v, torch.Tensor) else v) for k, v in _args().items()}
-        args["images"] = [mode.from_tensor(im) for im in _args()["images"]]
+        images, plan = [mode.from_tensor(im) for im in real["images"]], mode.from_tensor(real["plan"])
+        args = {**real, "images": images, "plan": plan}
         assert OP(*args.values(), "auto").shape == (2, 3, 28, 28)
         for bad, match in [(dict(out_dtype=torch.int32), "out_dtype"), (dict(std=[1.0, 0.0, 1.0]), "std must be"),
                            (dict(images=[mode.from_tensor(torch.zeros(10, 12, 2, dtype=torch.uint8))]), "channels")]:
