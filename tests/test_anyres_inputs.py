@@ -287,11 +287,15 @@ def test_pil_multiblock_is_viewed_in_one_block_copy():
     """Pillow keeps this image (17 MB of RGBX) in several 16 MiB blocks: it is pasted into a
     one-block image the thread reuses, and viewed there."""
     rng = np.random.default_rng(6)
-    imgs = [Image.fromarray(rng.integers(0, 256, (1800, 2400, 3), dtype=np.uint8)) for _ in range(2)]
-    for img in imgs:
-        view = pil_hwc(img)
+    imgs = [Image.fromarray(rng.integers(0, 256, (1800, 2400, 3), dtype=np.uint8)) for _ in range(3)]
+    views = [pil_hwc(img) for img in imgs]  # alive together (one batch): one copy each
+    assert len({v.data_ptr() for v in views}) == 3
+    for img, view in zip(imgs, views):
         assert view.stride() == (4 * 2400, 4, 1)
         assert torch.equal(view, torch.from_numpy(np.asarray(img)))
+    kept = views[-1].data_ptr()
+    del views, view
+    assert pil_hwc(imgs[0]).data_ptr() == kept  # no view alive: the thread's copy is reused
 
 
 def test_pil_other_modes_are_converted_as_hf_does():
@@ -323,3 +327,5 @@ def test_patched_processor_on_pil_matches_hf():
     proc, oracle = _processors("next", "torchvision")
     imgs = [_pil(90, 130, seed=3), _pil(45, 20, seed=4), _pil(4, 70, seed=5)]
     _assert_same(proc(imgs, return_tensors="pt"), oracle(imgs, return_tensors="pt"))
+    big = [_pil(1800, 2400, seed=s) for s in (7, 8)]  # several blocks each, one size: one copy each
+    _assert_same(proc(big, return_tensors="pt"), oracle(big, return_tensors="pt"))

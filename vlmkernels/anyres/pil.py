@@ -9,9 +9,9 @@ reference ones take any strides. The view keeps the image and the export alive.
 
 Pillow keeps larger images (above its 16 MiB block size by default, e.g. 4032x3024 RGB) in several
 blocks, which no strided view covers: those are pasted (Pillow's C row copy, RGBX as it is) into a
-one-block image that each thread keeps and reuses for images of the same size, and viewed there. That
-costs a quarter of ``np.asarray``'s copy, which packs RGBX into RGB through Python-level chunks and
-touches fresh pages. Other modes and older Pillows take ``np.asarray``'s copy, after HF's
+one-block image and viewed there. Each thread keeps that image and reuses it for the next image of
+the same size once no view of it is alive, so the copy costs a quarter of ``np.asarray``'s, which
+packs RGBX into RGB through Python-level chunks and touches fresh pages. Other modes and older Pillows take ``np.asarray``'s copy, after HF's
 ``convert_to_rgb`` for modes other than RGB.
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import weakref
 
 import numpy as np
 import torch
@@ -80,19 +81,19 @@ def _rgbx_address(pixels, w: int, h: int) -> tuple[int, object] | None:
     return child.buffers[1], array
 
 
-_scratch = threading.local()  # .block: this thread's one-block RGB image, reused while sizes repeat
+_scratch = threading.local()  # .block: this thread's one-block RGB image; .view: a weakref to its view
 
 
 def _one_block_copy(img):
-    """``img``'s pixels in this thread's one-block image (None where Pillow has no block allocator).
-    Valid until this thread copies the next image of the same size."""
+    """``img``'s pixels in a one-block image: this thread's kept one when no view of it is alive and
+    the size matches, else a new one that it keeps (None where Pillow has no block allocator)."""
     from PIL import Image
 
     new_block = getattr(Image.core, "new_block", None)
     if new_block is None:
         return None
-    block = getattr(_scratch, "block", None)
-    if block is None or block.size != img.size:
+    block, view = getattr(_scratch, "block", None), getattr(_scratch, "view", None)
+    if block is None or block.size != img.size or (view is not None and view() is not None):
         block = _scratch.block = new_block("RGB", img.size)
     block.paste(img.im, (0, 0) + img.size)
     return block
@@ -109,15 +110,16 @@ def _rgb_view(img) -> torch.Tensor | None:
         return None
     address, export = found
     # all 4 bytes in the tensor's storage, so that the tilers may read whole RGBX pixels
-    rgbx = from_numpy(np.asarray(_Pixels(address, (h, w, 4), (4 * w, 4, 1), (export, owner))))
-    return rgbx[..., :3]
+    pixels = _Pixels(address, (h, w, 4), (4 * w, 4, 1), (export, owner))
+    if owner is not img:  # the kept block is not reused while this view lives
+        _scratch.view = weakref.ref(pixels)
+    return from_numpy(np.asarray(pixels))[..., :3]
 
 
 def pil_hwc(img) -> torch.Tensor:
     """A PIL image as HF reads it (``convert_to_rgb``: alpha onto white, palettes expanded), as a
-    uint8 ``[H, W, 3]`` tensor: a view of Pillow's memory for one-block RGB images; for larger RGB
-    ones a view of this thread's reused copy (valid until it copies the next image of that size);
-    else a copy of its own."""
+    uint8 ``[H, W, 3]`` tensor: a view of Pillow's memory for one-block RGB images, a view of a
+    one-block copy for larger RGB ones, else a copy of its own."""
     if img.mode == "RGB" and img.info.get("transparency") is None:
         view = _rgb_view(img)
         return view if view is not None else from_numpy(np.asarray(img))
