@@ -162,8 +162,8 @@ NUM_QUERY_TOKENS = {"tiny": 4, "small": 8, "base": 32}
 # Text lengths used by the example batches (prompt + answer tokens).
 TEXT_LEN = {"tiny": 7, "small": 32, "base": 64}
 
-PRESETS = {"clip": CLIP_VISION, "siglip": SIGLIP_VISION, "eva": EVA_VISION, "llama": LLAMA, "qwen2": QWEN2, "opt": OPT, "t5": T5,
-           "qformer": QFORMER}
+PRESETS = {"clip": CLIP_VISION, "siglip": SIGLIP_VISION, "eva": EVA_VISION, "llama": LLAMA, "qwen2": QWEN2,
+           "opt": OPT, "t5": T5, "qformer": QFORMER}
 
 
 def check_size(size: str) -> str:
@@ -341,11 +341,18 @@ def check_text_inputs(input_ids: torch.Tensor, vocab_size: int, attention_mask=N
             raise ValueError(f"{name} shape {tuple(t.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
 
 
-def prefix_visual_tokens(embed: nn.Module, visual_embeds: torch.Tensor, input_ids: torch.Tensor,
+def prefix_visual_tokens(embed: nn.Module, visual_embeds, input_ids: torch.Tensor,
                          attention_mask: Optional[torch.Tensor] = None,
                          labels: Optional[torch.Tensor] = None) -> dict:
     """Prefix-LM inputs: ``[visual ; text]`` embeddings, a mask of ones on the visual positions and
-    labels of -100 there. ``embed`` is the LLM's input embedding; ``visual_embeds`` is [B, Nv, H]."""
+    labels of -100 there. ``embed`` is the LLM's input embedding; ``visual_embeds`` is [B, Nv, H], or
+    a list of B [Nv_b, H] tensors when samples carry different numbers of visual tokens (dynamic
+    tiling): each row is then ``[visual_b ; text_b]`` right-padded to the longest (mask 0, label -100),
+    so with right-padded text a sample's logits do not depend on the rest of the batch."""
+    if isinstance(visual_embeds, (list, tuple)):
+        if len({v.shape[0] for v in visual_embeds}) > 1:
+            return _ragged_prefix(embed, visual_embeds, input_ids, attention_mask, labels)
+        visual_embeds = torch.stack(list(visual_embeds))
     if visual_embeds.dim() != 3 or visual_embeds.size(0) != input_ids.size(0):
         raise ValueError(f"visual_embeds must be [B={input_ids.size(0)}, Nv, H], got {tuple(visual_embeds.shape)}")
     text = embed(input_ids)
@@ -362,7 +369,32 @@ def prefix_visual_tokens(embed: nn.Module, visual_embeds: torch.Tensor, input_id
     return out
 
 
-def prefix_lm_forward(llm: nn.Module, visual_embeds: torch.Tensor, input_ids: torch.Tensor,
+def _ragged_prefix(embed, visual: list, input_ids, attention_mask, labels) -> dict:
+    if len(visual) != input_ids.size(0) or any(v.dim() != 2 for v in visual):
+        raise ValueError(f"visual_embeds must be B={input_ids.size(0)} tensors [Nv_b, H], got "
+                         f"{[tuple(v.shape) for v in visual]}")
+    text = embed(input_ids)
+    if any(v.size(-1) != text.size(-1) for v in visual):
+        raise ValueError(f"visual hidden sizes {[v.size(-1) for v in visual]} != LLM hidden {text.size(-1)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    t = input_ids.size(1)
+    length = max(v.size(0) for v in visual) + t
+    rows, masks, labs = [], [], []
+    for b, v in enumerate(visual):
+        n, tail = v.size(0), length - v.size(0) - t
+        rows.append(torch.cat([v.to(text.dtype), text[b], text.new_zeros(tail, text.size(-1))]))
+        masks.append(torch.cat([attention_mask.new_ones(n), attention_mask[b], attention_mask.new_zeros(tail)]))
+        if labels is not None:
+            labs.append(torch.cat([labels.new_full((n,), IGNORE_INDEX), labels[b],
+                                   labels.new_full((tail,), IGNORE_INDEX)]))
+    out = {"inputs_embeds": torch.stack(rows), "attention_mask": torch.stack(masks)}
+    if labels is not None:
+        out["labels"] = torch.stack(labs)
+    return out
+
+
+def prefix_lm_forward(llm: nn.Module, visual_embeds, input_ids: torch.Tensor,
                       attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                       aux_loss: Optional[torch.Tensor] = None, extras: Optional[dict] = None) -> VLMOutput:
     """Run a decoder-only HF LLM on ``[visual ; text]`` and compute the causal LM loss (plus

@@ -92,16 +92,25 @@ def test_leo_router_override_and_top_k():
 def test_leo_published_variant_interleaves_two_adapters():
     model, inputs, out = _run("leo", variant="published")
     assert not hasattr(model, "router")
-    assert out.logits.shape[1] == 2 * 4 + TEXT  # 2 encoders x 4 tokens after unshuffle
+    counts = inputs["num_tiles"]
+    assert sum(counts) == inputs["pixel_values"].shape[0] and out.extras["num_tiles"] == counts
+    per_tile = 2 * 4  # 2 encoders x 4 tokens after unshuffle
+    assert out.logits.shape[1] == per_tile * max(counts) + TEXT
     visual = out.image_features
+    assert [v.shape[0] for v in visual] == [per_tile * n for n in counts]
     px = inputs["pixel_values"]
     e1 = model.vision_experts["enc1"]
     from python_ref.models._doc_parts import patch_tokens, resize_images
     from python_ref.models.leo import pixel_unshuffle_tokens
     a = model.adapters[0](pixel_unshuffle_tokens(patch_tokens(e1, resize_images(px, e1.config.image_size)), 2))
-    torch.testing.assert_close(visual[:, 0::2], a)  # encoder 1 at even positions
+    torch.testing.assert_close(visual[0].view(counts[0], per_tile, -1)[:, 0::2], a[:counts[0]])  # enc 1 at even
     with pytest.raises(ValueError, match="image_type"):
         model(**inputs, image_type="ocr")
+    with pytest.raises(ValueError, match="num_tiles"):
+        model(**{**inputs, "num_tiles": [counts[0], counts[1] - 1]})
+    # without num_tiles every pixel_values row is a one-tile image
+    single = model(px[:2], inputs["input_ids"])
+    assert single.logits.shape[1] == per_tile + TEXT
 
 
 def test_florence_vl_variants():

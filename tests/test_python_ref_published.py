@@ -48,7 +48,8 @@ def test_minigpt4_published_base_is_blip2_vit_qformer_and_linear():
     assert (v.image_size, v.patch_size) == (224, 14)
     assert isinstance(m.ln_vision, torch.nn.Identity)  # ln_vision is the tower's post_layernorm
     q = m.qformer.config
-    assert (q.hidden_size, q.num_hidden_layers, q.encoder_hidden_size, q.cross_attention_frequency) == (768, 12, 1408, 2)
+    assert (q.hidden_size, q.num_hidden_layers, q.encoder_hidden_size) == (768, 12, 1408)
+    assert q.cross_attention_frequency == 2
     assert m.query_tokens.weight.shape == (1, 32, 768)
     assert isinstance(m.projection, torch.nn.Linear)
     assert (m.projection.in_features, m.projection.out_features) == (768, 4096)
@@ -168,3 +169,73 @@ def test_document_inventions_are_named_as_such():
     # the published variants named there build
     assert python_ref.build("leo", "tiny", variant="published").variant == "published"
     assert type(python_ref.build("minigpt4", "tiny", variant="published").vision_tower).__name__ == "Blip2VisionModel"
+
+
+# ---------------------------------------------------------------- LEO's dynamic tiling
+
+def _internvl_dynamic_preprocess(image, image_size, max_num):
+    """InternVL's ``dynamic_preprocess`` (min_num=1, use_thumbnail=True), which LEO's loader calls
+    with max_num=6, transcribed on PIL images as the oracle."""
+    w, h = image.size
+    aspect = w / h
+    ratios = sorted({(i, j) for n in range(1, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+                     if 1 <= i * j <= max_num}, key=lambda r: r[0] * r[1])
+    best, best_diff = (1, 1), float("inf")
+    for r in ratios:
+        diff = abs(aspect - r[0] / r[1])
+        if diff < best_diff:
+            best, best_diff = r, diff
+        elif diff == best_diff and w * h > 0.5 * image_size * image_size * r[0] * r[1]:
+            best = r
+    tw, th = image_size * best[0], image_size * best[1]
+    resized = image.resize((tw, th))
+    cols = tw // image_size
+    tiles = [resized.crop(((i % cols) * image_size, (i // cols) * image_size,
+                           (i % cols + 1) * image_size, (i // cols + 1) * image_size))
+             for i in range(best[0] * best[1])]
+    if len(tiles) != 1:
+        tiles.append(image.resize((image_size, image_size)))
+    return tiles
+
+
+@pytest.mark.parametrize("hw", [(28, 84), (28, 400), (300, 310), (100, 37), (57, 57)])
+def test_leo_tiles_are_internvl_dynamic_preprocess(hw):
+    import numpy as np
+    from PIL import Image
+
+    from python_ref.models import leo
+    from python_ref.ops.anyres import normalize_u8
+
+    img = torch.randint(0, 256, (3, *hw), generator=torch.Generator().manual_seed(hw[0] * 1000 + hw[1]),
+                        dtype=torch.uint8)
+    tiles, counts = leo.tile_images([img], 28)
+    want = _internvl_dynamic_preprocess(Image.fromarray(img.permute(1, 2, 0).numpy()), 28, leo.MAX_TILES)
+    assert counts == [len(want)] and len(want) <= leo.MAX_TILES + 1
+    want = torch.stack([torch.from_numpy(np.array(t)).permute(2, 0, 1) for t in want])
+    torch.testing.assert_close(tiles, normalize_u8(want, leo.IMAGENET_MEAN, leo.IMAGENET_STD), rtol=0, atol=0)
+
+
+def test_leo_dynamic_tiles_per_sample_do_not_depend_on_the_batch():
+    model = python_ref.build("leo", "tiny", variant="published").eval()
+    batch = python_ref.example_inputs("leo", 2, seed=5, model=model)
+    counts = batch["num_tiles"]
+    assert counts[0] != counts[1]  # a ragged batch
+    with torch.no_grad():
+        both = model(**batch)
+        alone = model(pixel_values=batch["pixel_values"][:counts[0]], input_ids=batch["input_ids"][:1],
+                      attention_mask=batch["attention_mask"][:1], labels=batch["labels"][:1], num_tiles=counts[:1])
+    n = alone.logits.shape[1]
+    torch.testing.assert_close(both.logits[:1, :n], alone.logits)
+    assert (both.attention_mask[0, n:] == 0).all() and (both.labels[0, n:] == -100).all()
+
+
+def test_leo_published_base_tiles():
+    # Mozhgan91/LEO: 448-px tiles, up to 6 plus a thumbnail; each tile gives 256 InternViT + 256 SAM tokens
+    m = _base("leo", variant="published")
+    assert m.tile_size == 448 and m.vision_experts["enc2"].config.image_size == 1024
+    from python_ref.ops.anyres import anyres_plan
+    from python_ref.models.leo import MAX_TILES
+    plan = anyres_plan((448, 448 * 8), None, 448, strategy="internvl", max_tiles=MAX_TILES, use_thumbnail=True)
+    assert plan.grid == (1, 6) and plan.num_tiles == 7
+    visual, extras = m.encode_images(torch.empty(7 + 1, 3, 448, 448, device="meta"), num_tiles=[7, 1])
+    assert [tuple(v.shape) for v in visual] == [(7 * 512, 4096), (512, 4096)] and extras["num_tiles"] == [7, 1]

@@ -15,7 +15,14 @@ MoVA's; the published LEO has no router (anchors/gated-fusion.md).
 ``variant="published"`` (Mozhgan91/LEO): two encoders (InternViT-like on 448 px, SAM-like on 1024 px
 with a 256-channel neck), pixel-unshuffle of each patch map to the same token count, one MLP adapter
 per encoder (LayerNorm -> Linear -> GELU -> Linear) and the two token streams interleaved along the
-sequence (encoder 1 at even positions, encoder 2 at odd positions).
+sequence (encoder 1 at even positions, encoder 2 at odd positions). Images are tiled dynamically as the
+LEO repository does (``--max_dynamic_patch 6``: InternVL's ``dynamic_preprocess`` with a thumbnail):
+:func:`tile_images` plans the grid with ``python_ref.ops.anyres.anyres_plan(strategy="internvl")``
+(the grid of at most 6 tiles closest to the image's aspect ratio), cuts the Pillow-bicubic-resized
+image into row-major tiles and appends the whole image as a thumbnail when there is more than one
+tile. ``forward(pixel_values=tiles, num_tiles=[n_b], ...)`` encodes every tile and gives sample b the
+tokens of its ``n_b`` tiles in order (``n_b * 2 * 256`` tokens at base); without ``num_tiles`` each
+``pixel_values`` row is one single-tile image.
 """
 
 from __future__ import annotations
@@ -26,9 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import components as C
 from ..fusion import ExpertMix, ExpertRouter
+from ..ops.anyres import anyres_plan, image_to_rgb_chw, normalize_u8, resize_bicubic_u8, tiles_from_plan
 from ..registry import Architecture, register_architecture
-from ._doc_parts import DocVLM, check_pixels, example_batch, patch_tokens, resample_tokens, resize_images, vision_expert
+from ._doc_parts import (DocVLM, as_image_list, check_pixels, example_batch, patch_tokens, resample_tokens,
+                         resize_images, vision_expert)
 
 EXPERT_NAMES = ("high_res", "ocr", "depth", "clip")
 
@@ -48,6 +58,27 @@ PUB_ENCODERS = {
     # InternViT-300M-448px: 32x32 -> unshuffle 2 -> 256 x 4096; SAM-L 1024 px /16 = 64x64x256 -> unshuffle 4 -> 256 x 4096
     "base": {"enc1": (448, 14, 2), "enc2": (1024, 16, 4), "neck": 256},
 }
+MAX_TILES = 6  # Mozhgan91/LEO training scripts: --max_dynamic_patch 6
+# InternVL's build_transform (LEO's image loader): ImageNet mean and std
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+RAW_SIDES = {"tiny": (17, 120), "small": (40, 300), "base": (300, 1600)}  # raw example images, per size
+
+
+def tile_images(images, tile: int, max_tiles: int = MAX_TILES) -> tuple[torch.Tensor, list[int]]:
+    """uint8 images (a [B, 3, H, W] tensor or a list of [3, H, W] of any sizes) -> (normalized tiles
+    [sum(num_tiles), 3, tile, tile], num_tiles per image): InternVL's ``dynamic_preprocess`` with
+    ``use_thumbnail=True`` (row-major grid tiles, then the thumbnail), as LEO loads images."""
+    tiles, counts = [], []
+    for i, image in enumerate(as_image_list(images)):
+        rgb = image_to_rgb_chw(image, name=f"images[{i}]")
+        plan = anyres_plan(tuple(rgb.shape[1:]), None, tile, strategy="internvl", max_tiles=max_tiles,
+                           use_thumbnail=True)
+        mine = tiles_from_plan(rgb, plan.resized_hw, (0, 0), plan.grid, tile, global_view=False)
+        if plan.num_tiles > len(mine):  # InternVL puts the thumbnail last
+            mine.append(resize_bicubic_u8(rgb, tile, tile))
+        tiles += mine
+        counts.append(len(mine))
+    return normalize_u8(torch.stack(tiles), IMAGENET_MEAN, IMAGENET_STD), counts
 
 
 def pixel_unshuffle_tokens(tokens: torch.Tensor, factor: int) -> torch.Tensor:
@@ -139,26 +170,42 @@ class LEO(DocVLM):
                                        _adapter(geometry["neck"] * f2 * f2, self.llm_hidden)])
         self.PARTS = {"vision": ("vision_experts.", "neck."), "fusion": ("adapters.",), "llm": ("language_model.",)}
 
-    def _encode_published(self, pixel_values):
+    @property
+    def tile_size(self) -> int:
+        """The side of one dynamic tile: encoder 1's input (448 px at base)."""
+        return self.vision_experts["enc1"].config.image_size
+
+    def _encode_published(self, pixel_values, num_tiles):
         e1, e2 = self.vision_experts["enc1"], self.vision_experts["enc2"]
         t1 = patch_tokens(e1, resize_images(pixel_values, e1.config.image_size))
         t2 = self.neck(patch_tokens(e2, resize_images(pixel_values, e2.config.image_size)))
         a = self.adapters[0](pixel_unshuffle_tokens(t1, self.unshuffle[0]))
         b = self.adapters[1](pixel_unshuffle_tokens(t2, self.unshuffle[1]))
         # token interleave: encoder 1 at even positions, encoder 2 at odd positions
-        return torch.stack([a, b], dim=2).flatten(1, 2), {}
+        tokens = torch.stack([a, b], dim=2).flatten(1, 2)             # [tiles, 2 * n, H]
+        if num_tiles is None:
+            return tokens, {}
+        counts = [int(n) for n in num_tiles]
+        if any(n < 1 for n in counts) or sum(counts) != tokens.size(0):
+            raise ValueError(f"num_tiles must be positive and sum to the {tokens.size(0)} tiles of pixel_values, "
+                             f"got {counts}")
+        return [t.flatten(0, 1) for t in tokens.split(counts)], {"num_tiles": counts}
 
-    def encode_images(self, pixel_values, image_type=None):
+    def encode_images(self, pixel_values, image_type=None, num_tiles=None):
         check_pixels(pixel_values)
         if self.variant == "published":
             if image_type is not None:
                 raise ValueError("image_type routing exists only in the document variant")
-            return self._encode_published(pixel_values)
+            return self._encode_published(pixel_values, num_tiles)
+        if num_tiles is not None:
+            raise ValueError("num_tiles (dynamic tiling) exists only in the published variant")
         return self._encode_document(pixel_values, image_type)
 
     def forward(self, pixel_values, input_ids, attention_mask=None, labels=None,
-                image_type: Union[None, str, int, torch.Tensor] = None):
-        visual, extras = self.encode_images(pixel_values, image_type)
+                image_type: Union[None, str, int, torch.Tensor] = None, num_tiles=None):
+        visual, extras = self.encode_images(pixel_values, image_type, num_tiles)
+        if isinstance(visual, list) and len(visual) != input_ids.size(0):
+            raise ValueError(f"num_tiles describes {len(visual)} images for a batch of {input_ids.size(0)}")
         return self.run_llm(visual, input_ids, attention_mask, labels, extras=extras)
 
 
@@ -167,7 +214,17 @@ def build(size: str = "tiny", **overrides) -> LEO:
 
 
 def example_inputs(model, batch_size=2, seed=0, size="tiny") -> dict:
-    return example_batch(model, build, batch_size, seed, size)
+    """The document variant: one normalized image per sample. The published variant: raw images of
+    varied sizes through :func:`tile_images` (``pixel_values`` = the tiles, plus ``num_tiles``)."""
+    batch = example_batch(model, build, batch_size, seed, size)
+    if model is None or model.variant != "published":
+        return batch
+    gen = C.generator(seed + 1)
+    lo, hi = RAW_SIDES[size]
+    sides = torch.randint(lo, hi + 1, (batch_size, 2), generator=gen).tolist()
+    images = [C.random_uint8_images(gen, 3, h, w) for h, w in sides]
+    batch["pixel_values"], batch["num_tiles"] = tile_images(images, model.tile_size)
+    return batch
 
 
 register_architecture(Architecture(
