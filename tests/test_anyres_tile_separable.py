@@ -66,36 +66,6 @@ HARNESS = r"""
 
 using namespace vlmk::anyres;
 
-// as csrc/cuda/anyres_tile_host.cpp builds them
-int64_t add_axis(std::vector<int32_t>& taps, int in_size, int out_size, int32_t* ksize) {
-  const int64_t off = int64_t(taps.size());
-  if (in_size == out_size) {
-    *ksize = 1;
-    for (int i = 0; i < out_size; ++i) taps.insert(taps.end(), {i, 1, int32_t(1) << kPrecisionBits});
-    return off;
-  }
-  const AxisScale s = axis_scale(in_size, out_size);
-  *ksize = s.ksize;
-  std::vector<int32_t> k(s.ksize);
-  for (int i = 0; i < out_size; ++i) {
-    int xmin;
-    const int count = tap_weights(s, in_size, i, k.data(), &xmin);
-    taps.push_back(xmin);
-    taps.push_back(count);
-    taps.insert(taps.end(), k.begin(), k.end());
-  }
-  return off;
-}
-
-ResizeDesc make_resize(std::vector<int32_t>& taps, int in_h, int in_w, int out_h, int out_w) {
-  ResizeDesc r{};
-  r.out_h = out_h, r.out_w = out_w;
-  r.taps_h = add_axis(taps, in_w, out_w, &r.ksize_h);
-  r.taps_v = add_axis(taps, in_h, out_h, &r.ksize_v);
-  r.vertical_first = (in_w != out_w && in_h != out_h && vertical_first(in_h, in_w, out_h, out_w)) ? 1 : 0;
-  return r;
-}
-
 template <typename T>
 void run(const std::vector<ImageDesc>& d, const std::vector<TileDesc>& t, const std::vector<int32_t>& taps, int S,
          int smem, Norm norm, std::vector<T>& out) {

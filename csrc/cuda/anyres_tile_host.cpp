@@ -20,41 +20,6 @@ namespace anyres {
 void launch_anyres_tile(const at::Tensor& meta, int64_t n_images, at::Tensor& out, int64_t tile, const float* mean,
                         const float* stdv);
 
-namespace {
-
-// Appends one axis's taps ({xmin, count, weights...} per output pixel); returns its offset.
-int64_t add_axis(std::vector<int32_t>& taps, int in_size, int out_size, int32_t* ksize) {
-  const int64_t off = static_cast<int64_t>(taps.size());
-  if (in_size == out_size) {  // Pillow skips this pass: identity taps compute the same values
-    *ksize = 1;
-    for (int i = 0; i < out_size; ++i) taps.insert(taps.end(), {i, 1, int32_t(1) << kPrecisionBits});
-    return off;
-  }
-  const AxisScale s = axis_scale(in_size, out_size);
-  *ksize = s.ksize;
-  std::vector<int32_t> k(s.ksize);
-  for (int i = 0; i < out_size; ++i) {
-    int xmin;
-    const int count = tap_weights(s, in_size, i, k.data(), &xmin);
-    taps.push_back(xmin);
-    taps.push_back(count);
-    taps.insert(taps.end(), k.begin(), k.end());
-  }
-  return off;
-}
-
-ResizeDesc make_resize(std::vector<int32_t>& taps, int in_h, int in_w, int out_h, int out_w) {
-  ResizeDesc r{};
-  r.out_h = out_h;
-  r.out_w = out_w;
-  r.taps_h = add_axis(taps, in_w, out_w, &r.ksize_h);
-  r.taps_v = add_axis(taps, in_h, out_h, &r.ksize_v);
-  // with one axis unchanged the order does not matter (identity taps); Pillow's rule otherwise
-  r.vertical_first = (in_w != out_w && in_h != out_h && vertical_first(in_h, in_w, out_h, out_w)) ? 1 : 0;
-  return r;
-}
-
-}  // namespace
 }  // namespace anyres
 
 void anyres_tile_cuda(const std::vector<at::Tensor>& images, const at::Tensor& plan, at::Tensor out, int64_t tile,
