@@ -68,3 +68,12 @@ def run_without_interpreter(code: str, timeout: int = 300) -> None:
     if res.returncode and "ptxas" in res.stderr and "not found" in res.stderr.lower():
         pytest.skip("triton's ptxas is not available")
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def loss_grads(model, inputs) -> dict:
+    """One forward + backward of a python_ref model's loss: ``{parameter name: grad or None}``."""
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs)
+    assert torch.isfinite(out.loss), "loss must be finite"
+    out.loss.backward()
+    return {n: p.grad for n, p in model.named_parameters()}

@@ -8,18 +8,10 @@ import python_ref
 import vlmkernels
 from python_ref import training
 from python_ref.registry import NAMES
-from tests.helpers import assert_close
+from tests.helpers import assert_close, loss_grads
 
 DOCUMENT_SYSTEMS = ("minigpt5", "dynamic_qformer", "leo", "florence_vl", "dynamic_vision_selector",
                     "gemini", "gpt4v", "claude")
-
-
-def _grads(model, inputs):
-    model.zero_grad(set_to_none=True)
-    out = model(**inputs)
-    assert torch.isfinite(out.loss), "loss must be finite"
-    out.loss.backward()
-    return {n: p.grad for n, p in model.named_parameters()}
 
 
 def test_every_system_has_a_recipe():
@@ -51,7 +43,7 @@ def test_stages_train_exactly_their_parts_at_their_rates(name):
     model = python_ref.build(name, "tiny")
     inputs = python_ref.example_inputs(name, batch_size=2, seed=0, size="tiny", model=model)
     training.configure(model, "end_to_end")
-    used = {n for n, g in _grads(model, inputs).items() if g is not None}  # what the forward reaches
+    used = {n for n, g in loss_grads(model, inputs).items() if g is not None}  # what the forward reaches
     part_of = {n: part for part, names in training.parts(model).items() for n in names}
     for stage in training.recipe(name):
         groups = training.configure(model, stage=stage.name)  # the system build() recorded
@@ -61,7 +53,7 @@ def test_stages_train_exactly_their_parts_at_their_rates(name):
             assert g.get("lr") == stage.lr[g["name"]], (stage.name, g["name"])
         params = dict(model.named_parameters())
         assert {id(p) for g in groups for p in g["params"]} == {id(params[n]) for n in trained}
-        grads = _grads(model, inputs)
+        grads = loss_grads(model, inputs)
         for n, p in params.items():
             assert p.requires_grad == (n in trained), f"{stage.name}: requires_grad of {n}"
             assert (grads[n] is not None) == (n in trained and n in used), f"{stage.name}: grad of {n}"

@@ -7,19 +7,12 @@ import torch
 import python_ref
 from python_ref import training
 from python_ref.registry import NAMES
-
-
-def _grads(model, inputs):
-    model.zero_grad(set_to_none=True)
-    out = model(**inputs)
-    assert torch.isfinite(out.loss), "loss must be finite"
-    out.loss.backward()
-    return {n: p.grad for n, p in model.named_parameters()}
+from tests.helpers import loss_grads
 
 
 def _check_strategy(model, inputs, strategy, used):
     groups = training.configure(model, strategy)
-    grads = _grads(model, inputs)
+    grads = loss_grads(model, inputs)
     part_of = {n: part for part, names in training.parts(model).items() for n in names}
     trains = training._TRAINS[strategy]
     adapters = strategy in ("lora", "qlora")
@@ -50,7 +43,7 @@ def test_strategies_reach_exactly_their_parameters(name):
     # never runs the vision tower's last layer), and every part gets a nonzero one
     training.configure(model, "end_to_end")
     assert all(p.requires_grad for p in model.parameters())
-    grads = _grads(model, inputs)
+    grads = loss_grads(model, inputs)
     used = {n for n, g in grads.items() if g is not None}
     assert len(used) >= 0.5 * len(grads)
     for part, names in parts.items():
@@ -122,7 +115,7 @@ def test_qlora_stores_llm_weights_in_4bit(name):
     training.configure(model, "qlora")
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained == set(training.parts(model)["fusion"]) | {n for n in trained if training.is_adapter(n)}
-    grads = _grads(model, inputs)
+    grads = loss_grads(model, inputs)
     assert {n for n, g in grads.items() if g is not None} <= trained
     adapters = [n for n in grads if training.is_adapter(n)]
     assert adapters and all(grads[n] is not None for n in adapters)
