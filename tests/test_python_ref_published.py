@@ -239,3 +239,18 @@ def test_leo_published_base_tiles():
     assert plan.grid == (1, 6) and plan.num_tiles == 7
     visual, extras = m.encode_images(torch.empty(7 + 1, 3, 448, 448, device="meta"), num_tiles=[7, 1])
     assert [tuple(v.shape) for v in visual] == [(7 * 512, 4096), (512, 4096)] and extras["num_tiles"] == [7, 1]
+
+
+def test_readme_table_lists_each_recipe():
+    """README's architecture table names every system's recipe stages, in training order."""
+    import pathlib
+    import re
+
+    rows = {}
+    for line in (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines():
+        m = re.match(r"\| (\w+) \| (?:published|document)", line)
+        if m:
+            rows[m.group(1)] = line.rsplit(" | ", 1)[-1]
+    assert set(rows) == set(python_ref.ARCHITECTURES)
+    for name, cell in rows.items():
+        assert re.findall(r"`([\w.]+)` \(", cell) == [s.name for s in training.recipe(name)], name
