@@ -254,3 +254,21 @@ def test_readme_table_lists_each_recipe():
     assert set(rows) == set(python_ref.ARCHITECTURES)
     for name, cell in rows.items():
         assert re.findall(r"`([\w.]+)` \(", cell) == [s.name for s in training.recipe(name)], name
+
+
+def test_other_published_variant_dims_at_base():
+    # InstructBLIP Flan-T5-XL (Salesforce/instructblip-flan-t5-xl): 32 queries x 768 -> Linear -> 2048
+    ib = _base("instructblip", llm="t5")
+    t = ib.config.text_config
+    assert (t.d_model, t.num_layers, t.num_heads, t.d_ff) == (2048, 24, 32, 5120)
+    assert ib.query_tokens.shape == (1, 32, 768) and ib.language_projection.weight.shape == (2048, 768)
+    assert ib.config.vision_config.num_hidden_layers == 39 and ib.config.qformer_config.vocab_size == 30523
+    # Arevalo et al.'s GMU on MiniGPT-4's 1024-wide CLIP features: z = sigmoid(W_z[a;b]), tanh(W_a a), tanh(W_b b)
+    gate = _base("minigpt5", gate_variant="gmu").gate
+    assert gate.gate.weight.shape == (1024, 2048)
+    assert gate.proj_a.weight.shape == gate.proj_b.weight.shape == (1024, 1024)
+    # Florence-VL's DBFusion projector (mlp3x_gelu): Linear(in -> 4096) -> GELU -> Linear -> GELU -> Linear, no LN
+    proj = _base("florence_vl", fusion_variant="dbfusion").multi_granularity_fusion.proj
+    assert [type(m).__name__ for m in proj] == ["Linear", "GELU", "Linear", "GELU", "Linear"]
+    assert [m.weight.shape for m in proj if isinstance(m, torch.nn.Linear)] == [
+        (4096, 1024 + 1024 + 1152), (4096, 4096), (4096, 4096)]
