@@ -272,3 +272,61 @@ def test_other_published_variant_dims_at_base():
     assert [type(m).__name__ for m in proj] == ["Linear", "GELU", "Linear", "GELU", "Linear"]
     assert [m.weight.shape for m in proj if isinstance(m, torch.nn.Linear)] == [
         (4096, 1024 + 1024 + 1152), (4096, 4096), (4096, 4096)]
+
+
+# ---------------------------------------------------------------- Florence-VL on Florence-2
+
+def test_florence_vl_published_features_are_florence2s():
+    """The depth-breadth features are transformers' Florence2Model's: its projected DaViT features, and
+    its encoder's outputs at the image positions when the prompt follows the image placeholders."""
+    from transformers import Florence2Model
+
+    model = python_ref.build("florence_vl", "tiny", variant="published").eval()
+    cfg = model.florence_config
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        hf = Florence2Model(cfg).eval()
+    ours = {}
+    for k, v in hf.state_dict().items():
+        if k.startswith("language_model.encoder."):
+            ours[k[len("language_model."):]] = v
+        elif k.startswith(("vision_tower.", "multi_modal_projector.")):
+            ours[k] = v
+    ours["encoder.embed_tokens.weight"] = hf.language_model.shared.weight
+    missing, unexpected = model.load_state_dict(ours, strict=False)
+    assert not unexpected and all(k.startswith(("language_model.", "multi_granularity_fusion.")) for k in missing)
+    batch = python_ref.example_inputs("florence_vl", 2, seed=0, model=model)
+    with torch.no_grad():
+        feats = model.florence_features(batch["pixel_values"], batch["task_prompt_ids"])
+        image = hf.get_image_features(batch["pixel_values"]).pooler_output
+        torch.testing.assert_close(feats[0], image, rtol=0, atol=0)
+        n = image.shape[1]
+        for prompt, feat in zip(batch["task_prompt_ids"], feats[1:]):
+            ids = torch.cat([torch.full((n,), cfg.image_token_id), prompt]).expand(2, -1)
+            enc = hf(input_ids=ids, pixel_values=batch["pixel_values"]).encoder_last_hidden_state
+            torch.testing.assert_close(feat, enc[:, :n])
+
+
+def test_florence_vl_published_trains_and_has_published_dims():
+    model = python_ref.build("florence_vl", "tiny", variant="published")
+    batch = python_ref.example_inputs("florence_vl", 2, seed=1, model=model)
+    out = model(**batch)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.logits.shape[1] == 5 + batch["input_ids"].shape[1]  # 2x2 + 1 tokens
+    for part, names in training.parts(model).items():
+        params = dict(model.named_parameters())
+        assert any(params[n].grad is not None for n in names), part
+    with pytest.raises(ValueError, match="task_prompt_ids"):
+        model(**{**batch, "task_prompt_ids": batch["task_prompt_ids"][:2]})
+    with pytest.raises(TypeError):
+        python_ref.build("florence_vl", "tiny", variant="published", fusion_variant="document")
+    # Florence-2-large at 768 px: 577 tokens x 1024 per source, 4 sources -> DBFusion into Llama's 4096
+    m = _base("florence_vl", variant="published")
+    v, t = m.florence_config.vision_config, m.florence_config.text_config
+    assert list(v.embed_dim) == [256, 512, 1024, 2048] and list(v.depths) == [1, 1, 9, 1] and v.projection_dim == 1024
+    assert (t.d_model, t.encoder_layers, t.vocab_size) == (1024, 12, 51289)
+    prompts = [torch.zeros(n, dtype=torch.long, device="meta") for n in (12, 8, 11)]
+    feats = m.florence_features(torch.empty(1, 3, 768, 768, device="meta"), prompts)
+    assert [tuple(f.shape) for f in feats] == [(1, 577, 1024)] * 4
+    proj = m.multi_granularity_fusion.proj
+    assert [x.weight.shape for x in proj if isinstance(x, torch.nn.Linear)] == [(4096, 4096)] * 3
