@@ -34,6 +34,16 @@ def _seed():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: intra-op threads only add sync overhead, and on a loaded box spinning workers
+    slow each small op down by 10x or more."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(params=["cpu"] + (["cuda"] if HAS_CUDA else []))
 def device(request):
     return request.param

@@ -19,14 +19,7 @@ SOURCES = {"clip": "published", "llava_v1": "document", "llava_v15": "published"
            "minigpt4": "document"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models: intra-op threads only add sync overhead, and on a loaded box spinning workers
-    # slow each small op down by 10x or more.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train_step(model, batch):
