@@ -79,6 +79,30 @@ def test_patched_logits_match(kind, backend):
         assert torch.equal(model(**inputs).logits, exp)
 
 
+@pytest.mark.parametrize("kind", ["next", "onevision"])
+def test_auto_on_cpu_keeps_hf_code_and_forced_backends_run_ours(kind, monkeypatch):
+    """On CPU, HF's pack is faster than ours (bench e2e llava_next 0.97x fwd+bwd): backend="auto" keeps
+    HF's code for CPU tensors, a forced backend runs the ops."""
+    from vlmkernels.patching import anyres_models
+
+    calls = []
+    for name in ("pack_rows", "patch_embed"):
+        real = getattr(anyres_models, name)
+        monkeypatch.setattr(anyres_models, name, lambda *a, _n=name, _r=real, **k: calls.append(_n) or _r(*a, **k))
+    model = _next_model() if kind == "next" else _ov_model()
+    inputs = _inputs(model, SIZES)
+    with torch.no_grad():
+        exp = model(**inputs).logits
+        vlmkernels.patch(model, families=["anyres"], backend="auto")
+        got = model(**inputs).logits
+    assert calls == [] and torch.equal(got, exp)
+    vlmkernels.unpatch(model)
+    vlmkernels.patch(model, families=["anyres"], backend="reference")
+    with torch.no_grad():
+        model(**inputs)
+    assert set(calls) == {"pack_rows", "patch_embed"}
+
+
 def test_patched_gradients_match():
     model = _next_model().train()
     inputs = _inputs(model, SIZES)

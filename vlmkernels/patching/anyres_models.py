@@ -13,7 +13,9 @@
   place (so the LN runs exactly once whatever else is patched; the encoder input and every
   captured hidden state are unchanged).
 
-Calls with ``interpolate_pos_encoding=True`` go to the original forward.
+Calls with ``interpolate_pos_encoding=True`` go to the original forward, and so do calls on CPU
+tensors with ``backend="auto"`` (:func:`.core.keeps_hf_code`: HF's pack is faster there, the
+embeddings no slower); a forced backend always runs the ops.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 
 from ..anyres.embed import patch_embed
 from ..anyres.pack import pack_rows
-from .core import PatchRule, SkipPatch, patch_info, register_rule, require_backend
+from .core import PatchRule, SkipPatch, keeps_hf_code, patch_info, register_rule, require_backend
 
 FAMILY = "anyres"
 
@@ -110,6 +112,9 @@ def _build_llava_next(model, backend):
     _mark_pre_layernorm(model)
 
     def pack_image_features(self, image_features, image_sizes, vision_feature_select_strategy, image_newline=None):
+        if keeps_hf_code(backend, self.image_newline):
+            return type(self).pack_image_features(self, image_features, image_sizes, vision_feature_select_strategy,
+                                                  image_newline)
         return _packed(conf, image_features, image_sizes, image_newline, None, backend)
 
     return {"pack_image_features": pack_image_features}
@@ -121,6 +126,9 @@ def _build_llava_onevision(model, backend):
     _mark_pre_layernorm(model)  # SigLIP towers have none; a CLIP tower would
 
     def pack_image_features(self, image_features, image_sizes, image_newline=None, vision_aspect_ratio="anyres_max_9"):
+        if keeps_hf_code(backend, self.image_newline):
+            return type(self).pack_image_features(self, image_features, image_sizes, image_newline,
+                                                  vision_aspect_ratio)
         if vision_aspect_ratio is None:
             vision_aspect_ratio = getattr(self.config, "vision_aspect_ratio", "anyres_max_9")
         # HF parses it with str.strip("anyres_max_"); keep the same parse
@@ -172,7 +180,7 @@ def _build_embeddings(emb, backend, *, with_cls: bool):
 
     def forward(self, pixel_values, interpolate_pos_encoding=False):
         ln = _fused_pre_ln(self)
-        if interpolate_pos_encoding:
+        if interpolate_pos_encoding or keeps_hf_code(backend, pixel_values):
             out = cls_forward(self, pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
             return out if ln is None else F.layer_norm(out, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
         if with_cls:

@@ -33,6 +33,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+import torch
+
 from ..schemas import FAMILIES
 
 log = logging.getLogger("vlmkernels")
@@ -75,6 +77,15 @@ def require_backend(op: str, backend: str, like=None) -> None:
         ok, why = backend in registry.ops()[op].impls, f"{op} has no {backend!r} backend"
     if not ok:
         raise SkipPatch(f"backend {backend!r}: {why}")
+
+
+def keeps_hf_code(backend: str, t: torch.Tensor) -> bool:
+    """Whether a patched forward runs the original (HF) code for this call: ``backend="auto"`` on CPU
+    tensors, where no backend of ours beats HF's (bench e2e: the MoE experts and routers, the AnyRes
+    pack) and a user patching a CPU model must not get a slower one. Decided per call, not at patch
+    time, so a model patched on the CPU and moved to a GPU runs the kernels there; a forced backend
+    (``"cpu"``, ``"reference"``, ...) always runs them."""
+    return backend == "auto" and t.device.type == "cpu"
 
 
 @dataclass

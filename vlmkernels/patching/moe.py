@@ -12,7 +12,7 @@ GLM-4.5V (text).
   int64, like ``torch.topk``.
 * Experts (``*Experts`` of the same models, HF v5 3-D weights): the forward becomes ``fused_moe``.
 * With ``backend="auto"``, CPU tensors keep HF's own router and experts forwards (no CPU backend
-  beats them, see :func:`_hf_forward_on_cpu`); forced backends run the ops on CPU too.
+  beats them, see :func:`.core.keeps_hf_code`); forced backends run the ops on CPU too.
   Qwen2-MoE's sigmoid-gated shared expert and DeepSeek's shared experts are dense MLPs the block
   adds itself; the block's forward is left alone and simply calls the patched router and experts.
 * transformers' experts interface gets a ``"vlmkernels"`` implementation when this module is
@@ -34,7 +34,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .core import PatchRule, SkipPatch, patch_info, register_rule, require_backend
+from .core import PatchRule, SkipPatch, keeps_hf_code, patch_info, register_rule, require_backend
 
 FAMILY = "moe"
 
@@ -96,17 +96,6 @@ def _feeds_patched_experts(experts, backend: str) -> bool:
     return True
 
 
-def _hf_forward_on_cpu(backend: str, hidden_states: torch.Tensor) -> bool:
-    """``backend="auto"`` on CPU tensors keeps HF's own router and experts forwards. Measured on the
-    CPU (bench e2e, Qwen3-MoE "small"): ``fused_moe`` has no backend faster than HF's ``grouped_mm``
-    (its reference computes the same grouped GEMMs) and its backward recomputes the forward where HF's
-    autograd keeps the intermediates; the routers' custom-op autograd wrapper costs more than HF's
-    softmax + topk at router sizes. A user patching a CPU model must not get a slower one. Decided
-    per call (not at patch time) so that a model patched on the CPU and moved to the GPU afterwards
-    runs the kernels there; a forced backend (``"cpu"``, ``"reference"``, ...) always runs them."""
-    return backend == "auto" and hidden_states.device.type == "cpu"
-
-
 # ---- HF routers ---------------------------------------------------------------------------------
 
 def _build_softmax_router(router, backend, int32_ids):
@@ -119,7 +108,7 @@ def _build_softmax_router(router, backend, int32_ids):
     ops = _ops()
 
     def forward(self, hidden_states):
-        if _hf_forward_on_cpu(backend, hidden_states):
+        if keeps_hf_code(backend, hidden_states):
             return type(self).forward(self, hidden_states)
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
         router_logits = F.linear(hidden_states, self.weight)
@@ -144,7 +133,7 @@ def _build_deepseek_router(router, backend, int32_ids):
     ops = _ops()
 
     def forward(self, hidden_states):
-        if _hf_forward_on_cpu(backend, hidden_states):
+        if keeps_hf_code(backend, hidden_states):
             return type(self).forward(self, hidden_states)
         hidden_states = hidden_states.view(-1, self.hidden_dim)
         router_logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
@@ -211,7 +200,7 @@ def _experts_forward(backend: str, activation: str):
     ops = _ops()
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        if _hf_forward_on_cpu(backend, hidden_states):
+        if keeps_hf_code(backend, hidden_states):
             return type(self).forward(self, hidden_states, top_k_index, top_k_weights)
         x = hidden_states
         if x.dtype != self.gate_up_proj.dtype:  # autocast: HF casts the input to the weights' dtype
@@ -239,8 +228,8 @@ def _build_experts(experts, backend):
 def vlmkernels_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """transformers ``ExpertsInterface`` entry ``"vlmkernels"``: ``fused_moe`` with ``backend="auto"``,
     HF's ``grouped_mm`` for layouts it does not cover (bias, transposed, custom gate, EP) and for CPU
-    tensors (see :func:`_hf_forward_on_cpu`)."""
-    if _experts_unsupported(self) is not None or _hf_forward_on_cpu("auto", hidden_states):
+    tensors (see :func:`~vlmkernels.patching.core.keeps_hf_code`)."""
+    if _experts_unsupported(self) is not None or keeps_hf_code("auto", hidden_states):
         from transformers.integrations.moe import grouped_mm_experts_forward
 
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
