@@ -78,13 +78,13 @@ def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _kernel_inputs(logits, bias, *, fp64_ok: bool):
-    """Contiguous logits and a bias in the compute dtype (fp32, or fp64 for fp64 logits where supported)."""
+def _triton_inputs(logits, bias):
+    """Contiguous logits (fp64 computed in fp32, as on the cuda backend) and an fp32 bias."""
     logits = logits.contiguous()
-    if not fp64_ok and logits.dtype == torch.float64:
+    if logits.dtype == torch.float64:
         logits = logits.float()
     if bias is not None:
-        bias = bias.to(_compute_dtype(logits.dtype)).contiguous()
+        bias = bias.to(torch.float32).contiguous()
     return logits, bias
 
 
@@ -115,7 +115,7 @@ def _triton(logits, top_k, scoring, renormalize, bias, num_groups, topk_groups, 
         return _empty_result(logits, top_k, weights_dtype)
     from ..triton.moe_route import moe_topk_route_triton
 
-    logits, bias = _kernel_inputs(logits, bias, fp64_ok=False)
+    logits, bias = _triton_inputs(logits, bias)
     w, ids = moe_topk_route_triton(logits, bias, int(top_k), SCORINGS[scoring], bool(renormalize),
                                    int(num_groups), int(topk_groups), GROUP_SCORES[group_score],
                                    float(scaling_factor))
