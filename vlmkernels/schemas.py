@@ -11,6 +11,10 @@ FAMILIES = ("qformer", "gated_fusion", "anyres", "moe")
 
 # name -> (family, schema without the name)
 SCHEMAS: dict[str, tuple[str, str]] = {
+    # --- Q-Former cross-attention (vlmkernels/qformer) ------------------------------------------
+    # --- end of Q-Former ops
+    # --- Gated expert fusion (vlmkernels/gated_fusion) ------------------------------------------
+    # --- end of gated fusion ops
     # --- MoE top-k routing -------------------------------------------------------------------
     "moe_topk_route": (
         "moe",
@@ -101,6 +105,8 @@ SCHEMAS: dict[str, tuple[str, str]] = {
 # Ops that no vlmkernels.ops function of the same name exposes, and the public function that uses them
 # (backward passes run through the forward's autograd; batched helpers sit behind a friendlier API).
 SERVED_BY: dict[str, str] = {
+    # Q-Former
+    # gated fusion
     "fused_moe_backward": "fused_moe",
     "anyres_pack_backward": "anyres_pack",
     "anyres_plan_llava": "anyres_plan_batch",

@@ -4,17 +4,7 @@ Each submodule registers its ops' implementations on import and lists its public
 ``__all__``.
 """
 
-import importlib as _importlib
+from .._family import load as _load
 
-__all__: list[str] = []
 SUBMODULES = ("route", "align", "select", "fused")
-for _sub in SUBMODULES:
-    try:
-        _mod = _importlib.import_module(f"{__name__}.{_sub}")
-    except ModuleNotFoundError as _e:  # still being written
-        if _e.name != f"{__name__}.{_sub}":
-            raise
-        continue
-    for _n in _mod.__all__:
-        globals()[_n] = getattr(_mod, _n)
-        __all__.append(_n)
+__all__: list[str] = _load(__name__, SUBMODULES, globals())
