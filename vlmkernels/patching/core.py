@@ -97,13 +97,36 @@ class PatchRule:
     :class:`SkipPatch`. The functions may capture settings but must reach the instance's state only
     through ``self``: copies of the instance bind the same functions. Rules are tried in descending
     ``priority``; the first that matches an object decides for it.
+
+    ``options`` names the keywords of :func:`patch` beyond ``backend`` that the rule reads (so far
+    ``"precision"``): ``build`` then takes them as keyword arguments, they are kept in the patch
+    record (copies and pickles rebuild with them) and shown in the report. Rules that do not list an
+    option never see it. ``note`` is shown beside every module the rule patches (e.g. which calls
+    still run the original code).
     """
 
     family: str
     name: str
     match: Callable[[Any], bool]
-    build: Callable[[Any, str], dict[str, Callable]]
+    build: Callable[..., dict[str, Callable]]
     priority: int = 0
+    options: tuple[str, ...] = ()
+    note: str = ""
+
+
+# patch(precision=...): None runs every module in its own dtype; "bf16" lets rules that list the
+# "precision" option run float32 modules' kernels in bfloat16 (casting inputs and outputs)
+PRECISIONS = (None, "bf16")
+
+
+def _patched_reason(rule: PatchRule, info: dict) -> str:
+    """What the report shows beside a patched module: the options it runs with and the rule's note."""
+    return "; ".join([f"{k}={info[k]}" for k in rule.options if k in info] + ([rule.note] if rule.note else []))
+
+
+def _build(rule: PatchRule, obj, info: dict) -> dict[str, Callable]:
+    """``rule.build`` with the backend and the options of the patch record ``info`` it reads."""
+    return rule.build(obj, info["backend"], **{k: info[k] for k in rule.options if k in info})
 
 
 _RULES: list[PatchRule] = []
@@ -142,7 +165,7 @@ class PatchEntry:
     family: str
     rule: str
     backend: str
-    reason: str = ""
+    reason: str = ""  # skipped: why; patched: the options it runs with and the rule's note
 
 
 @dataclass
@@ -158,7 +181,8 @@ class PatchReport:
 
     def __str__(self) -> str:
         rows = [("status", "path", "class", "family", "backend / reason")]
-        rows += [("patched", e.path or "<root>", e.cls, e.family, e.backend) for e in self.patched]
+        rows += [("patched", e.path or "<root>", e.cls, e.family, e.backend + (f"; {e.reason}" if e.reason else ""))
+                 for e in self.patched]
         rows += [("skipped", e.path or "<root>", e.cls, e.family, e.reason) for e in self.skipped]
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         out = [f"vlmkernels.patch: {len(self.patched)} patched, {len(self.skipped)} skipped"]
@@ -272,7 +296,7 @@ def _rebuild(obj, info: dict) -> bool:
     try:
         if rule is None:
             raise SkipPatch(f"no rule {info['family']}.{info['rule']} in this vlmkernels")
-        methods = rule.build(obj, info["backend"])
+        methods = _build(rule, obj, info)
     except SkipPatch as e:
         log.info("vlmkernels: the loaded %s is not patched (yet): %s", type(obj).__name__, e)
         return False
@@ -294,16 +318,20 @@ def _retry_pending() -> None:
 
 
 def patch_info(obj) -> dict | None:
-    """``{"family", "rule", "backend"}`` when ``obj`` itself is patched, else None."""
+    """``{"family", "rule", "backend"}`` (plus the options its rule reads, e.g. ``"precision"``, when
+    given) when ``obj`` itself is patched, else None."""
     state = getattr(obj, "__dict__", {}).get(_STATE_ATTR)
     return None if state is None else dict(state.info)
 
 
-def patch(obj, *, families: Iterable[str] | None = None, backend: str = "auto") -> PatchReport:
+def patch(obj, *, families: Iterable[str] | None = None, backend: str = "auto",
+          precision: str | None = None) -> PatchReport:
     """Swap accelerated forwards onto the instances inside ``obj``; returns what was patched and skipped.
 
-    Idempotent: a module already patched with the same rule and backend is left as it is (and still
-    reported). ``backend`` is passed to every op the patched forwards call.
+    Idempotent: a module already patched with the same rule, backend and options is left as it is
+    (and still reported). ``backend`` is passed to every op the patched forwards call.
+    ``precision`` (None or ``"bf16"``) is read by the rules that support it (the Q-Former rules: an
+    fp32 module then runs its kernels in bf16); the others ignore it.
     """
     from ..registry import BACKENDS
 
@@ -313,6 +341,9 @@ def patch(obj, *, families: Iterable[str] | None = None, backend: str = "auto") 
         raise ValueError(f"unknown families {bad}; choose from {FAMILIES}")
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    options = {} if precision is None else {"precision": precision}
     active = [r for r in rules() if r.family in fams]
     report = PatchReport()
     for path, sub in list(_iter_objects(obj)):
@@ -323,13 +354,16 @@ def patch(obj, *, families: Iterable[str] | None = None, backend: str = "auto") 
             except Exception as e:  # a matcher must never break patching of the rest
                 log.debug("rule %s.%s failed to match %s: %s", rule.family, rule.name, path, e)
                 continue
+            info = {"family": rule.family, "rule": rule.name, "backend": backend,
+                    **{k: v for k, v in options.items() if k in rule.options}}
             entry = PatchEntry(path, type(sub).__name__, rule.family, rule.name, backend)
-            info = {"family": rule.family, "rule": rule.name, "backend": backend}
+            patched_reason = _patched_reason(rule, info)
             if patch_info(sub) == info:
+                entry.reason = patched_reason
                 report.patched.append(entry)
                 break
             try:
-                methods = rule.build(sub, backend)
+                methods = _build(rule, sub, info)
             except SkipPatch as e:
                 entry.reason = str(e)
                 report.skipped.append(entry)
@@ -337,6 +371,7 @@ def patch(obj, *, families: Iterable[str] | None = None, backend: str = "auto") 
                 break
             _restore(sub)  # re-patching with another backend starts from the original
             _bind(sub, methods, info)
+            entry.reason = patched_reason
             report.patched.append(entry)
             break
     if not report:

@@ -1,0 +1,352 @@
+"""Q-Former patch rules: HF transformers 5.x BLIP-2 / InstructBLIP / InstructBLIP-Video Q-Formers, and
+python_ref Gemini's masked attention.
+
+* ``Blip2QFormerModel``, ``InstructBlipQFormerModel``, ``InstructBlipVideoQFormerModel`` (inside their
+  ``*ForConditionalGeneration`` / ``*Model`` classes, and in python_ref's blip2, instructblip, minigpt4,
+  minigpt5 and dynamic_qformer, which all build HF's ``Blip2QFormerModel``): the model's forward runs
+  the encoder itself. The cross-attention K/V of every cross layer come from ONE ``qformer_cross_kv``
+  GEMM over the encoder states (read once, not once per cross layer); then per layer:
+  self-attention over all rows (queries, plus InstructBLIP's instruction tokens under their padding
+  mask) -> ``linear_residual_layernorm`` -> (query rows, cross layers) cross-attention on the hoisted
+  K/V -> ``linear_residual_layernorm`` -> ``linear_gelu`` -> ``linear_residual_layernorm``; text rows
+  go through the text FFN (``intermediate`` / ``output``) and are concatenated after the queries, as
+  HF does. The embeddings (BLIP-2's ``layernorm`` + ``dropout``, InstructBLIP's ``embeddings``) stay
+  the model's own modules.
+* HF's output contract is kept: ``BaseModelOutputWithPoolingAndCrossAttentions`` (``pooler_output`` =
+  ``last_hidden_state[:, 0]``), a tuple for ``return_dict=False``, the output in the Q-Former's dtype,
+  encoder states cast to it (BLIP-2 loaded in fp16 keeps an fp32 Q-Former and feeds it fp16 states).
+* Calls that run HF's own code (decided per call; the patch report says so): ``output_attentions`` or
+  ``output_hidden_states`` requested (argument or config: HF records them with hooks on the modules
+  this path does not call), an attention mask that is not 2-D ``[B, L]``, missing encoder states
+  where a cross layer needs them (HF raises), text rows without a text FFN (HF raises), and
+  ``backend="auto"`` on CPU tensors (:func:`.core.keeps_hf_code`; forced backends run the ops on CPU).
+* Training: dropout runs with the modules' own ``p`` while they are in training mode (attention
+  probabilities, the three output blocks). Gradient-checkpointed layers (``gradient_checkpointing_enable``)
+  are honored: each patched layer runs under the layer's own ``_gradient_checkpointing_func``. The
+  hoisted cross K/V is computed outside the checkpoints, so it is kept for the backward (HF recomputes
+  each layer's K/V instead).
+* Weights are read through ``self`` at call time. The stacked cross K/V weight (and, for
+  ``precision="bf16"``, the bf16 copies of every weight) are cached per module, keyed on the
+  parameters' storage and version counters, only when no gradient flows to those parameters (frozen
+  Q-Former or ``no_grad``); with gradients they are rebuilt every call (weights change every step and
+  the stacking must stay on the autograd graph), and under ``torch.compile`` always. The cache lives
+  outside the instance (a weak dictionary), so copies, pickles and ``state_dict`` never carry it.
+* ``precision="bf16"`` (``vlmkernels.patch(..., precision="bf16")``): an fp32 Q-Former runs its
+  kernels in bf16 (weights, activations and encoder states cast to bf16; the embeddings' LayerNorm
+  stays fp32) and its output is cast back to fp32. Q-Formers in another dtype run as they are.
+  Measured error bound (CPU, reference backend, random BLIP-2-like weights, see
+  tests/test_patch_qformer.py::test_precision_bf16): max |bf16 - fp32| of the output <= 2e-2 * max|fp32|.
+* python_ref Gemini ``MaskedAttention`` (self- and cross-modal attention alike): ``qkv`` ->
+  ``attention(q, k, v, attn_mask=allowed)`` -> ``out``; a row with no allowed key gives zeros, the
+  op's rule and the module's.
+
+Classes are matched by name and module, so nothing here imports transformers or python_ref eagerly.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from .core import PatchRule, SkipPatch, keeps_hf_code, register_rule, require_backend
+from .moe import _is_hf, _is_python_ref
+
+FAMILY = "qformer"
+
+# HF Q-Former class -> how its forward embeds the inputs
+_HF_QFORMERS = {"Blip2QFormerModel": "blip2", "InstructBlipQFormerModel": "instructblip",
+                "InstructBlipVideoQFormerModel": "instructblip"}
+_OPS = ("attention", "qformer_cross_kv", "linear_residual_layernorm", "linear_gelu")
+_RECORDED = ("output_attentions", "output_hidden_states")  # HF records these with module hooks
+
+NOTE = ("output_attentions/output_hidden_states calls, non-2-D masks and backend='auto' on CPU tensors run "
+        "HF's code; gradient-checkpointed layers are checkpointed around the patched layer")
+
+
+def _ops():
+    from .. import ops
+
+    return ops
+
+
+# ---- structure checks (patch time) --------------------------------------------------------------
+
+def _check_linear(mod, what: str) -> None:
+    if not isinstance(mod, torch.nn.Linear) or mod.bias is None:
+        raise SkipPatch(f"{what} is not an nn.Linear with a bias")
+
+
+def _check_output_block(block, what: str) -> None:
+    """``*SelfOutput`` / ``*Output``: dense + dropout + LayerNorm(x + residual)."""
+    _check_linear(getattr(block, "dense", None), f"{what}.dense")
+    ln = getattr(block, "LayerNorm", None)
+    if not isinstance(ln, torch.nn.LayerNorm) or ln.weight is None or ln.bias is None:
+        raise SkipPatch(f"{what}.LayerNorm is not an affine nn.LayerNorm")
+    if not isinstance(getattr(block, "dropout", None), torch.nn.Dropout):
+        raise SkipPatch(f"{what}.dropout is not an nn.Dropout")
+
+
+def _check_attention(att, what: str) -> None:
+    mha = getattr(att, "attention", None)
+    for name in ("query", "key", "value"):
+        _check_linear(getattr(mha, name, None), f"{what}.attention.{name}")
+    if mha.query.out_features != mha.num_attention_heads * mha.attention_head_size:
+        raise SkipPatch(f"{what}: heads do not tile the hidden size")
+    _check_output_block(getattr(att, "output", None), f"{what}.output")
+
+
+def _check_ffn(inter, out, what: str) -> None:
+    _check_linear(getattr(inter, "dense", None), f"{what}.dense")
+    act = getattr(inter, "intermediate_act_fn", None)
+    # GELUActivation is exact erf GELU (its python variant too); anything else is not what linear_gelu computes
+    if type(act).__name__ != "GELUActivation" and not (isinstance(act, torch.nn.GELU) and act.approximate == "none"):
+        raise SkipPatch(f"{what} activation {type(act).__name__} is not the exact (erf) GELU")
+    _check_output_block(out, what.replace("intermediate", "output"))
+
+
+def _check_qformer(qf) -> None:
+    layers = getattr(getattr(qf, "encoder", None), "layer", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        raise SkipPatch("no encoder.layer ModuleList")
+    dtype = next(qf.parameters()).dtype
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise SkipPatch(f"dtype {dtype} is not supported")
+    for i, layer in enumerate(layers):
+        _check_attention(layer.attention, f"layer {i} attention")
+        if layer.has_cross_attention:
+            _check_attention(layer.crossattention, f"layer {i} crossattention")
+        _check_ffn(layer.intermediate_query, layer.output_query, f"layer {i} intermediate_query")
+        if hasattr(layer, "intermediate"):
+            _check_ffn(layer.intermediate, layer.output, f"layer {i} intermediate")
+
+
+# ---- cached weights -----------------------------------------------------------------------------
+
+# module -> (key, _Weights): see the module docstring ("Weights are read through self ...")
+_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+class _Weights:
+    """What one call reads besides the parameters as they are: the stacked cross K/V weight and bias,
+    and (when the compute dtype differs from the parameters') every parameter in the compute dtype."""
+
+    def __init__(self, qf, dtype: torch.dtype):
+        self.dtype = dtype
+        cast = dtype != _param_dtype(qf)
+        self.casts = {id(p): p.to(dtype) for p in qf.encoder.parameters()} if cast else None
+        cross = [layer.crossattention.attention for layer in qf.encoder.layer if layer.has_cross_attention]
+        self.kv_weight = self.kv_bias = None
+        if cross:
+            from ..qformer.cross_kv import stack_cross_kv_weights
+
+            w, b = stack_cross_kv_weights([(m.key, m.value) for m in cross])
+            self.kv_weight, self.kv_bias = w.to(dtype), b.to(dtype)
+
+    def __call__(self, p: torch.Tensor) -> torch.Tensor:
+        return p if self.casts is None else self.casts[id(p)]
+
+
+def _param_dtype(qf) -> torch.dtype:
+    return qf.encoder.layer[0].attention.attention.query.weight.dtype
+
+
+def _weights(qf, dtype: torch.dtype) -> _Weights:
+    cast = dtype != _param_dtype(qf)
+    if cast:
+        params = list(qf.encoder.parameters())
+    else:
+        params = [p for layer in qf.encoder.layer if layer.has_cross_attention
+                  for m in (layer.crossattention.attention.key, layer.crossattention.attention.value)
+                  for p in (m.weight, m.bias)]
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+        return _Weights(qf, dtype)  # on the autograd graph / traced: never cached
+    key = (dtype, tuple((p.data_ptr(), p._version, p.device) for p in params))
+    hit = _CACHE.get(qf)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    w = _Weights(qf, dtype)
+    _CACHE[qf] = (key, w)
+    return w
+
+
+# ---- the patched encoder ------------------------------------------------------------------------
+
+def _p(module) -> float:
+    """A dropout module's p when it is active (training), else 0."""
+    return module.p if module.training else 0.0
+
+
+def _output_block(block, x, residual, W, backend):
+    return _ops().linear_residual_layernorm(
+        x, W(block.dense.weight), W(block.dense.bias), residual, W(block.LayerNorm.weight), W(block.LayerNorm.bias),
+        block.LayerNorm.eps, _p(block.dropout), backend=backend)
+
+
+def _ffn(inter, out, x, W, backend):
+    return _output_block(out, _ops().linear_gelu(x, W(inter.dense.weight), W(inter.dense.bias), backend=backend),
+                         x, W, backend)
+
+
+def _heads(x, mha):
+    return x.view(*x.shape[:-1], mha.num_attention_heads, mha.attention_head_size)
+
+
+def _attention_block(att, h, k, v, key_mask, W, backend):
+    """``*Attention``: q (and, for self-attention, k, v) projections -> attention -> output block."""
+    mha = att.attention
+    q = _heads(F.linear(h, W(mha.query.weight), W(mha.query.bias)), mha)
+    if k is None:  # self-attention
+        k = _heads(F.linear(h, W(mha.key.weight), W(mha.key.bias)), mha)
+        v = _heads(F.linear(h, W(mha.value.weight), W(mha.value.bias)), mha)
+    o = _ops().attention(q, k, v, key_padding_mask=key_mask, scale=mha.scaling,
+                                 dropout_p=mha.attention_dropout if mha.training else 0.0, backend=backend)
+    return _output_block(att.output, o.flatten(-2), h, W, backend)
+
+
+def _layer_forward(layer, W, self_mask, cross_mask, query_length, backend, h, k, v):
+    """One ``*QFormerLayer`` (tensors that may need gradients come last, positionally, for checkpointing)."""
+    a = _attention_block(layer.attention, h, None, None, self_mask, W, backend)
+    if query_length == 0:
+        return _ffn(layer.intermediate, layer.output, a, W, backend)
+    aq = a[:, :query_length]
+    if layer.has_cross_attention:
+        aq = _attention_block(layer.crossattention, aq, k, v, cross_mask, W, backend)
+    out = _ffn(layer.intermediate_query, layer.output_query, aq, W, backend)
+    if a.shape[1] > query_length:
+        out = torch.cat([out, _ffn(layer.intermediate, layer.output, a[:, query_length:], W, backend)], dim=1)
+    return out
+
+
+def _encoder(self, h, self_mask, enc, cross_mask, query_length, backend, precision):
+    """The Q-Former encoder over embedded rows ``h`` -> last hidden state in the module's dtype."""
+    out_dtype = h.dtype
+    dtype = torch.bfloat16 if precision == "bf16" and out_dtype == torch.float32 else out_dtype
+    W = _weights(self, dtype)
+    h = h.to(dtype)
+    layers = self.encoder.layer
+    kv = [None] * len(layers)
+    if query_length > 0 and W.kv_weight is not None:
+        enc = enc.to(dtype)
+        stacked = _ops().qformer_cross_kv(enc, W.kv_weight, W.kv_bias, backend=backend)  # [B, N, L*2*D]
+        mha = next(layer.crossattention.attention for layer in layers if layer.has_cross_attention)
+        # rows are layer-major, key then value: [B, N, cross layer, k|v, H, d]
+        per = stacked.view(*stacked.shape[:2], -1, 2, mha.num_attention_heads, mha.attention_head_size)
+        j = 0
+        for i, layer in enumerate(layers):
+            if layer.has_cross_attention:
+                kv[i] = (per[:, :, j, 0], per[:, :, j, 1])
+                j += 1
+    for layer, layer_kv in zip(layers, kv):
+        k, v = layer_kv if layer_kv is not None else (None, None)
+        run = functools.partial(_layer_forward, layer, W, self_mask, cross_mask, query_length, backend)
+        if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
+            h = layer._gradient_checkpointing_func(run, h, k, v)
+        else:
+            h = run(h, k, v)
+    return h.to(out_dtype)
+
+
+def _runs_hf(self, backend, like, attention_mask, encoder_hidden_states, encoder_attention_mask, rows,
+             query_length, kwargs) -> bool:
+    """Whether this call must run HF's own forward (see the module docstring)."""
+    if keeps_hf_code(backend, like):
+        return True
+    if any(kwargs.get(k, getattr(self.config, k, False)) for k in _RECORDED):
+        return True
+    if any(m is not None and m.dim() != 2 for m in (attention_mask, encoder_attention_mask)):
+        return True
+    layers = self.encoder.layer
+    if query_length > 0 and encoder_hidden_states is None and any(l.has_cross_attention for l in layers):
+        return True  # HF raises its own error
+    return rows > query_length and not hasattr(layers[0], "intermediate")  # text rows, no text FFN: HF raises
+
+
+def _output(self, seq, kwargs):
+    from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+
+    out = BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=seq, pooler_output=seq[:, 0, :])
+    return out.to_tuple() if kwargs.get("return_dict", getattr(self.config, "return_dict", True)) is False else out
+
+
+def _masks(attention_mask, encoder_attention_mask):
+    return (None if attention_mask is None else attention_mask.bool(),
+            None if encoder_attention_mask is None else encoder_attention_mask.bool())
+
+
+def _blip2_forward(backend, precision):
+    def forward(self, query_embeds, query_length=None, attention_mask=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, **kwargs):
+        ql = query_length if query_length is not None else query_embeds.shape[1]
+        if _runs_hf(self, backend, query_embeds, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                    query_embeds.shape[1], ql, kwargs):
+            return type(self).forward(self, query_embeds, query_length=query_length, attention_mask=attention_mask,
+                                      encoder_hidden_states=encoder_hidden_states,
+                                      encoder_attention_mask=encoder_attention_mask, **kwargs)
+        h = self.dropout(self.layernorm(query_embeds.to(self.layernorm.weight.dtype)))
+        self_mask, cross_mask = _masks(attention_mask, encoder_attention_mask)
+        seq = _encoder(self, h, self_mask, encoder_hidden_states, cross_mask, ql, backend, precision)
+        return _output(self, seq, kwargs)
+
+    return forward
+
+
+def _instructblip_forward(backend, precision):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, query_embeds=None,
+                encoder_hidden_states=None, encoder_attention_mask=None, **kwargs):
+        like = query_embeds if query_embeds is not None else input_ids
+        ql = query_embeds.shape[1] if query_embeds is not None else 0
+        rows = ql + (input_ids.shape[1] if input_ids is not None else 0)
+        if like is None or _runs_hf(self, backend, like, attention_mask, encoder_hidden_states,
+                                    encoder_attention_mask, rows, ql, kwargs):
+            return type(self).forward(self, input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                      query_embeds=query_embeds, encoder_hidden_states=encoder_hidden_states,
+                                      encoder_attention_mask=encoder_attention_mask, **kwargs)
+        h = self.embeddings(input_ids=input_ids, position_ids=position_ids, query_embeds=query_embeds)
+        self_mask, cross_mask = _masks(attention_mask, encoder_attention_mask)
+        seq = _encoder(self, h, self_mask, encoder_hidden_states, cross_mask, ql, backend, precision)
+        return _output(self, seq, kwargs)
+
+    return forward
+
+
+def _require_ops(ops, backend, like) -> None:
+    from .. import registry
+
+    for op in ops:
+        if op not in registry.ops():
+            raise SkipPatch(f"op {op} is not registered in this vlmkernels")
+        require_backend(op, backend, like)
+
+
+def _build_hf_qformer(qf, backend, precision=None):
+    _check_qformer(qf)
+    _require_ops(_OPS, backend, next(qf.parameters()))
+    kind = _HF_QFORMERS[type(qf).__name__]
+    make = _blip2_forward if kind == "blip2" else _instructblip_forward
+    return {"forward": make(backend, precision)}
+
+
+# ---- python_ref Gemini --------------------------------------------------------------------------
+
+def _build_masked_attention(att, backend):
+    _require_ops(("attention",), backend, att.qkv.weight)
+    ops = _ops()
+
+    def forward(self, x, allowed):
+        if keeps_hf_code(backend, x):
+            return type(self).forward(self, x, allowed)
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).unbind(2)
+        o = ops.attention(q, k, v, attn_mask=allowed, backend=backend)
+        return self.out(o.reshape(b, n, d))
+
+    return {"forward": forward}
+
+
+register_rule(PatchRule(FAMILY, "hf_qformer", match=lambda m: _is_hf(m, _HF_QFORMERS), build=_build_hf_qformer,
+                        options=("precision",), note=NOTE))
+register_rule(PatchRule(FAMILY, "gemini_masked_attention", match=lambda m: _is_python_ref(m, "MaskedAttention"),
+                        build=_build_masked_attention))
