@@ -12,6 +12,28 @@ FAMILIES = ("qformer", "gated_fusion", "anyres", "moe")
 # name -> (family, schema without the name)
 SCHEMAS: dict[str, tuple[str, str]] = {
     # --- Q-Former cross-attention (vlmkernels/qformer) ------------------------------------------
+    # Q-Former attention (vlmkernels.qformer.attention): q [B,Lq,H,d], k/v [B,Lk,H,d] ([total_k,H,d] with
+    # cu_seqlens_k int32 [B+1]); bool masks True = keep; dropout_mask drawn by the functional API.
+    # Returns (out [B,Lq,H,d], lse float32 [B,H,Lq], +inf on rows without a kept key).
+    "attention": (
+        "qformer",
+        "(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask=None, Tensor? attn_mask=None, "
+        "Tensor? cu_seqlens_k=None, float? scale=None, Tensor? dropout_mask=None, float dropout_p=0.0, "
+        "str backend=\"auto\") -> (Tensor, Tensor)",
+    ),
+    # its vjp from the saved (out, lse): (dq, dk, dv)
+    "attention_backward": (
+        "qformer",
+        "(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_padding_mask=None, "
+        "Tensor? attn_mask=None, Tensor? cu_seqlens_k=None, float? scale=None, Tensor? dropout_mask=None, "
+        "float dropout_p=0.0, str backend=\"auto\") -> (Tensor, Tensor, Tensor)",
+    ),
+    # hoisted cross K/V of every cross-attention layer: encoder_states [B,N,E] @ weight[L*2*D, E].T + bias
+    # -> [B, N, L*2*D] (vlmkernels.qformer.cross_kv views it as [L, 2, B, N, D])
+    "qformer_cross_kv": (
+        "qformer",
+        "(Tensor encoder_states, Tensor weight, Tensor? bias=None, str backend=\"auto\") -> Tensor",
+    ),
     # --- end of Q-Former ops
     # --- Gated expert fusion (vlmkernels/gated_fusion) ------------------------------------------
     # --- end of gated fusion ops
@@ -106,6 +128,7 @@ SCHEMAS: dict[str, tuple[str, str]] = {
 # (backward passes run through the forward's autograd; batched helpers sit behind a friendlier API).
 SERVED_BY: dict[str, str] = {
     # Q-Former
+    "attention_backward": "attention",
     # gated fusion
     "fused_moe_backward": "fused_moe",
     "anyres_pack_backward": "anyres_pack",

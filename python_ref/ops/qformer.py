@@ -1,0 +1,135 @@
+"""Reference Q-Former cross-attention and hoisted cross K/V projection (explicit math, float64-capable).
+
+Attention (HF ``Blip2QFormerMultiHeadAttention`` after the projections, heads as ``[B, L, H, d]``)::
+
+    S[b,h,i,j] = scale * q[b,i,h] . k[b,j,h]          (scale defaults to d**-0.5)
+    keep[b,i,j] = key_padding_mask[b,j] & attn_mask[b,i,j]    (True = attend; None = all True)
+    P = softmax_j(S where keep else -inf)             (a row without a kept key: P = 0)
+    out[b,i,h] = sum_j P[b,h,i,j] * D[b,h,i,j] * v[b,j,h]
+    D = dropout_mask / (1 - dropout_p)                (None: D = 1)
+    lse[b,h,i] = log sum_{kept j} exp S[b,h,i,j]      (+inf for a row without a kept key)
+
+Packed keys (``cu_seqlens_k``, int32 ``[B+1]`` prefix sums): ``k``/``v`` are ``[total_k, H, d]`` and
+batch ``b`` owns keys ``cu[b]:cu[b+1]``; every key axis is then the packed one and the batch axis
+goes: ``key_padding_mask [total_k]``, ``attn_mask [Lq, total_k]``, ``dropout_mask [H, Lq, total_k]``.
+
+Softmax and products run in float32 (float64 for float64 inputs); the output is rounded once.
+No SDPA: masks, empty rows and dropout are exactly the semantics above. Plain torch ops, so autograd
+works through :func:`attention`; :func:`attention_backward` is the same vjp written out (recomputing
+P from lse, as the kernels do).
+
+Cross K/V: ``qformer_cross_kv(x [B,N,E], weight [R,E], bias [R]) = x @ weight.T + bias`` where the rows
+``R = L*2*D`` stack every cross-attention layer's key then value projection (layer-major).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["qformer_attention", "qformer_attention_backward", "qformer_cross_kv"]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _segments(q, k, v, key_padding_mask, attn_mask, dropout_mask, cu_seqlens_k):
+    """Per batch element: (q, k, v, keep [Lq, Lk] or None, dropout [H, Lq, Lk] or None), all with a
+    batch axis of 1 (packed keys are unpacked here; dense inputs give a single full-batch segment)."""
+    if cu_seqlens_k is None:
+        keep = None
+        if key_padding_mask is not None:
+            keep = key_padding_mask[:, None, :].expand(q.shape[0], q.shape[1], k.shape[1])
+        if attn_mask is not None:
+            keep = attn_mask if keep is None else keep & attn_mask
+        yield slice(None), q, k, v, keep, dropout_mask
+        return
+    bounds = cu_seqlens_k.tolist()
+    for b in range(q.shape[0]):
+        lo, hi = bounds[b], bounds[b + 1]
+        keep = None
+        if key_padding_mask is not None:
+            keep = key_padding_mask[lo:hi][None, None, :].expand(1, q.shape[1], hi - lo)
+        if attn_mask is not None:
+            am = attn_mask[None, :, lo:hi]
+            keep = am if keep is None else keep & am
+        drop = None if dropout_mask is None else dropout_mask[None, :, :, lo:hi]
+        yield slice(b, b + 1), q[b:b + 1], k[lo:hi][None], v[lo:hi][None], keep, drop
+
+
+def _probs(q, k, keep, scale):
+    """(P [B,H,Lq,Lk], lse [B,H,Lq]) in the accumulation dtype."""
+    acc = _acc_dtype(q.dtype)
+    s = torch.einsum("bihd,bjhd->bhij", q.to(acc), k.to(acc)) * scale
+    if keep is not None:
+        s = s.masked_fill(~keep[:, None], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1) if s.shape[-1] else s.new_full(s.shape[:-1], float("-inf"))
+    empty = torch.isneginf(lse)
+    p = torch.exp(s - torch.where(empty, 0.0, lse)[..., None])  # masked entries: exp(-inf) = 0
+    return p, torch.where(empty, float("inf"), lse)
+
+
+def _dropped(p, dropout_mask, dropout_p):
+    if dropout_mask is None:
+        return p
+    return p * dropout_mask.to(p.dtype) / (1.0 - dropout_p)
+
+
+def qformer_attention(q, k, v, *, key_padding_mask=None, attn_mask=None, cu_seqlens_k=None, scale=None,
+                      dropout_mask=None, dropout_p=0.0):
+    """``(out [B,Lq,H,d] in q's dtype, lse float32 [B,H,Lq])`` (lse float64 for float64 inputs)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    acc = _acc_dtype(q.dtype)
+    B, Lq, H, d = q.shape
+    outs, lses = [], []
+    for _, qs, ks, vs, keep, drop in _segments(q, k, v, key_padding_mask, attn_mask, dropout_mask, cu_seqlens_k):
+        p, lse = _probs(qs, ks, keep, scale)
+        outs.append(torch.einsum("bhij,bjhd->bihd", _dropped(p, drop, dropout_p), vs.to(acc)))
+        lses.append(lse)
+    out = torch.cat(outs) if outs else q.new_zeros((0, Lq, H, v.shape[-1]), dtype=acc)
+    lse = torch.cat(lses) if lses else q.new_zeros((0, H, Lq), dtype=acc)
+    return out.to(q.dtype), lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
+def qformer_attention_backward(grad, q, k, v, out, lse, *, key_padding_mask=None, attn_mask=None,
+                               cu_seqlens_k=None, scale=None, dropout_mask=None, dropout_p=0.0):
+    """vjp of :func:`qformer_attention` from its saved ``(out, lse)``: ``(dq, dk, dv)``.
+
+    ``delta = rowsum(dO * O)``; ``P = exp(S - lse)``; ``dV = (P*D)^T dO``; ``dP = (dO V^T) * D``;
+    ``dS = P * (dP - delta)``; ``dQ = scale * dS K``; ``dK = scale * dS^T Q``.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    acc = _acc_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    delta_all = (grad.to(acc) * out.to(acc)).sum(-1).transpose(1, 2)  # [B, H, Lq]
+    lo = 0
+    for rows, qs, ks, vs, keep, drop in _segments(q, k, v, key_padding_mask, attn_mask, dropout_mask, cu_seqlens_k):
+        s = torch.einsum("bihd,bjhd->bhij", qs.to(acc), ks.to(acc)) * scale
+        p = torch.exp(s - lse[rows].to(acc)[..., None])  # lse = +inf on empty rows: P = 0
+        if keep is not None:
+            p = p.masked_fill(~keep[:, None], 0.0)
+        g = grad[rows].to(acc)
+        dvs = torch.einsum("bhij,bihd->bjhd", _dropped(p, drop, dropout_p), g)
+        dp = _dropped(torch.einsum("bihd,bjhd->bhij", g, vs.to(acc)), drop, dropout_p)
+        ds = p * (dp - delta_all[rows][..., None])
+        dq[rows] = torch.einsum("bhij,bjhd->bihd", ds, ks.to(acc)) * scale
+        dks = torch.einsum("bhij,bihd->bjhd", ds, qs.to(acc)) * scale
+        if cu_seqlens_k is None:
+            dk, dv = dks, dvs
+        else:
+            n = ks.shape[1]
+            dk[lo:lo + n], dv[lo:lo + n] = dks[0], dvs[0]
+            lo += n
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def qformer_cross_kv(encoder_states, weight, bias=None):
+    """``encoder_states @ weight.T + bias`` -> ``[B, N, R]`` as one ``addmm`` in the input dtype: torch's
+    GEMMs (cuBLAS, oneDNN) accumulate 16-bit products in fp32 and round once, so no upcast copy of
+    the (large) stacked weight is made; float64 runs in float64."""
+    B, N, E = encoder_states.shape
+    x = encoder_states.reshape(B * N, E)
+    y = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
+    return y.view(B, N, weight.shape[0])
