@@ -12,6 +12,26 @@ FAMILIES = ("qformer", "gated_fusion", "anyres", "moe")
 # name -> (family, schema without the name)
 SCHEMAS: dict[str, tuple[str, str]] = {
     # --- Q-Former cross-attention (vlmkernels/qformer) ------------------------------------------
+    # GEMM + fused epilogue (vlmkernels/qformer/linear.py): LayerNorm(dropout(x Wᵀ + b) + residual) over
+    # the last dim; keep_mask (bool, the output's shape) is the dropout keep-mask, kept values scaled by
+    # 1/(1-dropout_p). The backward returns (dx, dW, db, d residual, d ln_weight, d ln_bias).
+    "linear_residual_layernorm": (
+        "qformer",
+        "(Tensor x, Tensor weight, Tensor? bias, Tensor residual, Tensor? ln_weight, Tensor? ln_bias, "
+        "float eps, Tensor? keep_mask=None, float dropout_p=0.0, str backend=\"auto\") -> Tensor",
+    ),
+    "linear_residual_layernorm_backward": (
+        "qformer",
+        "(Tensor grad, Tensor x, Tensor weight, Tensor? bias, Tensor residual, Tensor? ln_weight, "
+        "Tensor? ln_bias, float eps, Tensor? keep_mask=None, float dropout_p=0.0, str backend=\"auto\") "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    ),
+    # exact erf GELU(x Wᵀ + b); backward: (dx, dW, db)
+    "linear_gelu": ("qformer", "(Tensor x, Tensor weight, Tensor? bias, str backend=\"auto\") -> Tensor"),
+    "linear_gelu_backward": (
+        "qformer",
+        "(Tensor grad, Tensor x, Tensor weight, Tensor? bias, str backend=\"auto\") -> (Tensor, Tensor, Tensor)",
+    ),
     # Q-Former attention (vlmkernels.qformer.attention): q [B,Lq,H,d], k/v [B,Lk,H,d] ([total_k,H,d] with
     # cu_seqlens_k int32 [B+1]); bool masks True = keep; dropout_mask drawn by the functional API.
     # Returns (out [B,Lq,H,d], lse float32 [B,H,Lq], +inf on rows without a kept key).
@@ -36,6 +56,74 @@ SCHEMAS: dict[str, tuple[str, str]] = {
     ),
     # --- end of Q-Former ops
     # --- Gated expert fusion (vlmkernels/gated_fusion) ------------------------------------------
+    # g*va + (1-g)*vb, g = sigmoid(cat(a, b) Wᵀ + bias); (va, vb) = (mix_a, mix_b) when given, else (a, b).
+    # Backward: (da, db, dW, d bias, d mix_a, d mix_b).
+    "gated_fusion": (
+        "gated_fusion",
+        "(Tensor a, Tensor b, Tensor weight, Tensor? bias, Tensor? mix_a=None, Tensor? mix_b=None, "
+        "str backend=\"auto\") -> Tensor",
+    ),
+    "gated_fusion_backward": (
+        "gated_fusion",
+        "(Tensor grad, Tensor a, Tensor b, Tensor weight, Tensor? bias, Tensor? mix_a=None, Tensor? mix_b=None, "
+        "str backend=\"auto\") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    ),
+    # sum_i gate[b, i] (features_i[b] W_iᵀ + b_i); backward: (d features, d gate, d weights, d biases)
+    "expert_mix": (
+        "gated_fusion",
+        "(Tensor[] features, Tensor gate, Tensor[] weights, Tensor[]? biases=None, str backend=\"auto\") -> Tensor",
+    ),
+    "expert_mix_backward": (
+        "gated_fusion",
+        "(Tensor grad, Tensor[] features, Tensor gate, Tensor[] weights, Tensor[]? biases=None, "
+        "str backend=\"auto\") -> (Tensor[], Tensor, Tensor[], Tensor[])",
+    ),
+    # Linear -> act -> Linear -> fp32 softmax (-> top-k, renormalise); image_type >= 0 forces a one-hot row.
+    # Backward: (d pooled, d w1, d b1, d w2, d b2)
+    "vision_router": (
+        "gated_fusion",
+        "(Tensor pooled, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, int? top_k=None, str activation=\"gelu\", "
+        "Tensor? image_type=None, str backend=\"auto\") -> Tensor",
+    ),
+    "vision_router_backward": (
+        "gated_fusion",
+        "(Tensor grad, Tensor pooled, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, int? top_k=None, "
+        "str activation=\"gelu\", Tensor? image_type=None, str backend=\"auto\") "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    ),
+    # act(cat(features, -1) Wᵀ + b) without the concat; backward: (d features, dW, db)
+    "concat_linear": (
+        "gated_fusion",
+        "(Tensor[] features, Tensor weight, Tensor? bias, str activation=\"none\", str backend=\"auto\") -> Tensor",
+    ),
+    "concat_linear_backward": (
+        "gated_fusion",
+        "(Tensor grad, Tensor[] features, Tensor weight, Tensor? bias, str activation=\"none\", "
+        "str backend=\"auto\") -> (Tensor[], Tensor, Tensor)",
+    ),
+    # group i = act(features_i W_iᵀ + b_i) written into column blocks or interleaved token slots;
+    # backward: (d features, d weights, d biases)
+    "split_linear": (
+        "gated_fusion",
+        "(Tensor[] features, Tensor[] weights, Tensor[]? biases=None, str activation=\"none\", "
+        "str layout=\"channel_concat\", str backend=\"auto\") -> Tensor",
+    ),
+    "split_linear_backward": (
+        "gated_fusion",
+        "(Tensor grad, Tensor[] features, Tensor[] weights, Tensor[]? biases=None, str activation=\"none\", "
+        "str layout=\"channel_concat\", str backend=\"auto\") -> (Tensor[], Tensor[], Tensor[])",
+    ),
+    # Linear -> act -> Linear with bias+act in the first GEMM's epilogue; backward: (dx, dW1, db1, dW2, db2)
+    "mlp_projector": (
+        "gated_fusion",
+        "(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str activation=\"gelu\", "
+        "str backend=\"auto\") -> Tensor",
+    ),
+    "mlp_projector_backward": (
+        "gated_fusion",
+        "(Tensor grad, Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str activation=\"gelu\", "
+        "str backend=\"auto\") -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    ),
     # --- end of gated fusion ops
     # --- MoE top-k routing -------------------------------------------------------------------
     "moe_topk_route": (
@@ -129,7 +217,15 @@ SCHEMAS: dict[str, tuple[str, str]] = {
 SERVED_BY: dict[str, str] = {
     # Q-Former
     "attention_backward": "attention",
+    "linear_residual_layernorm_backward": "linear_residual_layernorm",
+    "linear_gelu_backward": "linear_gelu",
     # gated fusion
+    "gated_fusion_backward": "gated_fusion",
+    "expert_mix_backward": "expert_mix",
+    "vision_router_backward": "vision_router",
+    "concat_linear_backward": "concat_linear",
+    "split_linear_backward": "split_linear",
+    "mlp_projector_backward": "mlp_projector",
     "fused_moe_backward": "fused_moe",
     "anyres_pack_backward": "anyres_pack",
     "anyres_plan_llava": "anyres_plan_batch",
