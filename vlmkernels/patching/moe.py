@@ -22,7 +22,9 @@ GLM-4.5V (text).
 * A forced ``backend`` that an op lacks (e.g. ``"cpu"`` for ``fused_moe``) skips that module with
   the reason in the report; its original forward stays.
 * python_ref: ``TopKTokenSelector`` (DynamicQFormer) -> ``topk_select_tokens``; ``ExpertRouter`` with
-  ``top_k`` set (LEO, dynamic_vision_selector) -> ``moe_topk_route``.
+  ``top_k`` set (LEO, dynamic_vision_selector) -> ``moe_topk_route``, for ``patch(families=["moe"])``.
+  The gated_fusion family's ``vision_router`` rule (dense and top-k: MLP, fp32 softmax, top-k through
+  the same routing helpers) outranks it: the default ``patch()`` routes every ExpertRouter there.
 
 Classes are matched by name and module, so nothing here imports transformers or python_ref eagerly.
 """
