@@ -1,0 +1,391 @@
+"""One Triton GEMM core for every linear op of the qformer and gated_fusion families.
+
+``out[m, n] = epilogue(sum_s scale[sample(m), s] * (X_s[m, :] · W_s[n, :]))`` where the K dimension is
+split over up to ``MAX_SEGMENTS`` input pointers ``X_s [M, K_s]`` / ``W_s [N, K_s]`` (a constexpr
+segment count): a concat of the inputs is never materialized (concat_linear, gated_fusion reading
+``a`` then ``b``), and with per-(sample, segment) scales one launch computes a gated sum of
+per-expert GEMMs (expert_mix). Rows are tiled per sample (a tile never straddles two samples), so a
+segment whose scale is 0 for the tile's sample is skipped: no loads, no MMA.
+
+Epilogue (fp32, or fp64 for fp64 inputs), in this order: bias (per column, or per sample and column
+for expert_mix's gated bias mix), activation (erf GELU / tanh GELU / ReLU / none), sigmoid gate mix
+``vb + g*(va - vb)`` (loads the ``va, vb`` tiles), dropout keep-mask with scale, residual add,
+LayerNorm over the row; then one rounding to the output dtype, stored through arbitrary output
+strides (column blocks and interleaved token slots of split_linear are strided views of one output).
+
+LayerNorm: when the row fits one tile (``N <= LN_FULL_ROW_MAX``, e.g. the Q-Former's 768) a program
+owns whole rows and normalizes in registers, so the pre-norm sum never goes to memory and the op is
+one launch; wider rows would need more than 1024 fp32 accumulators per row per program (register
+spills, tiny grids), so they write the fp32 pre-norm sum and run one row-LayerNorm kernel.
+
+fp32 inputs use TF32 only where torch allows it for its own matmuls
+(:func:`vlmkernels.triton.fused_moe.dot_precision`). Tile configs: a few autotuned configs on CUDA;
+a fixed small config under the interpreter (``TRITON_INTERPRET=1``), where autotuning would run every
+config in numpy.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .fused_moe import dot_precision
+from .launch import launcher, on_device
+
+MAX_SEGMENTS = 5
+LN_FULL_ROW_MAX = 1024
+ACTIVATION_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+
+
+# ---- kernels ------------------------------------------------------------------------------------
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _activation(z, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 1:  # exact erf GELU
+        z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif ACTIVATION == 2:  # tanh GELU; tanh(y) = 2*sigmoid(2y) - 1 avoids a libdevice dependency
+        y = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        z = z * _sigmoid(2.0 * y)  # 0.5 z (1 + tanh(y))
+    elif ACTIVATION == 3:  # relu
+        z = tl.where(z > 0, z, 0.0)
+    return z
+
+
+@triton.jit
+def _segment_dot(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_wn, stride_wk, K, rows, row_ok, offs_n, col_ok,
+                 BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """``acc += X[rows, :K] · W[offs_n, :K]ᵀ``."""
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - k0 * BLOCK_K
+        a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if DOT_UPCAST:  # the interpreter's 16-bit tl.dot is wrong (triton 3.8): products in fp32
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    return acc
+
+
+@triton.jit
+def _segment(acc, s: tl.constexpr, sample, scale_ptr, stride_sb, stride_ss,
+             x_ptr, stride_xm, stride_xk, w_ptr, stride_wn, stride_wk, K, rows, row_ok, offs_n, col_ok,
+             SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+             DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """Segment ``s``'s contribution; a scaled segment gets its own partial product (scaled in fp32,
+    exact for a 0/1 gate) and is skipped where the sample's scale is 0."""
+    if SCALED:
+        scale = tl.load(scale_ptr + sample * stride_sb + s * stride_ss).to(acc.dtype)
+        if scale != 0:
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc.dtype)
+            part = _segment_dot(part, x_ptr, stride_xm, stride_xk, w_ptr, stride_wn, stride_wk, K, rows, row_ok,
+                                offs_n, col_ok, BLOCK_K, DOT_PRECISION, DOT_UPCAST)
+            acc += scale * part
+    else:
+        acc = _segment_dot(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_wn, stride_wk, K, rows, row_ok, offs_n,
+                           col_ok, BLOCK_K, DOT_PRECISION, DOT_UPCAST)
+    return acc
+
+
+@triton.jit
+def _linear_epilogue_kernel(
+    x0, x1, x2, x3, x4, w0, w1, w2, w3, w4,
+    sx0m, sx0k, sx1m, sx1k, sx2m, sx2k, sx3m, sx3k, sx4m, sx4k,
+    sw0n, sw0k, sw1n, sw1k, sw2n, sw2k, sw3n, sw3k, sw4n, sw4k,
+    K0, K1, K2, K3, K4,
+    scale_ptr, stride_sb, stride_ss,
+    bias_ptr, stride_bias_b,
+    va_ptr, stride_va_m, stride_va_n, vb_ptr, stride_vb_m, stride_vb_n,
+    keep_ptr, stride_keep_m, stride_keep_n, drop_scale,
+    res_ptr, stride_res_m, stride_res_n,
+    ln_w_ptr, ln_b_ptr, eps,
+    out_ptr, stride_om, stride_on,
+    T, N, tiles_per_sample, num_samples,
+    NSEG: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    GATE_MIX: tl.constexpr, DROPOUT: tl.constexpr, RESIDUAL: tl.constexpr, LAYERNORM: tl.constexpr,
+    HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr, ACC_FP64: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # grouped ordering: consecutive programs share W tiles in L2
+    pid = tl.program_id(0)
+    num_pid_m = num_samples * tiles_per_sample
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
+
+    sample = pid_m // tiles_per_sample
+    t = (pid_m % tiles_per_sample) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = t < T
+    rows = sample.to(tl.int64) * T + t
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < N
+
+    if ACC_FP64:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _segment(acc, 0, sample, scale_ptr, stride_sb, stride_ss, x0, sx0m, sx0k, w0, sw0n, sw0k, K0, rows,
+                   row_ok, offs_n, col_ok, SCALED, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, DOT_UPCAST)
+    if NSEG > 1:
+        acc = _segment(acc, 1, sample, scale_ptr, stride_sb, stride_ss, x1, sx1m, sx1k, w1, sw1n, sw1k, K1, rows,
+                       row_ok, offs_n, col_ok, SCALED, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, DOT_UPCAST)
+    if NSEG > 2:
+        acc = _segment(acc, 2, sample, scale_ptr, stride_sb, stride_ss, x2, sx2m, sx2k, w2, sw2n, sw2k, K2, rows,
+                       row_ok, offs_n, col_ok, SCALED, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, DOT_UPCAST)
+    if NSEG > 3:
+        acc = _segment(acc, 3, sample, scale_ptr, stride_sb, stride_ss, x3, sx3m, sx3k, w3, sw3n, sw3k, K3, rows,
+                       row_ok, offs_n, col_ok, SCALED, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, DOT_UPCAST)
+    if NSEG > 4:
+        acc = _segment(acc, 4, sample, scale_ptr, stride_sb, stride_ss, x4, sx4m, sx4k, w4, sw4n, sw4k, K4, rows,
+                       row_ok, offs_n, col_ok, SCALED, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, DOT_UPCAST)
+
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + sample * stride_bias_b + offs_n, mask=col_ok, other=0.0)
+        acc += bias.to(acc.dtype)[None, :]
+    acc = _activation(acc, ACTIVATION)
+    if GATE_MIX:
+        g = _sigmoid(acc)
+        va = tl.load(va_ptr + rows[:, None] * stride_va_m + offs_n[None, :] * stride_va_n, mask=tile_ok,
+                     other=0.0).to(acc.dtype)
+        vb = tl.load(vb_ptr + rows[:, None] * stride_vb_m + offs_n[None, :] * stride_vb_n, mask=tile_ok,
+                     other=0.0).to(acc.dtype)
+        acc = vb + g * (va - vb)
+    if DROPOUT:
+        keep = tl.load(keep_ptr + rows[:, None] * stride_keep_m + offs_n[None, :] * stride_keep_n, mask=tile_ok,
+                       other=0)
+        acc = tl.where(keep != 0, acc * drop_scale, 0.0)
+    if RESIDUAL:
+        res = tl.load(res_ptr + rows[:, None] * stride_res_m + offs_n[None, :] * stride_res_n, mask=tile_ok,
+                      other=0.0)
+        acc += res.to(acc.dtype)
+    if LAYERNORM:  # BLOCK_N >= N: this program owns whole rows
+        acc = _layernorm_rows(acc, col_ok, offs_n, ln_w_ptr, ln_b_ptr, eps, N, HAS_LN_W, HAS_LN_B)
+    out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _layernorm_rows(h, col_ok, offs_n, ln_w_ptr, ln_b_ptr, eps, N, HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr):
+    """LayerNorm of each row of ``h`` over its first ``N`` columns (two-pass variance, like torch)."""
+    h = tl.where(col_ok[None, :], h, 0.0)
+    mean = tl.sum(h, axis=1) / N
+    d = tl.where(col_ok[None, :], h - mean[:, None], 0.0)
+    var = tl.sum(d * d, axis=1) / N
+    y = d * (1.0 / tl.sqrt(var + eps))[:, None]
+    if HAS_LN_W:
+        y = y * tl.load(ln_w_ptr + offs_n, mask=col_ok, other=0.0).to(y.dtype)[None, :]
+    if HAS_LN_B:
+        y = y + tl.load(ln_b_ptr + offs_n, mask=col_ok, other=0.0).to(y.dtype)[None, :]
+    return y
+
+
+@triton.jit
+def _row_layernorm_kernel(h_ptr, stride_hm, out_ptr, stride_om, ln_w_ptr, ln_b_ptr, eps, N,
+                          HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    """LayerNorm of one wide row (the pre-norm sum written by the GEMM, fp32/fp64)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    col_ok = offs_n < N
+    h = tl.load(h_ptr + row * stride_hm + offs_n, mask=col_ok, other=0.0)
+    y = _layernorm_rows(h[None, :], col_ok, offs_n, ln_w_ptr, ln_b_ptr, eps, N, HAS_LN_W, HAS_LN_B)
+    tl.store(out_ptr + row * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=col_ok[None, :])
+
+
+# ---- configs ------------------------------------------------------------------------------------
+
+def _config(M: int, N: int, K: int, device: torch.device, layernorm: bool) -> dict:
+    """Tile config: whole rows for the LayerNorm epilogue, a small heuristic otherwise. The interpreter
+    runs each program in numpy: mid-size tiles keep it fast."""
+    if layernorm:
+        block_n = max(16, triton.next_power_of_2(N))
+        block_m = 16 if block_n >= 512 or device.type != "cuda" else 32
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32 if block_n <= 512 else 16, GROUP_M=1,
+                    num_warps=8 if block_n >= 512 else 4, num_stages=2 if device.type == "cuda" else 1)
+    if device.type != "cuda":
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=1)
+    if M <= 64:  # decode-sized: skinny row tiles, more column tiles to fill the SMs
+        return dict(BLOCK_M=16 if M <= 16 else 64, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=4)
+    if N <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+# ---- launcher -----------------------------------------------------------------------------------
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as 2-D ``[rows, last dim]`` (a view when the strides allow it)."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def _launch(xs, ws, out, *, bias=None, bias_per_sample=False, scale=None, rows_per_sample=None,
+            activation="none", mix=None, keep=None, drop_scale=1.0, residual=None, layernorm=None, config=None):
+    """``out [M, N] = epilogue(sum_s scale * xs[s] · ws[s]ᵀ)``; ``xs[s] [M, K_s]``, ``ws[s] [N, K_s]``
+    (any strides), ``out`` any 2-D strided view. ``scale [num_samples, S]`` with ``rows_per_sample``
+    rows per sample; ``bias [N]`` or ``[num_samples, N]``; ``mix = (va, vb)`` [M, N]; ``keep`` uint8
+    [M, N]; ``residual`` [M, N]; ``layernorm = (ln_w, ln_b, eps)`` (N must fit one tile)."""
+    M, N = out.shape
+    if M == 0 or N == 0:
+        return out
+    nseg = len(xs)
+    assert 1 <= nseg <= MAX_SEGMENTS
+    T = rows_per_sample or M
+    num_samples = M // T
+    dtype = xs[0].dtype
+    cfg = config or _config(M, N, sum(x.shape[1] for x in xs), out.device, layernorm is not None)
+    pad = MAX_SEGMENTS - nseg
+    xs_p = list(xs) + [xs[0]] * pad
+    ws_p = list(ws) + [ws[0]] * pad
+    x_strides = [s for x in xs_p for s in x.stride()]
+    w_strides = [s for w in ws_p for s in w.stride()]
+    ks = [x.shape[1] for x in xs] + [0] * pad
+    dummy = out
+    va, vb = mix if mix is not None else (dummy, dummy)
+    ln_w, ln_b, eps = layernorm if layernorm is not None else (None, None, 0.0)
+    tiles_per_sample = triton.cdiv(T, cfg["BLOCK_M"])
+    grid = (num_samples * tiles_per_sample * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _linear_epilogue_kernel[grid](
+        *xs_p, *ws_p, *x_strides, *w_strides, *ks,
+        scale if scale is not None else dummy, *(scale.stride() if scale is not None else (0, 0)),
+        bias if bias is not None else dummy, bias.stride(0) if bias_per_sample else 0,
+        va, *va.stride()[-2:], vb, *vb.stride()[-2:],
+        keep if keep is not None else dummy, *(keep.stride() if keep is not None else (0, 0)), float(drop_scale),
+        residual if residual is not None else dummy, *(residual.stride() if residual is not None else (0, 0)),
+        ln_w if ln_w is not None else dummy, ln_b if ln_b is not None else dummy, float(eps),
+        out, out.stride(0), out.stride(1),
+        T, N, tiles_per_sample, num_samples,
+        NSEG=nseg, SCALED=scale is not None, HAS_BIAS=bias is not None, ACTIVATION=ACTIVATION_CODES[activation],
+        GATE_MIX=mix is not None, DROPOUT=keep is not None, RESIDUAL=residual is not None,
+        LAYERNORM=layernorm is not None, HAS_LN_W=ln_w is not None, HAS_LN_B=ln_b is not None,
+        ACC_FP64=dtype == torch.float64, DOT_PRECISION="ieee" if dtype == torch.float64 else dot_precision(dtype),
+        DOT_UPCAST=xs[0].device.type == "cpu" and dtype in (torch.float16, torch.bfloat16),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+def _out(lead, n, like):
+    return like.new_empty((*lead, n))
+
+
+# ---- ops (inputs validated by the functional API / op wrappers) -----------------------------------
+
+@launcher
+def linear_activation(x, weight, bias, activation="none"):
+    """``act(x Wᵀ + b)``."""
+    out = _out(x.shape[:-1], weight.shape[0], x)
+    _launch([_rows(x)], [weight], _rows(out), bias=bias, activation=activation)
+    return out
+
+
+@launcher
+def linear_residual_layernorm(x, weight, bias, residual, ln_weight, ln_bias, eps, keep_mask, dropout_p):
+    from python_ref.ops.linear_epilogue import dropout_scale
+
+    N = weight.shape[0]
+    out = torch.empty_like(residual, memory_format=torch.contiguous_format)
+    keep = None if keep_mask is None else _rows(keep_mask.view(torch.uint8))
+    common = dict(bias=bias, keep=keep, drop_scale=dropout_scale(dropout_p), residual=_rows(residual))
+    if N <= LN_FULL_ROW_MAX:
+        return _launch([_rows(x)], [weight], _rows(out), layernorm=(ln_weight, ln_bias, eps), **common).view(
+            out.shape)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    h = torch.empty((out.numel() // N, N), dtype=acc, device=x.device)
+    _launch([_rows(x)], [weight], h, **common)
+    o2 = _rows(out)
+    if h.shape[0]:
+        _row_layernorm_kernel[(h.shape[0],)](h, h.stride(0), o2, o2.stride(0),
+                                             ln_weight if ln_weight is not None else h,
+                                             ln_bias if ln_bias is not None else h, float(eps), N,
+                                             HAS_LN_W=ln_weight is not None, HAS_LN_B=ln_bias is not None,
+                                             BLOCK_N=triton.next_power_of_2(N))
+    return out
+
+
+@launcher
+def gated_fusion(a, b, weight, bias, mix_a, mix_b):
+    da = a.shape[-1]
+    out = _out(a.shape[:-1], weight.shape[0], a)
+    va = _rows(a if mix_a is None else mix_a)
+    vb = _rows(b if mix_b is None else mix_b)
+    _launch([_rows(a), _rows(b)], [weight[:, :da], weight[:, da:]], _rows(out), bias=bias, mix=(va, vb))
+    return out
+
+
+def expert_mix(features, gate, weights, biases):
+    with on_device(features[0]):  # a list first: the launcher decorator takes a tensor
+        return _expert_mix(features, gate, weights, biases)
+
+
+def _expert_mix(features, gate, weights, biases):
+    B, T = features[0].shape[:2]
+    out = features[0].new_empty((B, T, weights[0].shape[0]))
+    acc = torch.float64 if features[0].dtype == torch.float64 else torch.float32
+    scale = gate.to(acc).contiguous()
+    # the gated bias sum_i gate[b, i] b_i is one tiny [B, D_out] product, added per sample in the epilogue
+    bias = None if biases is None else scale @ torch.stack([b.to(acc) for b in biases])
+    _launch([_rows(x) for x in features], list(weights), _rows(out), bias=bias, bias_per_sample=True,
+            scale=scale, rows_per_sample=T)
+    return out
+
+
+def concat_linear(features, weight, bias, activation="none"):
+    with on_device(features[0]):  # a list first: the launcher decorator takes a tensor
+        return _concat_linear(features, weight, bias, activation)
+
+
+def _concat_linear(features, weight, bias, activation="none"):
+    out = _out(features[0].shape[:-1], weight.shape[0], features[0])
+    ws, k0 = [], 0
+    for x in features:
+        ws.append(weight[:, k0:k0 + x.shape[-1]])
+        k0 += x.shape[-1]
+    _launch([_rows(x) for x in features], ws, _rows(out), bias=bias, activation=activation)
+    return out
+
+
+def split_linear(features, weights, biases, activation="none", layout="channel_concat"):
+    with on_device(features[0]):  # a list first: the launcher decorator takes a tensor
+        return _split_linear(features, weights, biases, activation, layout)
+
+
+def _split_linear(features, weights, biases, activation="none", layout="channel_concat"):
+    """One launch per group into its strided block of the output: column block ``[:, off:off+D_i]`` of
+    ``[M, sum D_out_i]``; the interleaved ``[..., N*T, D]`` output viewed as ``[M, N*D]`` is the same."""
+    lead = features[0].shape[:-1]
+    widths = [w.shape[0] for w in weights]
+    if layout == "channel_concat":
+        out = _out(lead, sum(widths), features[0])
+    else:
+        out = features[0].new_empty((*lead[:-1], lead[-1] * len(features), widths[0]))
+    flat = out.view(-1, sum(widths))
+    off = 0
+    for i, (x, w) in enumerate(zip(features, weights)):
+        _launch([_rows(x)], [w], flat[:, off:off + widths[i]], bias=None if biases is None else biases[i],
+                activation=activation)
+        off += widths[i]
+    return out
+
+
+@launcher
+def mlp_projector(x, w1, b1, w2, b2, activation="gelu"):
+    h = _out(x.shape[:-1], w1.shape[0], x)
+    _launch([_rows(x)], [w1], _rows(h), bias=b1, activation=activation)
+    out = _out(x.shape[:-1], w2.shape[0], x)
+    _launch([_rows(h)], [w2], _rows(out), bias=b2)
+    return out
