@@ -135,15 +135,18 @@ class _Weights:
 
     def __init__(self, qf, dtype: torch.dtype):
         self.dtype = dtype
-        cast = dtype != _param_dtype(qf)
-        self.casts = {id(p): p.to(dtype) for p in qf.encoder.parameters()} if cast else None
         cross = [layer.crossattention.attention for layer in qf.encoder.layer if layer.has_cross_attention]
+        self.casts = None
+        if dtype != _param_dtype(qf):  # the cross K/V weights are read only stacked
+            stacked = {id(p) for m in cross for lin in (m.key, m.value) for p in lin.parameters()}
+            self.casts = {id(p): p.to(dtype) for p in qf.encoder.parameters() if id(p) not in stacked}
         self.kv_weight = self.kv_bias = None
         if cross:
             from ..qformer.cross_kv import stack_cross_kv_weights
 
-            w, b = stack_cross_kv_weights([(m.key, m.value) for m in cross])
-            self.kv_weight, self.kv_bias = w.to(dtype), b.to(dtype)
+            w, b = stack_cross_kv_weights(cross)
+            self.kv_weight, self.kv_bias = w.to(dtype), None if b is None else b.to(dtype)
+        self.num_cross = len(cross)
 
     def __call__(self, p: torch.Tensor) -> torch.Tensor:
         return p if self.casts is None else self.casts[id(p)]
@@ -191,7 +194,7 @@ def _ffn(inter, out, x, W, backend):
 
 
 def _heads(x, mha):
-    return x.view(*x.shape[:-1], mha.num_attention_heads, mha.attention_head_size)
+    return x.unflatten(-1, (mha.num_attention_heads, mha.attention_head_size))
 
 
 def _attention_block(att, h, k, v, key_mask, W, backend):
@@ -230,14 +233,14 @@ def _encoder(self, h, self_mask, enc, cross_mask, query_length, backend, precisi
     kv = [None] * len(layers)
     if query_length > 0 and W.kv_weight is not None:
         enc = enc.to(dtype)
-        stacked = _ops().qformer_cross_kv(enc, W.kv_weight, W.kv_bias, backend=backend)  # [B, N, L*2*D]
-        mha = next(layer.crossattention.attention for layer in layers if layer.has_cross_attention)
-        # rows are layer-major, key then value: [B, N, cross layer, k|v, H, d]
-        per = stacked.view(*stacked.shape[:2], -1, 2, mha.num_attention_heads, mha.attention_head_size)
+        # [cross layer, K|V, B, N, D]: views of one GEMM's output, read in place by attention
+        stacked = _ops().qformer_cross_kv(enc, W.kv_weight, W.kv_bias, num_layers=W.num_cross,
+                                          backend=_cross_kv_backend(backend))
         j = 0
         for i, layer in enumerate(layers):
             if layer.has_cross_attention:
-                kv[i] = (per[:, :, j, 0], per[:, :, j, 1])
+                mha = layer.crossattention.attention
+                kv[i] = (_heads(stacked[j, 0], mha), _heads(stacked[j, 1], mha))
                 j += 1
     for layer, layer_kv in zip(layers, kv):
         k, v = layer_kv if layer_kv is not None else (None, None)
@@ -265,7 +268,7 @@ def _runs_hf(self, backend, like, attention_mask, encoder_hidden_states, encoder
 
 
 def _output(self, seq, kwargs):
-    from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+    from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions  # loaded: HF matched
 
     out = BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=seq, pooler_output=seq[:, 0, :])
     return out.to_tuple() if kwargs.get("return_dict", getattr(self.config, "return_dict", True)) is False else out
@@ -321,9 +324,19 @@ def _require_ops(ops, backend, like) -> None:
         require_backend(op, backend, like)
 
 
+def _cross_kv_backend(backend: str) -> str:
+    """``qformer_cross_kv`` is one dense GEMM whose only backend (``reference``: ``torch.addmm``) serves
+    every device; a forced backend it lacks (``triton``) leaves it on ``auto`` while the other ops run
+    on the forced one."""
+    from .. import registry
+
+    return backend if backend == "auto" or backend in registry.ops()["qformer_cross_kv"].impls else "auto"
+
+
 def _build_hf_qformer(qf, backend, precision=None):
     _check_qformer(qf)
-    _require_ops(_OPS, backend, next(qf.parameters()))
+    _require_ops([op for op in _OPS if op != "qformer_cross_kv"], backend, next(qf.parameters()))
+    _require_ops(["qformer_cross_kv"], _cross_kv_backend(backend), next(qf.parameters()))
     kind = _HF_QFORMERS[type(qf).__name__]
     make = _blip2_forward if kind == "blip2" else _instructblip_forward
     return {"forward": make(backend, precision)}
