@@ -220,9 +220,10 @@ def _reference_backward(grad, q, k, v, out, lse, key_padding_mask, attn_mask, cu
     _check(q, k, v, key_padding_mask, attn_mask, cu_seqlens_k, scale, dropout_mask, dropout_p)
     _check_backward(grad, q, out, lse)
     with torch.no_grad():
-        return qformer_attention_backward(grad, q, k, v, out, lse, key_padding_mask=key_padding_mask,
-                                          attn_mask=attn_mask, cu_seqlens_k=cu_seqlens_k, scale=scale,
-                                          dropout_mask=dropout_mask, dropout_p=dropout_p)
+        grads = qformer_attention_backward(grad, q, k, v, out, lse, key_padding_mask=key_padding_mask,
+                                           attn_mask=attn_mask, cu_seqlens_k=cu_seqlens_k, scale=scale,
+                                           dropout_mask=dropout_mask, dropout_p=dropout_p)
+    return tuple(g.contiguous() for g in grads)
 
 
 def _triton_backward(grad, q, k, v, out, lse, key_padding_mask, attn_mask, cu_seqlens_k, scale,
@@ -247,7 +248,8 @@ def _fake_backward(grad, q, k, v, out, lse, key_padding_mask=None, attn_mask=Non
                    scale=None, dropout_mask=None, dropout_p=0.0, backend="auto"):
     _check(q, k, v, key_padding_mask, attn_mask, cu_seqlens_k, scale, dropout_mask, dropout_p)
     _check_backward(grad, q, out, lse)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # every backend returns contiguous gradients
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
 def _setup_context(ctx, inputs, output):

@@ -197,10 +197,10 @@ def _bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr, cu_ptr, kpm_ptr, am_ptr, drop_ptr,
     Lq, Lk, H, D, num_n_programs, qk_scale, sm_scale, inv_keep,
     s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_ob, s_om, s_oh, s_dob, s_dom, s_doh,
-    s_lb, s_lh, s_dkb, s_dkn, s_dkh, s_dvb, s_dvn, s_dvh,
+    s_lb, s_lh, s_dqb, s_dqm, s_dqh, s_dkb, s_dkn, s_dkh, s_dvb, s_dvn, s_dvh,
     s_kpb, s_kpn, s_amb, s_amm, s_amn, s_db, s_dh, s_dm, s_dn,
     VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, HAS_DROP: tl.constexpr,
-    FUSE_DQ: tl.constexpr,  # one query block and one program per (b, h): dQ (same strides as q) here too
+    FUSE_DQ: tl.constexpr,  # one query block and one program per (b, h): dQ here too
     PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -260,7 +260,7 @@ def _bwd_dkdv_kernel(
                  dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
     if FUSE_DQ:
         offs_m = tl.arange(0, BLOCK_M)
-        tl.store(dq_ptr + b * s_qb + h * s_qh + offs_m[:, None].to(tl.int64) * s_qm + offs_d[None, :],
+        tl.store(dq_ptr + b * s_dqb + h * s_dqh + offs_m[:, None].to(tl.int64) * s_dqm + offs_d[None, :],
                  (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=(offs_m < Lq)[:, None] & d_ok[None, :])
 
 
@@ -269,12 +269,12 @@ def _bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, cu_ptr, kpm_ptr, am_ptr, drop_ptr,
     Lq, Lk, H, D, qk_scale, sm_scale, inv_keep,
     s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_ob, s_om, s_oh, s_dob, s_dom, s_doh,
-    s_lb, s_lh, s_kpb, s_kpn, s_amb, s_amm, s_amn, s_db, s_dh, s_dm, s_dn,
+    s_lb, s_lh, s_dqb, s_dqm, s_dqh, s_kpb, s_kpn, s_amb, s_amm, s_amn, s_db, s_dh, s_dm, s_dn,
     VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, HAS_DROP: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dQ of one query block (written with q's strides into ``dq_ptr``)."""
+    """dQ of one query block."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -309,7 +309,7 @@ def _bwd_dq_kernel(
             dp = tl.where(kept, dp * inv_keep, 0.0)
         ds = (p * (dp - delta[:, None])).to(q.dtype)
         dq += _mm(ds, k, PREC, UPCAST)
-    tl.store(dq_ptr + b * s_qb + h * s_qh + row_off * s_qm + offs_d[None, :],
+    tl.store(dq_ptr + b * s_dqb + h * s_dqh + row_off * s_dqm + offs_d[None, :],
              (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=qd_mask)
 
 
@@ -446,10 +446,7 @@ def attention_backward(grad, q, k, v, out, lse, key_padding_mask=None, attn_mask
     varlen = cu_seqlens_k is not None
     Lk = 0 if varlen else k.shape[1]
     total_k = k.shape[0] if varlen else B * Lk
-    dq = torch.empty_like(q)  # the kernels write dQ with q's strides
-    if dq.stride() != q.stride():  # an overlapping or non-dense q
-        q = q.contiguous()
-        dq = torch.empty_like(q)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     # packed keys: zero fill, so no unvalidated cu_seqlens_k can leave a row unwritten
     dk = (torch.zeros if varlen else torch.empty)(k.shape, dtype=k.dtype, device=k.device)
     dv = (torch.zeros if varlen else torch.empty)(v.shape, dtype=v.dtype, device=v.device)
@@ -474,14 +471,14 @@ def attention_backward(grad, q, k, v, out, lse, key_padding_mask=None, attn_mask
     _bwd_dkdv_kernel[(n_programs, B * H)](
         q, k, v, out, grad, lse, dq, dk, dv, cu, kpm, am, drop,
         Lq, Lk, H, d, n_programs, sm_scale * LOG2E, sm_scale, 1.0 / (1.0 - dropout_p),
-        *qkvo_strides, *_key_strides(dk, varlen), *_key_strides(dv, varlen), *mask_strides,
+        *qkvo_strides, *dq.stride()[:3], *_key_strides(dk, varlen), *_key_strides(dv, varlen), *mask_strides,
         FUSE_DQ=fuse_dq, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=1,
     )
     if not fuse_dq:
         _bwd_dq_kernel[(m_blocks, B * H)](
             q, k, v, out, grad, lse, dq, cu, kpm, am, drop,
             Lq, Lk, H, d, sm_scale * LOG2E, sm_scale, 1.0 / (1.0 - dropout_p),
-            *qkvo_strides, *mask_strides,
+            *qkvo_strides, *dq.stride()[:3], *mask_strides,
             **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=1,
         )
     return dq, dk, dv
