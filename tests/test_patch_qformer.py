@@ -188,7 +188,7 @@ def test_hf_training_with_dropout_runs_and_reproduces(name):
 def test_hf_gradient_checkpointing_is_honored():
     name = "instructblip"
     model = _build(name).train()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     ref = copy.deepcopy(model)
     weight = torch.randn(_features(name, model).shape, generator=torch.Generator().manual_seed(5))
     _, want = _train_step(name, ref, weight)

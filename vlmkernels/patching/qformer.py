@@ -21,7 +21,7 @@ python_ref Gemini's masked attention.
   where a cross layer needs them (HF raises), text rows without a text FFN (HF raises), and
   ``backend="auto"`` on CPU tensors (:func:`.core.keeps_hf_code`; forced backends run the ops on CPU).
 * Training: dropout runs with the modules' own ``p`` while they are in training mode (attention
-  probabilities, the three output blocks). Gradient-checkpointed layers (``gradient_checkpointing_enable``)
+  probabilities, the three output blocks). Gradient-checkpointed layers (``activation_checkpointing_enable``)
   are honored: each patched layer runs under the layer's own ``_gradient_checkpointing_func``. The
   hoisted cross K/V is computed outside the checkpoints, so it is kept for the backward (HF recomputes
   each layer's K/V instead).
