@@ -275,3 +275,84 @@ def test_patched_multi_granularity_fusion_checks_feature_widths():
         mgf(torch.randn(2, 3, 5), torch.randn(2, 3, 6))
     out = mgf(torch.randn(2, 3, 6), torch.randn(2, 3, 5))
     assert out.shape == (2, 3, 8)
+
+
+# ---- the fusion modules on their own: both dtypes, both backends, gradients to inputs and weights ----
+
+FUSION_MODULES = {
+    "sigmoid_gate": (lambda: fusion.SigmoidGate(13, 13), [(2, 7, 13), (2, 7, 13)]),
+    "sigmoid_gate_gmu": (lambda: fusion.SigmoidGate(11, 5, out_dim=7, variant="gmu"), [(2, 3, 11), (2, 3, 5)]),
+    "mgf_document": (lambda: fusion.MultiGranularityFusion([6, 5, 7], 9), [(2, 5, 6), (2, 5, 5), (2, 5, 7)]),
+    "mgf_dbfusion": (lambda: fusion.MultiGranularityFusion([6, 5], 9, variant="dbfusion"), [(3, 4, 6), (3, 4, 5)]),
+    "router_top_k": (lambda: fusion.ExpertRouter(13, 5, hidden=7, top_k=2), [(6, 13)]),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(FUSION_MODULES))
+def test_fusion_module_forward_and_backward(name, dtype, backend):
+    make, shapes = FUSION_MODULES[name]
+    module = make().to(dtype)
+    twin = copy.deepcopy(module)
+    inputs = [torch.randn(s, dtype=dtype, requires_grad=True) for s in shapes]
+    report = vlmkernels.patch(module, families=FAMILY, backend=backend)
+    assert report.paths() == [""], str(report)
+    outs = [m(*inputs) for m in (module, twin)]
+    got, want = outs
+    assert got.dtype == want.dtype == dtype
+    atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else (2e-2, 2e-2)
+    assert_close(got, want, atol=atol * want.abs().max().item(), rtol=rtol, msg=name)
+    probe = torch.randn_like(want)
+    grads = [torch.autograd.grad((o.float() * probe.float()).sum(), [*inputs, *m.parameters()], allow_unused=True)
+             for o, m in zip(outs, (module, twin))]
+    for i, (g, w) in enumerate(zip(*grads)):
+        if w is None:
+            assert g is None or not g.any(), f"{name}: gradient {i}"
+            continue
+        assert_close(g, w, atol=(1e-5 if dtype == torch.float32 else 3e-2) * w.abs().max().item() + 1e-7,
+                     rtol=rtol, msg=f"{name}: gradient {i}")
+
+
+def test_fusion_modules_inside_any_model_are_picked_up():
+    class TwoTower(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fuse = fusion.SigmoidGate(8, 8)
+            self.route = fusion.ExpertRouter(8, 3)
+            self.project = fusion.MultiGranularityFusion([8, 8], 6, variant="dbfusion")
+
+        def forward(self, a, b):
+            fused = self.fuse(a, b)
+            w = self.route(fused.mean(1))
+            return self.project(fused, a * w[:, :1, None])
+
+    model = TwoTower()
+    a, b = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    want = model(a, b)
+    report = vlmkernels.patch(model, families=FAMILY, backend="reference")
+    assert {e.path: e.rule for e in report.patched} == {
+        "fuse": "sigmoid_gate", "route": "vision_router", "project": "multi_granularity_fusion"}, str(report)
+    assert_close(model(a, b), want)
+
+
+def test_too_many_streams_for_one_launch_are_skipped():
+    mgf = fusion.MultiGranularityFusion([4] * 6, 8)
+    with pytest.warns(UserWarning, match="nothing was patched"):
+        report = vlmkernels.patch(mgf, families=FAMILY, backend="reference")
+    assert "6 feature streams" in report.skipped[0].reason
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["minigpt5_gmu", "leo_topk", "leo_published", "florence_vl_dbfusion", "llava_next"])
+def test_cuda_patched_model_matches_bf16(name):
+    model, inputs = build(name)
+    model = model.to("cuda", torch.bfloat16)
+    inputs = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in inputs.items()}
+    inputs = {k: (v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v)
+              for k, v in inputs.items()}
+    want = logits(model, inputs)
+    report = vlmkernels.patch(model, families=FAMILY)
+    _check_report(report, name, "auto")
+    got = logits(model, inputs)
+    assert_close(got, want, atol=3e-2 * want.abs().max().item(), rtol=3e-2, msg=name)

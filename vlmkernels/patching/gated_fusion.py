@@ -86,6 +86,14 @@ def _require(ops_used, backend: str, like) -> None:
         require_backend(op, backend, like)
 
 
+def _check_segments(what: str, n: int) -> None:
+    """The list ops take at most MAX_SEGMENTS feature streams / experts per launch."""
+    from ..gated_fusion._linear_ops import MAX_SEGMENTS
+
+    if n > MAX_SEGMENTS:
+        raise SkipPatch(f"{n} {what}: the fused ops take at most {MAX_SEGMENTS}")
+
+
 # ---- nn.Sequential projectors -----------------------------------------------------------------------
 
 def sequential_plan(layers, *, features: bool) -> tuple[tuple, ...]:
@@ -203,6 +211,7 @@ def _skip_expert_mix(mix, backend):
 
 
 def _build_multi_granularity(fusion, backend):
+    _check_segments("feature streams", len(fusion.dims))
     steps = sequential_plan(getattr(fusion, "proj", None), features=True)
     _require(_plan_ops(steps), backend, fusion.proj[0].weight)
 
@@ -231,6 +240,7 @@ def _build_leo_document(model, backend):
         raise SkipPatch("expert_proj is not a ModuleList of nn.Linear")
     if len({p.out_features for p in projs}) != 1:
         raise SkipPatch("the expert projections have different output widths")
+    _check_segments("experts", len(projs))
     steps = sequential_plan(model.project_to_llm, features=False)
     _require({"expert_mix", *_plan_ops(steps)}, backend, projs[0].weight)
     ops = _ops()
@@ -346,7 +356,9 @@ register_rule(PatchRule(FAMILY, "vision_router", match=lambda m: _is_python_ref(
 register_rule(PatchRule(FAMILY, "expert_mix", match=lambda m: _is_python_ref(m, "ExpertMix"),
                         build=_skip_expert_mix))
 register_rule(PatchRule(FAMILY, "multi_granularity_fusion",
-                        match=lambda m: _is_python_ref(m, "MultiGranularityFusion"), build=_build_multi_granularity))
-register_rule(PatchRule(FAMILY, "leo", match=lambda m: _is_python_ref(m, "LEO"), build=_build_leo))
+                        match=lambda m: _is_python_ref(m, "MultiGranularityFusion"), build=_build_multi_granularity,
+                        note="a LayerNorm between the GEMMs runs as F.layer_norm"))
+register_rule(PatchRule(FAMILY, "leo", match=lambda m: _is_python_ref(m, "LEO"), build=_build_leo,
+                        note="document: expert_mix + mlp_projector; published: split_linear, tokens interleaved"))
 register_rule(PatchRule(FAMILY, "hf_mlp_projector", match=lambda m: _is_hf(m, HF_PROJECTORS),
                         build=_build_hf_projector))
