@@ -159,7 +159,7 @@ def concat_linear_backward(grad, features, weight, bias, activation="none"):
     x = torch.cat([f.to(acc) for f in features], dim=-1)
     dx, dW, db = linear_activation_backward(grad, x, weight, bias, activation)
     splits = torch.split(dx, [f.shape[-1] for f in features], dim=-1)
-    return [s.to(dtype) for s in splits], dW, db
+    return [s.to(dtype, copy=True) for s in splits], dW, db  # copies: the gradients never alias each other
 
 
 # ---- grouped projector -------------------------------------------------------------------------

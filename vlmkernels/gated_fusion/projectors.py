@@ -129,7 +129,7 @@ def _check_split(features, weights, biases, activation, layout) -> None:
                      None if biases is None else biases[i])
         if biases is not None and biases[i] is None:
             raise TypeError(f"{op}: biases[{i}] is None (pass biases=None for no biases)")
-    if layout == "token_interleave" and len({w.shape[0] for w in weights}) != 1:
+    if layout == "token_interleave" and any(w.shape[0] != weights[0].shape[0] for w in weights):
         raise ValueError(f"{op}: layout='token_interleave' needs equal output widths, got "
                          f"{[w.shape[0] for w in weights]}")
     check_devices(op, dict(features=features, weights=weights, biases=biases))

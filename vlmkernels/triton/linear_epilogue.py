@@ -229,7 +229,10 @@ def _config(M: int, N: int, K: int, device: torch.device, layernorm: bool) -> di
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as 2-D ``[rows, last dim]`` (a view when the strides allow it)."""
-    return t.reshape(-1, t.shape[-1])
+    rows = 1
+    for d in t.shape[:-1]:
+        rows *= d
+    return t.reshape(rows, t.shape[-1])
 
 
 def _launch(xs, ws, out, *, bias=None, bias_per_sample=False, scale=None, rows_per_sample=None,
