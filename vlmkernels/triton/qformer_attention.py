@@ -103,7 +103,7 @@ def _fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    split = tl.program_id(2)
+    split = tl.program_id(2).to(tl.int64)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     k_start, k_len = _key_range(cu_ptr, b, Lk, VARLEN)
