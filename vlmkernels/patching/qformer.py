@@ -34,8 +34,12 @@ python_ref Gemini's masked attention.
 * ``precision="bf16"`` (``vlmkernels.patch(..., precision="bf16")``): an fp32 Q-Former runs its
   kernels in bf16 (weights, activations and encoder states cast to bf16; the embeddings' LayerNorm
   stays fp32) and its output is cast back to fp32. Q-Formers in another dtype run as they are.
-  Measured error bound (CPU, reference backend, random BLIP-2-like weights, see
-  tests/test_patch_qformer.py::test_precision_bf16): max |bf16 - fp32| of the output <= 2e-2 * max|fp32|.
+  Measured error (BLIP-2 dims: 12 layers, hidden 768, encoder 1408, 32 queries, HF random init,
+  encoder states N(0, 1), Lk 257 and 577, batch 2, reference backend on CPU, 4 draws): the output
+  (unit-variance LayerNorm rows) differs from HF's fp32 Q-Former by at most 0.063 absolute, 1.6% of
+  max|fp32|, mean 0.0078; the fp32 patched path differs by 7.8e-7 of max|fp32|. The bound this
+  package states and tests (tests/test_patch_qformer.py) is 2e-2 * max|fp32|. The bf16 kernels
+  accumulate in fp32 like the reference; their bf16 dot products are proven only by a GPU run.
 * python_ref Gemini ``MaskedAttention`` (self- and cross-modal attention alike): ``qkv`` ->
   ``attention(q, k, v, attn_mask=allowed)`` -> ``out``; a row with no allowed key gives zeros, the
   op's rule and the module's.
