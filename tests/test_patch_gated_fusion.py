@@ -35,6 +35,8 @@ MODELS = {
     "leo_published": ("leo", {"variant": "published"}, {"": "leo"}, {}, {"split_linear"}),
     "florence_vl": ("florence_vl", {}, MGF, {}, {"concat_linear"}),
     "florence_vl_dbfusion": ("florence_vl", {"fusion_variant": "dbfusion"}, MGF, {}, {"concat_linear", "mlp_projector"}),
+    # Florence-2 features under 3 task prompts (4 streams) into DBFusion
+    "florence_vl_published": ("florence_vl", {"variant": "published"}, MGF, {}, {"concat_linear", "mlp_projector"}),
     "dynamic_vision_selector": ("dynamic_vision_selector", {}, {"router": "vision_router"}, {"mix": "N times"},
                                 {"vision_router"}),
     "dynamic_vision_selector_topk": ("dynamic_vision_selector", {"top_k": 2}, {"router": "vision_router"},
@@ -356,3 +358,17 @@ def test_cuda_patched_model_matches_bf16(name):
     _check_report(report, name, "auto")
     got = logits(model, inputs)
     assert_close(got, want, atol=3e-2 * want.abs().max().item(), rtol=3e-2, msg=name)
+
+
+def test_patched_modules_name_the_bad_argument():
+    gate, router = fusion.SigmoidGate(4, 4), fusion.ExpertRouter(5, 3)
+    vlmkernels.patch(gate, families=FAMILY, backend="reference")
+    vlmkernels.patch(router, families=FAMILY, backend="reference")
+    with pytest.raises(ValueError, match="equal leading dims"):
+        gate(torch.randn(2, 4), torch.randn(3, 4))
+    with pytest.raises(TypeError, match="b must have dtype"):
+        gate(torch.randn(2, 4), torch.randn(2, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="pooled must be 2-D"):
+        router(torch.randn(2, 3, 5))
+    with pytest.raises(TypeError, match="image_type"):
+        router(torch.randn(2, 5), torch.tensor([0.0, 1.0]))

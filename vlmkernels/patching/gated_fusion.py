@@ -357,7 +357,7 @@ register_rule(PatchRule(FAMILY, "expert_mix", match=lambda m: _is_python_ref(m, 
                         build=_skip_expert_mix))
 register_rule(PatchRule(FAMILY, "multi_granularity_fusion",
                         match=lambda m: _is_python_ref(m, "MultiGranularityFusion"), build=_build_multi_granularity,
-                        note="a LayerNorm between the GEMMs runs as F.layer_norm"))
+                        note="a LayerNorm in the projector (document variant) runs as F.layer_norm"))
 register_rule(PatchRule(FAMILY, "leo", match=lambda m: _is_python_ref(m, "LEO"), build=_build_leo,
                         note="document: expert_mix + mlp_projector; published: split_linear, tokens interleaved"))
 register_rule(PatchRule(FAMILY, "hf_mlp_projector", match=lambda m: _is_hf(m, HF_PROJECTORS),
