@@ -4,8 +4,9 @@ patched against unpatched multi-encoder models.
 GPU rows (bf16, B=8, T=576, D=1024, D_out=4096; anchors/gated-fusion.md section 4):
 
 * ``gated_fusion`` (GMU-style gate at D): eager ``cat -> addmm -> sigmoid -> g*a + (1-g)*b`` and that
-  chain under ``torch.compile`` (default and ``max-autotune``, the fair competitor: it can fuse the
-  mix into a Triton mm template, not the cat);
+  chain under ``torch.compile`` (default; ``max-autotune`` -- the fair competitor: it can fuse the mix
+  into a Triton mm template, not the cat -- with ``--full``, since its tuning takes minutes:
+  ``python -m bench --family gated --full``);
 * ``expert_mix`` with N = 2 and 4 experts: eager per-expert ``F.linear`` -> stack -> x gate -> sum;
 * ``concat_linear`` + GELU (Florence-VL DBFusion's first layer, 4 x 1024 channels) and
   ``mlp_projector`` (LLaVA-1.5 ``mlp2x_gelu``): ``cat + addmm + gelu (+ addmm)``;
@@ -185,15 +186,14 @@ def mlp_cases(B, T, D, D_out, dtype, device):
 def op_cases(full: bool, device: str) -> list[Case]:
     dtype = DTYPES["bfloat16"]
     B, T, D, D_out = 8, 576, 1024, 4096
-    # max-autotune is the competitor for the gate: tuned even in the quick run (one shape)
-    gate_modes = ["default", "max-autotune-no-cudagraphs"]
-    out = gate_cases(B, T, D, dtype, device, gate_modes)
+    # max-autotune (the competitor for the gate) tunes for minutes: --full only, as in every suite
+    out = gate_cases(B, T, D, dtype, device, compile_modes(full, device))
     out += mix_cases(B, T, D, D_out, dtype, device)
     out += concat_cases(B, T, D, D_out, dtype, device)
     out += mlp_cases(B, T, D, D_out, dtype, device)
     if full:
         out += mix_cases(B, T, D, D_out, dtype, device, experts=(1, 3, 5))
-        out += gate_cases(32, T, D, dtype, device, compile_modes(full, device))
+        out += gate_cases(32, T, D, dtype, device, ["default"])
     return out
 
 
