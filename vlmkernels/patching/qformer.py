@@ -20,6 +20,10 @@ python_ref Gemini's masked attention.
   this path does not call), an attention mask that is not 2-D ``[B, L]``, missing encoder states
   where a cross layer needs them (HF raises), text rows without a text FFN (HF raises), and
   ``backend="auto"`` on CPU tensors (:func:`.core.keeps_hf_code`; forced backends run the ops on CPU).
+* Under ``torch.autocast`` the kernels run in autocast's dtype (HF's Linear layers do too; the
+  weights are cast per call as autocast casts them), and the output keeps HF's dtype there (fp32:
+  LayerNorm autocasts to fp32); the residual stream between the fused blocks is rounded to the
+  autocast dtype, where HF keeps it fp32 (tested within 2e-2).
 * Training: dropout runs with the modules' own ``p`` while they are in training mode (attention
   probabilities, the three output blocks). Gradient-checkpointed layers (``activation_checkpointing_enable``)
   are honored: each patched layer runs under the layer's own ``_gradient_checkpointing_func``. The
@@ -227,10 +231,19 @@ def _layer_forward(layer, W, self_mask, cross_mask, query_length, backend, h, k,
     return out
 
 
+def _compute_dtype(h, precision) -> torch.dtype:
+    """The dtype the kernels run in: autocast's where it is on (HF's Linear layers run in it too),
+    bf16 for an fp32 Q-Former under ``precision="bf16"``, else the Q-Former's own."""
+    device = h.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.bfloat16 if precision == "bf16" and h.dtype == torch.float32 else h.dtype
+
+
 def _encoder(self, h, self_mask, enc, cross_mask, query_length, backend, precision):
     """The Q-Former encoder over embedded rows ``h`` -> last hidden state in the module's dtype."""
     out_dtype = h.dtype
-    dtype = torch.bfloat16 if precision == "bf16" and out_dtype == torch.float32 else out_dtype
+    dtype = _compute_dtype(h, precision)
     W = _weights(self, dtype)
     h = h.to(dtype)
     layers = self.encoder.layer
