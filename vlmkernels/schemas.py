@@ -79,7 +79,8 @@ SCHEMAS: dict[str, tuple[str, str]] = {
         "str backend=\"auto\") -> (Tensor[], Tensor, Tensor[], Tensor[])",
     ),
     # Linear -> act -> Linear -> fp32 softmax (-> top-k, renormalise); image_type >= 0 forces a one-hot row.
-    # Backward: (d pooled, d w1, d b1, d w2, d b2)
+    # Backward (gate = the forward's output, whose nonzeros are the selected experts):
+    # (d pooled, d w1, d b1, d w2, d b2)
     "vision_router": (
         "gated_fusion",
         "(Tensor pooled, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, int? top_k=None, str activation=\"gelu\", "
@@ -87,7 +88,7 @@ SCHEMAS: dict[str, tuple[str, str]] = {
     ),
     "vision_router_backward": (
         "gated_fusion",
-        "(Tensor grad, Tensor pooled, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, int? top_k=None, "
+        "(Tensor grad, Tensor gate, Tensor pooled, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, int? top_k=None, "
         "str activation=\"gelu\", Tensor? image_type=None, str backend=\"auto\") "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     ),

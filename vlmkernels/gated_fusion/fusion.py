@@ -178,7 +178,8 @@ def _mix_backward_reference(grad, features, gate, weights, biases):
     from python_ref.ops.gated_fusion import expert_mix_backward as ref
 
     _check_mix(features, gate, weights, biases)
-    return ref(grad, features, gate, weights, biases)
+    d_feats, d_gate, d_weights, d_biases = ref(grad, features, gate, weights, biases)
+    return d_feats, d_gate, d_weights, d_biases if biases is not None else []
 
 
 def _mix_backward_fake(grad, features, gate, weights, biases=None, backend="auto"):

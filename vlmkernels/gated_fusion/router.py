@@ -6,14 +6,16 @@ LEO / DynamicVisionSelector router; ``python_ref.fusion.ExpertRouter``).
 layers in that dtype store them), softmax in fp32; with ``top_k`` the MoE family's router
 (``moe_topk_route``: its top-k and tie rules, renormalised) picks the experts and the others get 0.
 ``image_type`` (int [B]) forces row ``b`` one-hot on expert ``image_type[b]`` where ``>= 0``
-(``ExpertRouter``'s explicit override; a forced row has no gradient). MoVA's coarse routing (adding
--1e6 to the logits of experts the LLM did not pick) is left to the caller: pass the masked bias
-``b2`` or route on masked logits. The two GEMMs run through the linear epilogue ops' backends; the
-routing part is tiny (``[B, N]``).
+(``ExpertRouter``'s explicit override; a forced row has no gradient). MoVA's coarse routing (the LLM
+masks experts per sample with -1e6 on their logits) is not an input: a caller that needs it runs the
+MLP with :func:`mlp_projector`, adds its ``[B, N]`` mask and routes with ``moe_topk_route``.
 
-Backward: the op ``vision_router_backward`` recomputes the logits and applies
-:func:`vlmkernels.moe.route.route_backward_math` (the top-k renormalised softmax vjp) and the
-MLP's vjp.
+Backends: ``reference`` is python_ref's function (its own top-k); ``triton`` runs the two GEMMs on the
+linear epilogue core and routes through the ``moe_topk_route`` op (C++ or Triton), the same rules.
+
+Backward: the op ``vision_router_backward`` recomputes the logits, reads the selected experts off the
+forward's output and applies :func:`vlmkernels.moe.route.route_backward_math` (the renormalised top-k
+softmax vjp) and the MLP's vjp.
 """
 
 from __future__ import annotations
@@ -71,25 +73,14 @@ def vision_router(pooled, w1, b1, w2, b2, *, top_k: int | None = None, activatio
     return library.op(OP)(pooled, w1, b1, w2, b2, top_k, activation, image_type, backend)
 
 
-def _logits(pooled, w1, b1, w2, b2, activation, backend):
-    """The router MLP through the linear ops' ``backend`` (python_ref's math for ``reference``)."""
-    if backend == "reference":
-        from python_ref.ops.gated_fusion import router_logits
-
-        return router_logits(pooled, w1, b1, w2, b2, activation)
-    from ..triton import linear_epilogue as kernel
-
-    return kernel.mlp_projector(pooled, w1, b1, w2, b2, activation)
-
-
 def _route(logits, top_k, image_type, out_dtype):
+    """python_ref's routing on the triton backend's logits, through the MoE family's router op."""
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     if top_k is None:
         weights = torch.softmax(logits.to(acc), dim=-1)
     else:
         vals, ids = library.op("moe_topk_route")(logits, top_k, "softmax", True, None, 1, 1, "top2_sum", 1.0,
-                                                 library.dtype_arg(acc), "reference" if acc == torch.float64
-                                                 else "auto")
+                                                 library.dtype_arg(acc), "auto")
         weights = torch.zeros_like(logits, dtype=acc).scatter(1, ids.long(), vals.to(acc))
     if image_type is not None:
         forced = torch.nn.functional.one_hot(image_type.long().clamp_min(0), logits.shape[1]).to(acc)
@@ -98,13 +89,18 @@ def _route(logits, top_k, image_type, out_dtype):
 
 
 def _reference(pooled, w1, b1, w2, b2, top_k, activation, image_type):
+    from python_ref.ops.gated_fusion import vision_router as ref
+
     _check(pooled, w1, b1, w2, b2, top_k, activation, image_type)
-    return _route(_logits(pooled, w1, b1, w2, b2, activation, "reference"), top_k, image_type, pooled.dtype)
+    return ref(pooled, w1, b1, w2, b2, top_k, activation, image_type)
 
 
 def _triton(pooled, w1, b1, w2, b2, top_k, activation, image_type):
+    from ..triton import linear_epilogue as kernel
+
     _check(pooled, w1, b1, w2, b2, top_k, activation, image_type)
-    return _route(_logits(pooled, w1, b1, w2, b2, activation, "triton"), top_k, image_type, pooled.dtype)
+    logits = kernel.mlp_projector(pooled, w1, b1, w2, b2, activation)
+    return _route(logits, top_k, image_type, pooled.dtype)
 
 
 def _fake(pooled, w1, b1, w2, b2, top_k=None, activation="gelu", image_type=None, backend="auto"):
@@ -112,11 +108,14 @@ def _fake(pooled, w1, b1, w2, b2, top_k=None, activation="gelu", image_type=None
     return pooled.new_empty((pooled.shape[0], w2.shape[0]))
 
 
-def _backward_reference(grad, pooled, w1, b1, w2, b2, top_k, activation, image_type):
+def _backward_reference(grad, gate, pooled, w1, b1, w2, b2, top_k, activation, image_type):
+    """The selected experts are read off the forward's output (its top-k entries; the others are exactly 0),
+    so the backward never re-decides a near-tie differently from the forward."""
+    from python_ref.ops.gated_fusion import router_logits
     from python_ref.ops.linear_epilogue import mlp_projector_backward
 
     _check(pooled, w1, b1, w2, b2, top_k, activation, image_type)
-    logits = _logits(pooled, w1, b1, w2, b2, activation, "reference")
+    logits = router_logits(pooled, w1, b1, w2, b2, activation)
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     g = grad.to(acc)
     if image_type is not None:  # forced rows are constants
@@ -125,26 +124,26 @@ def _backward_reference(grad, pooled, w1, b1, w2, b2, top_k, activation, image_t
         ids = torch.arange(logits.shape[1], device=logits.device).expand(logits.shape)
         d_logits = route_backward_math(logits, ids, g, "softmax", False, 1.0)
     else:
-        _, ids = library.op("moe_topk_route")(logits, top_k, "softmax", True, None, 1, 1, "top2_sum", 1.0,
-                                              library.dtype_arg(acc), "reference" if acc == torch.float64 else "auto")
-        d_logits = route_backward_math(logits, ids, g.gather(1, ids.long()), "softmax", True, 1.0)
+        ids = torch.topk(gate.to(acc), top_k, dim=-1).indices
+        d_logits = route_backward_math(logits, ids, g.gather(1, ids), "softmax", True, 1.0)
     return mlp_projector_backward(d_logits, pooled, w1, b1, w2, b2, activation)
 
 
-def _backward_fake(grad, pooled, w1, b1, w2, b2, top_k=None, activation="gelu", image_type=None, backend="auto"):
+def _backward_fake(grad, gate, pooled, w1, b1, w2, b2, top_k=None, activation="gelu", image_type=None, backend="auto"):
     return (torch.empty_like(pooled), torch.empty_like(w1), w1.new_empty(w1.shape[0]), torch.empty_like(w2),
             w2.new_empty(w2.shape[0]))
 
 
 def _setup(ctx, inputs, output):
     pooled, w1, b1, w2, b2, top_k, activation, image_type, _backend = inputs
-    ctx.save_for_backward(pooled, w1, b1, w2, b2, image_type)
+    ctx.save_for_backward(output, pooled, w1, b1, w2, b2, image_type)
     ctx.top_k, ctx.activation = top_k, activation
 
 
 def _backward(ctx, grad):
-    pooled, w1, b1, w2, b2, image_type = ctx.saved_tensors
-    grads = library.op(f"{OP}_backward")(grad, pooled, w1, b1, w2, b2, ctx.top_k, ctx.activation, image_type, "auto")
+    gate, pooled, w1, b1, w2, b2, image_type = ctx.saved_tensors
+    grads = library.op(f"{OP}_backward")(grad, gate, pooled, w1, b1, w2, b2, ctx.top_k, ctx.activation, image_type,
+                                         "auto")
     return grads_for(ctx, grads, 9)
 
 

@@ -264,7 +264,7 @@ def _launch(xs, ws, out, *, bias=None, bias_per_sample=False, scale=None, rows_p
     _linear_epilogue_kernel[grid](
         *xs_p, *ws_p, *x_strides, *w_strides, *ks,
         scale if scale is not None else dummy, *(scale.stride() if scale is not None else (0, 0)),
-        bias if bias is not None else dummy, bias.stride(0) if bias_per_sample else 0,
+        bias if bias is not None else dummy, bias.stride(0) if bias is not None and bias_per_sample else 0,
         va, *va.stride()[-2:], vb, *vb.stride()[-2:],
         keep if keep is not None else dummy, *(keep.stride() if keep is not None else (0, 0)), float(drop_scale),
         residual if residual is not None else dummy, *(residual.stride() if residual is not None else (0, 0)),
