@@ -26,7 +26,6 @@ torch allows it (:func:`vlmkernels.triton.fused_moe.dot_precision`).
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
