@@ -372,3 +372,29 @@ def test_patched_modules_name_the_bad_argument():
         router(torch.randn(2, 3, 5))
     with pytest.raises(TypeError, match="image_type"):
         router(torch.randn(2, 5), torch.tensor([0.0, 1.0]))
+
+
+@pytest.mark.parametrize("arch", ["llava", "llava_next", "llava_next_video", "llava_onevision"])
+def test_every_hf_llava_projector_class_is_patched(arch):
+    import importlib
+
+    from vlmkernels.patching.gated_fusion import HF_PROJECTORS
+
+    modeling = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+    (cls,) = [getattr(modeling, n) for n in HF_PROJECTORS if hasattr(modeling, n)]
+    config_cls = cls.__init__.__annotations__.get("config")
+    config_cls = getattr(modeling, config_cls) if isinstance(config_cls, str) else config_cls
+    cfg = config_cls(vision_config=transformers.CLIPVisionConfig(hidden_size=12, num_attention_heads=2),
+                     text_config=transformers.LlamaConfig(hidden_size=20, num_attention_heads=2, num_key_value_heads=2),
+                     vision_feature_layer=[-3, -1])
+    torch.manual_seed(0)
+    proj = cls(cfg)
+    x = torch.randn(2, 7, 24, requires_grad=True)
+    want = proj(x)
+    report = vlmkernels.patch(proj, families=FAMILY, backend="triton")
+    assert [e.rule for e in report.patched] == ["hf_mlp_projector"], str(report)
+    got = proj(x)
+    assert_close(got, want)
+    (gx,) = torch.autograd.grad(got.sum(), x)
+    (wx,) = torch.autograd.grad(want.sum(), x)
+    assert_close(gx, wx)
