@@ -398,3 +398,13 @@ def test_every_hf_llava_projector_class_is_patched(arch):
     (gx,) = torch.autograd.grad(got.sum(), x)
     (wx,) = torch.autograd.grad(want.sum(), x)
     assert_close(gx, wx)
+
+
+def test_linear_subclasses_are_skipped_not_read():
+    """A subclass of nn.Linear (e.g. a quantized layer) may hold weights the ops cannot read."""
+    model = _llava()
+    lin = model.model.multi_modal_projector.linear_1
+    lin.__class__ = type("QuantLinear", (nn.Linear,), {})
+    with pytest.warns(UserWarning, match="nothing was patched"):
+        report = vlmkernels.patch(model, families=FAMILY, backend="reference")
+    assert "not nn.Linear" in report.skipped[0].reason

@@ -75,6 +75,15 @@ def _activation(module) -> str | None:
     return next((act for act in ("gelu", "gelu_tanh") if name in _ACT_CLASSES[act]), None)
 
 
+def _is_linear(module) -> bool:
+    # exactly nn.Linear: subclasses (bitsandbytes' quantized layers, ...) hold weights the ops cannot read
+    return type(module) is nn.Linear
+
+
+def _is_layer_norm(module) -> bool:
+    return type(module) is nn.LayerNorm
+
+
 def _apply_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "relu":
         return F.relu(x)
@@ -106,15 +115,15 @@ def sequential_plan(layers, *, features: bool) -> tuple[tuple, ...]:
     naming the first layer that has no fused equivalent."""
     if not isinstance(layers, nn.Sequential) or not len(layers):
         raise SkipPatch("the projector is not a non-empty nn.Sequential")
-    if features and not isinstance(layers[0], nn.Linear):
+    if features and not _is_linear(layers[0]):
         raise SkipPatch(f"the projector starts with {type(layers[0]).__name__}, not the Linear over the concat")
     steps, i, n = [], 0, len(layers)
     while i < n:
         layer = layers[i]
         act = _activation(layers[i + 1]) if i + 1 < n else None
-        if isinstance(layer, nn.Linear):
+        if _is_linear(layer):
             over_features = features and i == 0
-            if act and not over_features and i + 2 < n and isinstance(layers[i + 2], nn.Linear):
+            if act and not over_features and i + 2 < n and _is_linear(layers[i + 2]):
                 steps.append(("mlp_projector", i, act, i + 2))
                 i += 3
             elif act or over_features:
@@ -123,7 +132,7 @@ def sequential_plan(layers, *, features: bool) -> tuple[tuple, ...]:
             else:
                 steps.append(("linear", i))
                 i += 1
-        elif isinstance(layer, nn.LayerNorm):
+        elif _is_layer_norm(layer):
             steps.append(("layer_norm", i))
             i += 1
         elif _activation(layer) is not None:
@@ -166,6 +175,8 @@ def run_plan(steps, layers, x, backend: str):
 def _build_sigmoid_gate(gate, backend):
     if gate.variant not in ("document", "gmu"):
         raise SkipPatch(f"unknown variant {gate.variant!r}")
+    if not _is_linear(gate.gate):
+        raise SkipPatch("the gate is not an nn.Linear")
     require_backend("gated_fusion", backend, gate.gate.weight)
     ops = _ops()
     gmu = gate.variant == "gmu"
@@ -183,8 +194,8 @@ def _build_sigmoid_gate(gate, backend):
 
 def _build_expert_router(router, backend):
     mlp = getattr(router, "mlp", None)
-    if not (isinstance(mlp, nn.Sequential) and len(mlp) == 3 and isinstance(mlp[0], nn.Linear)
-            and isinstance(mlp[2], nn.Linear)):
+    if not (isinstance(mlp, nn.Sequential) and len(mlp) == 3 and _is_linear(mlp[0])
+            and _is_linear(mlp[2])):
         raise SkipPatch("router mlp is not Linear -> activation -> Linear")
     act = _activation(mlp[1])
     if act is None:
@@ -236,7 +247,7 @@ def _model_module(model):
 
 def _build_leo_document(model, backend):
     projs = getattr(model, "expert_proj", None)
-    if not isinstance(projs, nn.ModuleList) or not all(isinstance(p, nn.Linear) for p in projs):
+    if not isinstance(projs, nn.ModuleList) or not all(_is_linear(p) for p in projs):
         raise SkipPatch("expert_proj is not a ModuleList of nn.Linear")
     if len({p.out_features for p in projs}) != 1:
         raise SkipPatch("the expert projections have different output widths")
@@ -259,8 +270,8 @@ def _build_leo_document(model, backend):
 
 
 def _leo_adapter_act(adapter) -> str:
-    ok = (isinstance(adapter, nn.Sequential) and len(adapter) == 4 and isinstance(adapter[0], nn.LayerNorm)
-          and isinstance(adapter[1], nn.Linear) and isinstance(adapter[3], nn.Linear))
+    ok = (isinstance(adapter, nn.Sequential) and len(adapter) == 4 and _is_layer_norm(adapter[0])
+          and _is_linear(adapter[1]) and _is_linear(adapter[3]))
     act = _activation(adapter[2]) if ok else None
     if act not in ("gelu", "gelu_tanh"):
         raise SkipPatch("adapter is not LayerNorm -> Linear -> GELU -> Linear")
@@ -324,7 +335,7 @@ HF_PROJECTORS = ("LlavaMultiModalProjector", "LlavaNextMultiModalProjector", "Ll
 
 def _build_hf_projector(proj, backend):
     l1, act_mod, l2 = (getattr(proj, k, None) for k in ("linear_1", "act", "linear_2"))
-    if not (isinstance(l1, nn.Linear) and isinstance(l2, nn.Linear)):
+    if not (_is_linear(l1) and _is_linear(l2)):
         raise SkipPatch("linear_1 / linear_2 are not nn.Linear (quantized?)")
     try:
         src = inspect.getsource(type(proj).forward)
