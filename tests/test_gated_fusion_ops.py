@@ -5,9 +5,8 @@ import importlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from tests.helpers import assert_close, tol
+from tests.helpers import assert_close, run_without_interpreter
 from vlmkernels import ops
 from vlmkernels.triton import linear_epilogue as tri
 
@@ -387,3 +386,11 @@ def test_empty_batch(backend):
     feats, gate, ws, bs = mix_inputs(2, 0, (2, 4), 5, torch.float32)
     assert ops.expert_mix(feats, gate, ws, bs, backend=backend).shape == (2, 0, 5)
     assert ops.vision_router(*router_inputs(0, 4, 5, 3), top_k=2, backend=backend).shape == (0, 3)
+
+
+def test_kernels_compile_for_sm90():
+    """expert_mix's variant (5 scaled segments) and gated_fusion's (sigmoid mix epilogue) build for sm_90."""
+    run_without_interpreter(
+        "from vlmkernels.triton.linear_epilogue import aot_compile\n"
+        "assert aot_compile('bf16', nseg=5, scaled=True, activation='none').asm['cubin']\n"
+        "assert aot_compile('fp16', nseg=2, gate_mix=True, activation='none').asm['cubin']\n")

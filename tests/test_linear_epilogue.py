@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import assert_close, tol
+from tests.helpers import assert_close, run_without_interpreter, tol
 from vlmkernels import ops
 from vlmkernels.triton import linear_epilogue as tri
 
@@ -465,3 +465,14 @@ def test_layernorm_epilogue_choice(monkeypatch):
     ops.linear_residual_layernorm(rand(2, 3), rand(1025, 3), None, rand(2, 1025), None, None, 1e-5, backend="triton")
     assert [c["LAYERNORM"] for c in rec.calls] == [True, False]
     assert rec.calls[0]["BLOCK_N"] == 1024 and rec.calls[1]["RESIDUAL"]
+
+
+def test_kernels_compile_for_sm90():
+    """The GEMM core (plain bf16/fp32 with GELU, full-row LayerNorm with dropout) and the row LayerNorm
+    kernel build to cubins for sm_90 without a GPU."""
+    run_without_interpreter(
+        "from vlmkernels.triton.linear_epilogue import aot_compile, aot_compile_row_layernorm\n"
+        "for dt in ('bf16', 'fp32'):\n"
+        "    assert aot_compile(dt, nseg=3, activation='gelu_tanh').asm['cubin']\n"
+        "assert aot_compile('bf16', nseg=1, layernorm=True, dropout=True, activation='none').asm['cubin']\n"
+        "assert aot_compile_row_layernorm('bf16').asm['cubin']\n")

@@ -208,9 +208,11 @@ def _row_layernorm_kernel(h_ptr, stride_hm, out_ptr, stride_om, ln_w_ptr, ln_b_p
 
 # ---- configs ------------------------------------------------------------------------------------
 
-def _config(M: int, N: int, K: int, device: torch.device, layernorm: bool) -> dict:
+def _config(M: int, N: int, K: int, device: torch.device, layernorm: bool, dtype=torch.bfloat16) -> dict:
     """Tile config: whole rows for the LayerNorm epilogue, a small heuristic otherwise. The interpreter
-    runs each program in numpy: mid-size tiles keep it fast."""
+    runs each program in numpy: mid-size tiles keep it fast. fp64 (no tensor cores) takes small tiles."""
+    if dtype == torch.float64 and device.type == "cuda" and not layernorm:
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2)
     if layernorm:
         block_n = max(16, triton.next_power_of_2(N))
         block_m = 16 if block_n >= 512 or device.type != "cuda" else 32
@@ -249,7 +251,7 @@ def _launch(xs, ws, out, *, bias=None, bias_per_sample=False, scale=None, rows_p
     T = rows_per_sample or M
     num_samples = M // T
     dtype = xs[0].dtype
-    cfg = config or _config(M, N, sum(x.shape[1] for x in xs), out.device, layernorm is not None)
+    cfg = config or _config(M, N, sum(x.shape[1] for x in xs), out.device, layernorm is not None, dtype)
     pad = MAX_SEGMENTS - nseg
     xs_p = list(xs) + [xs[0]] * pad
     ws_p = list(ws) + [ws[0]] * pad
@@ -392,3 +394,34 @@ def mlp_projector(x, w1, b1, w2, b2, activation="gelu"):
     out = _out(x.shape[:-1], w2.shape[0], x)
     _launch([_rows(h)], [w2], _rows(out), bias=b2)
     return out
+
+
+# ---- ahead-of-time compile check ------------------------------------------------------------------
+
+def aot_compile(dtype: str = "bf16", arch: int = 90, nseg: int = 2, scaled: bool = False, activation: str = "gelu",
+                gate_mix: bool = False, layernorm: bool = False, dropout: bool = False, cfg: dict | None = None):
+    """Compile one variant of the GEMM core for ``sm_<arch>`` without a GPU (needs a process without
+    ``TRITON_INTERPRET=1``)."""
+    from .aot import aot_compile as compile_for
+
+    cfg = cfg or (_config(64, 768, 768, torch.device("cuda"), True) if layernorm
+                  else _config(4096, 4096, 4096, torch.device("cuda"), False))
+    acc = "fp64" if dtype == "fp64" else "fp32"
+    types = {n: "*" + dtype for n in ("x0", "x1", "x2", "x3", "x4", "w0", "w1", "w2", "w3", "w4", "va_ptr", "vb_ptr",
+                                       "res_ptr", "ln_w_ptr", "ln_b_ptr", "out_ptr")}
+    types.update(scale_ptr="*" + acc, bias_ptr="*" + (acc if scaled else dtype), keep_ptr="*u8",
+                 drop_scale="fp32", eps="fp32")
+    values = dict(NSEG=nseg, SCALED=scaled, HAS_BIAS=True, ACTIVATION=ACTIVATION_CODES[activation],
+                  GATE_MIX=gate_mix, DROPOUT=dropout, RESIDUAL=layernorm, LAYERNORM=layernorm, HAS_LN_W=layernorm,
+                  HAS_LN_B=layernorm, ACC_FP64=dtype == "fp64", DOT_PRECISION="ieee" if dtype in ("fp32", "fp64")
+                  else "tf32", DOT_UPCAST=False,
+                  **{k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")})
+    return compile_for(_linear_epilogue_kernel, types, values, arch=arch, num_warps=cfg["num_warps"],
+                       num_stages=cfg["num_stages"])
+
+
+def aot_compile_row_layernorm(dtype: str = "bf16", arch: int = 90, block_n: int = 4096):
+    from .aot import aot_compile as compile_for
+
+    types = {"h_ptr": "*fp32", "out_ptr": "*" + dtype, "ln_w_ptr": "*" + dtype, "ln_b_ptr": "*" + dtype, "eps": "fp32"}
+    return compile_for(_row_layernorm_kernel, types, dict(HAS_LN_W=True, HAS_LN_B=True, BLOCK_N=block_n), arch=arch)
