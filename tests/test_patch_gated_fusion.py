@@ -408,3 +408,13 @@ def test_linear_subclasses_are_skipped_not_read():
     with pytest.warns(UserWarning, match="nothing was patched"):
         report = vlmkernels.patch(model, families=FAMILY, backend="reference")
     assert "not nn.Linear" in report.skipped[0].reason
+
+
+def test_every_family_together():
+    """The default patch(): the gated_fusion rules beside the other families' (CLIP embeddings, Q-Former)."""
+    model, inputs = build("minigpt5_gmu")
+    want = logits(model, inputs)
+    report = vlmkernels.patch(model, backend="reference")
+    assert {"gated_fusion", "qformer"} <= {e.family for e in report.patched}, str(report)
+    assert report.paths("gated_fusion") == ["gate"]
+    assert_close(logits(model, inputs), want, atol=1e-5 * want.abs().max().item(), rtol=1e-4)

@@ -361,7 +361,8 @@ def _build_hf_projector(proj, backend):
 
 
 register_rule(PatchRule(FAMILY, "sigmoid_gate", match=lambda m: _is_python_ref(m, "SigmoidGate"),
-                        build=_build_sigmoid_gate))
+                        build=_build_sigmoid_gate,
+                        note="gmu variant: its tanh projections run eagerly, the gate and mix fused"))
 register_rule(PatchRule(FAMILY, "vision_router", match=lambda m: _is_python_ref(m, "ExpertRouter"),
                         build=_build_expert_router, priority=ROUTER_PRIORITY))
 register_rule(PatchRule(FAMILY, "expert_mix", match=lambda m: _is_python_ref(m, "ExpertMix"),
