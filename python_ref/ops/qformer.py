@@ -57,13 +57,23 @@ def _segments(q, k, v, key_padding_mask, attn_mask, dropout_mask, cu_seqlens_k):
         yield slice(b, b + 1), q[b:b + 1], k[lo:hi][None], v[lo:hi][None], keep, drop
 
 
-def _probs(q, k, keep, scale):
-    """(P [B,H,Lq,Lk], lse [B,H,Lq]) in the accumulation dtype."""
-    acc = _acc_dtype(q.dtype)
-    s = torch.einsum("bihd,bjhd->bhij", q.to(acc), k.to(acc)) * scale
-    if keep is not None:
-        s = s.masked_fill(~keep[:, None], float("-inf"))
-    lse = torch.logsumexp(s, dim=-1) if s.shape[-1] else s.new_full(s.shape[:-1], float("-inf"))
+def _heads(t, acc):
+    """``[B, L, H, d]`` -> ``[B, H, L, d]`` in the accumulation dtype, contiguous (one copy, then
+    every product is a plain batched GEMM)."""
+    return t.to(acc).transpose(1, 2).contiguous()
+
+
+def _scores(qh, kh, keep, scale):
+    """``S = scale * Q K^T`` ``[B, H, Lq, Lk]``, -inf where a key is dropped."""
+    s = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    return s if keep is None else s.masked_fill(~keep[:, None], float("-inf"))
+
+
+def _probs(s):
+    """(P, lse) of masked scores: lse = +inf and P = 0 on rows without a kept key."""
+    if s.shape[-1] == 0:
+        return s, s.new_full(s.shape[:-1], float("inf"))
+    lse = torch.logsumexp(s, dim=-1)
     empty = torch.isneginf(lse)
     p = torch.exp(s - torch.where(empty, 0.0, lse)[..., None])  # masked entries: exp(-inf) = 0
     return p, torch.where(empty, float("inf"), lse)
@@ -83,12 +93,18 @@ def qformer_attention(q, k, v, *, key_padding_mask=None, attn_mask=None, cu_seql
     B, Lq, H, d = q.shape
     outs, lses = [], []
     for _, qs, ks, vs, keep, drop in _segments(q, k, v, key_padding_mask, attn_mask, dropout_mask, cu_seqlens_k):
-        p, lse = _probs(qs, ks, keep, scale)
-        outs.append(torch.einsum("bhij,bjhd->bihd", _dropped(p, drop, dropout_p), vs.to(acc)))
+        p, lse = _probs(_scores(_heads(qs, acc), _heads(ks, acc), keep, scale))
+        outs.append(torch.matmul(_dropped(p, drop, dropout_p), _heads(vs, acc)))
         lses.append(lse)
-    out = torch.cat(outs) if outs else q.new_zeros((0, Lq, H, v.shape[-1]), dtype=acc)
-    lse = torch.cat(lses) if lses else q.new_zeros((0, H, Lq), dtype=acc)
-    return out.to(q.dtype), lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    out = _cat(outs, (0, H, Lq, d), q, acc).transpose(1, 2)
+    lse = _cat(lses, (0, H, Lq), q, acc)
+    return out.to(q.dtype), lse
+
+
+def _cat(parts, empty_shape, like, dtype):
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat(parts) if parts else like.new_zeros(empty_shape, dtype=dtype)
 
 
 def qformer_attention_backward(grad, q, k, v, out, lse, *, key_padding_mask=None, attn_mask=None,
@@ -100,28 +116,23 @@ def qformer_attention_backward(grad, q, k, v, out, lse, *, key_padding_mask=None
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     acc = _acc_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
-    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
-    delta_all = (grad.to(acc) * out.to(acc)).sum(-1).transpose(1, 2)  # [B, H, Lq]
-    lo = 0
+    B, Lq, H, d = q.shape
+    delta = (grad.to(acc) * out.to(acc)).sum(-1).transpose(1, 2)  # [B, H, Lq]
+    dqs, dks, dvs = [], [], []
     for rows, qs, ks, vs, keep, drop in _segments(q, k, v, key_padding_mask, attn_mask, dropout_mask, cu_seqlens_k):
-        s = torch.einsum("bihd,bjhd->bhij", qs.to(acc), ks.to(acc)) * scale
-        p = torch.exp(s - lse[rows].to(acc)[..., None])  # lse = +inf on empty rows: P = 0
-        if keep is not None:
-            p = p.masked_fill(~keep[:, None], 0.0)
-        g = grad[rows].to(acc)
-        dvs = torch.einsum("bhij,bihd->bjhd", _dropped(p, drop, dropout_p), g)
-        dp = _dropped(torch.einsum("bihd,bjhd->bhij", g, vs.to(acc)), drop, dropout_p)
-        ds = p * (dp - delta_all[rows][..., None])
-        dq[rows] = torch.einsum("bhij,bjhd->bihd", ds, ks.to(acc)) * scale
-        dks = torch.einsum("bhij,bihd->bjhd", ds, qs.to(acc)) * scale
-        if cu_seqlens_k is None:
-            dk, dv = dks, dvs
-        else:
-            n = ks.shape[1]
-            dk[lo:lo + n], dv[lo:lo + n] = dks[0], dvs[0]
-            lo += n
+        qh, kh, vh, gh = _heads(qs, acc), _heads(ks, acc), _heads(vs, acc), _heads(grad[rows], acc)
+        p = torch.exp(_scores(qh, kh, keep, scale) - lse[rows].to(acc)[..., None])  # lse = +inf: P = 0
+        dvs.append(torch.matmul(_dropped(p, drop, dropout_p).transpose(-1, -2), gh))
+        dp = _dropped(torch.matmul(gh, vh.transpose(-1, -2)), drop, dropout_p)
+        ds = p * (dp - delta[rows][..., None]) * scale
+        dqs.append(torch.matmul(ds, kh))
+        dks.append(torch.matmul(ds.transpose(-1, -2), qh))
+    dq = _cat(dqs, (0, H, Lq, d), q, acc).transpose(1, 2)
+    if cu_seqlens_k is None:
+        dk, dv = dks[0].transpose(1, 2), dvs[0].transpose(1, 2)
+    else:  # [1, H, n, d] per image -> packed [total_k, H, d]
+        dk = _cat([t[0].transpose(0, 1) for t in dks], (0, H, d), k, acc)
+        dv = _cat([t[0].transpose(0, 1) for t in dvs], (0, H, d), v, acc)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
