@@ -12,6 +12,12 @@ Each module owns exactly the math that a fused kernel replaces, so ``vlmkernels.
   LayerNorm design or the published DBFusion ``mlp3x_gelu``.
 - :class:`TopKTokenSelector` -- top-k tokens by score (dynamic_qformer).
 
+Where a module computes what one of the package's ops computes, its forward calls that op's reference
+math (:mod:`python_ref.ops.gated_fusion`, :mod:`python_ref.ops.linear_epilogue`): ``SigmoidGate`` ->
+``gated_fusion``, ``ExpertRouter`` -> ``vision_router`` (ReLU hidden activation), ``MultiGranularityFusion``
+-> ``concat_linear`` (+ ``mlp_projector`` for DBFusion). Those accumulate in fp32 and round once, so a
+bf16 module differs from a chain of bf16 ``nn.Linear``/sigmoid steps by about one bf16 ulp.
+
 Attribute names (``gate``, ``router``, ``k``, ``num_experts``, ``top_k`` ...) are part of the contract
 with the patch rules; keep them stable.
 """
@@ -21,10 +27,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .ops import moe_topk_route, topk_select_tokens
+from .ops import topk_select_tokens
+from .ops.gated_fusion import gated_fusion, vision_router
+from .ops.linear_epilogue import concat_linear, mlp_projector
 
 __all__ = [
     "SigmoidGate",
@@ -89,11 +96,11 @@ class SigmoidGate(nn.Module):
                              f"got {tuple(a.shape)} and {tuple(b.shape)}")
         if a.dtype != b.dtype:
             raise TypeError(f"a and b must have the same dtype, got {a.dtype} and {b.dtype}")
-        g = torch.sigmoid(self.gate(torch.cat([a, b], dim=-1)))
+        mix_a = mix_b = None
         if self.variant == "gmu":
-            a, b = torch.tanh(self.proj_a(a)), torch.tanh(self.proj_b(b))
-        # g*a + (1-g)*b written as b + g*(a-b): one fewer multiply, same value
-        return b + g * (a - b)
+            mix_a, mix_b = torch.tanh(self.proj_a(a)), torch.tanh(self.proj_b(b))
+        # python_ref.ops.gated_fusion: g = sigmoid(gate([a; b])), g*a + (1-g)*b in fp32, rounded once
+        return gated_fusion(a, b, self.gate.weight, self.gate.bias, mix_a, mix_b)
 
     def extra_repr(self) -> str:
         return f"dim_a={self.dim_a}, dim_b={self.dim_b}, out_dim={self.out_dim}, variant={self.variant!r}"
@@ -129,18 +136,15 @@ class ExpertRouter(nn.Module):
         return self.mlp(features)
 
     def forward(self, features: torch.Tensor, image_type: torch.Tensor | None = None) -> torch.Tensor:
-        logits = self.compute_logits(features)
-        if self.top_k is None:
-            weights = torch.softmax(logits.to(_accum_dtype(logits.dtype)), dim=-1)
-        else:
-            acc = _accum_dtype(logits.dtype)
-            vals, ids = moe_topk_route(logits, self.top_k, scoring="softmax", renormalize=True, weights_dtype=acc)
-            weights = torch.zeros_like(logits, dtype=acc).scatter(1, ids.long(), vals)
+        _check_float("features", features)
+        if features.dim() != 2 or features.shape[1] != self.in_dim:
+            raise ValueError(f"features must be [B, {self.in_dim}], got {tuple(features.shape)}")
         if image_type is not None:
             image_type = self._check_image_type(image_type, features.shape[0])
-            forced = F.one_hot(image_type.clamp_min(0), self.num_experts).to(weights.dtype)
-            weights = torch.where((image_type >= 0).unsqueeze(1), forced, weights)
-        return weights.to(features.dtype)
+        first, last = self.mlp[0], self.mlp[2]
+        # python_ref.ops.gated_fusion.vision_router: the MLP (ReLU), fp32 softmax, top-k, override
+        return vision_router(features, first.weight, first.bias, last.weight, last.bias, self.top_k, "relu",
+                             image_type)
 
     def _check_image_type(self, image_type, batch: int) -> torch.Tensor:
         if not isinstance(image_type, torch.Tensor) or image_type.dtype not in (torch.int32, torch.int64):
@@ -230,7 +234,12 @@ class MultiGranularityFusion(nn.Module):
             if f.shape[-1] != d or f.shape[:-1] != feats[0].shape[:-1]:
                 raise ValueError(f"feats[{i}] must be [..., {d}] with the same leading dims as feats[0] "
                                  f"{tuple(feats[0].shape[:-1])}, got {tuple(f.shape)}")
-        return self.proj(torch.cat(feats, dim=-1))
+        first = self.proj[0]
+        if self.variant == "dbfusion":  # concat -> Linear -> GELU, then Linear -> GELU -> Linear
+            h = concat_linear(feats, first.weight, first.bias, "gelu")
+            return mlp_projector(h, self.proj[2].weight, self.proj[2].bias, self.proj[4].weight, self.proj[4].bias,
+                                 "gelu")
+        return self.proj[1:](concat_linear(feats, first.weight, first.bias, "none"))
 
     def extra_repr(self) -> str:
         return f"dims={self.dims}, out_dim={self.out_dim}, variant={self.variant!r}"
