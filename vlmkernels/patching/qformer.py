@@ -35,6 +35,9 @@ python_ref Gemini's masked attention.
   Q-Former or ``no_grad``); with gradients they are rebuilt every call (weights change every step and
   the stacking must stay on the autograd graph), and under ``torch.compile`` always. The cache lives
   outside the instance (a weak dictionary), so copies, pickles and ``state_dict`` never carry it.
+  Measured at BLIP-2 dims on this project's 2-core CPU: the check costs ~13 us per call (~0.2 ms
+  for ``precision="bf16"``, which keys on every parameter), restacking the 6 cross layers' K/V
+  (52 MB fp32) 60-180 ms; under training the restack is paid every step either way.
 * ``precision="bf16"`` (``vlmkernels.patch(..., precision="bf16")``): an fp32 Q-Former runs its
   kernels in bf16 (weights, activations and encoder states cast to bf16; the embeddings' LayerNorm
   stays fp32) and its output is cast back to fp32. Q-Formers in another dtype run as they are.
