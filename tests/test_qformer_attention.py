@@ -306,14 +306,23 @@ def test_split_kv_forward(splits):
 
 
 def test_split_kv_forward_packed():
-    B, Lq, H, d = 3, 7, 1, 64
+    B, Lq, H, d = 3, 7, 2, 64
     lengths = [130, 3, 0]
-    q, k, v = make_qkv(B, Lq, H, d, None, seed=23, total_k=sum(lengths))
+    total = sum(lengths)
+    q, k, v = make_qkv(B, Lq, H, d, None, seed=23, total_k=total)
     cu = torch.tensor([0, 130, 133, 133], dtype=torch.int32)
     want, want_lse = ref_attention(*f64(q, k, v), cu_seqlens_k=cu)
     got, lse = tri.attention_forward(q, k, v, None, None, cu, None, None, 0.0, splits=4)
     assert_close(got, want)
     assert_close(lse, want_lse.float())
+    # packed masks and dropout on the split path too
+    kpm, am = torch.rand(total) > 0.2, torch.rand(Lq, total) > 0.2
+    keep = draw_keep((H, Lq, total), 0.3, 4)
+    kw = dict(key_padding_mask=kpm, attn_mask=am, cu_seqlens_k=cu, dropout_mask=keep, dropout_p=0.3)
+    want, want_lse = ref_attention(*f64(q, k, v), **kw)
+    got, lse = tri.attention_forward(q, k, v, kpm, am, cu, None, keep, 0.3, splits=3)
+    assert_close(got, want, msg="packed, masked, dropout")
+    assert_close(lse, want_lse.float(), msg="packed, masked, dropout lse")
 
 
 @pytest.mark.parametrize("fuse_dq,n_programs", [(True, 1), (False, 1), (False, 2), (False, 7)])
