@@ -368,6 +368,13 @@ def test_strided_inputs():
         got, got_grads = run_with_grads(q, k, v, grad, backend)
         assert_close(got, want, msg=backend)
         check_grads(got_grads, want_grads, torch.float32, f"{backend} strided")
+        # the backward op with a strided saved output, lse and incoming gradient
+        out, lse = OP(q, k, v, None, None, None, None, None, 0.0, backend)
+        lse_t = lse.transpose(1, 2).contiguous().transpose(1, 2)
+        out_t = out.transpose(1, 2).contiguous().transpose(1, 2)
+        grads = BWD(grad.transpose(1, 2).contiguous().transpose(1, 2), q, k, v, out_t, lse_t,
+                    None, None, None, None, None, 0.0, backend)
+        check_grads(grads, want_grads, torch.float32, f"{backend} strided backward op")
 
 
 def test_split_heuristic(monkeypatch):

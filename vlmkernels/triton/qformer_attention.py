@@ -440,7 +440,7 @@ def attention_backward(grad, q, k, v, out, lse, key_padding_mask=None, attn_mask
     ``fuse_dq`` force the launch shape (tests); by default every key block gets its own program
     unless B*H alone fills the SMs and the queries fit one block, which fuses dQ in (one launch)."""
     q, k, v = _last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v)
-    grad, out = _last_dim_unit(grad), _last_dim_unit(out)
+    grad, out, lse = _last_dim_unit(grad), _last_dim_unit(out), lse.contiguous()
     B, Lq, H, d = q.shape
     varlen = cu_seqlens_k is not None
     Lk = 0 if varlen else k.shape[1]
