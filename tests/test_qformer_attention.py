@@ -514,3 +514,37 @@ def test_kernels_compile_for_sm90():
         "assert aot_compile('dkdv', 'fp16', d=32, varlen=True, FUSE_DQ=True).asm['cubin']\n"
         "# the largest tiles (fp32, d=128 padded, BLOCK_M=64) fit an H100's 227 KiB of shared memory\n"
         "assert aot_compile('dkdv', 'fp32', d=128, Lq=64).metadata.shared <= 227 * 1024\n")
+
+
+# ---- on a GPU: compiled kernels (real bf16/fp16 tensor-core dots, the auto split-KV and launch shapes) --
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,Lk,d", [(1, 257, 64), (1, 577, 88), (16, 257, 64), (3, 1000, 128)])
+def test_cuda_parity(B, Lk, d, dtype):
+    """BLIP-2 shapes (12 heads, 32 queries): B=1 takes the split-KV forward and the two-kernel backward,
+    B=16 fills the SMs (no split, fused dQ)."""
+    H, Lq = 12, 32
+    q, k, v = (t.cuda() for t in make_qkv(B, Lq, H, d, Lk, dtype=dtype, seed=B + Lk))
+    kpm = padding_mask(B, Lk, seed=Lk).cuda()
+    grad = torch.randn(B, Lq, H, d, device="cuda").to(dtype)
+    want, want_grads = ref_with_grads(q, k, v, grad, key_padding_mask=kpm)
+    got, got_grads = run_with_grads(q, k, v, grad, "triton", key_padding_mask=kpm)
+    assert_close(got, want, dtype=dtype, msg=f"cuda {dtype}")
+    check_grads(got_grads, want_grads, dtype, f"cuda {dtype}")
+
+
+@pytest.mark.cuda
+def test_cuda_packed_dropout_and_auto_backend():
+    B, Lq, H, d = 4, 37, 12, 64
+    lengths = [257, 5, 0, 577]
+    cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).cuda()
+    q, k, v = (t.cuda() for t in make_qkv(B, Lq, H, d, None, dtype=torch.bfloat16, total_k=sum(lengths)))
+    grad = torch.randn(B, Lq, H, d, device="cuda").to(torch.bfloat16)
+    results = {}
+    for backend in ("auto", "reference"):
+        torch.manual_seed(7)
+        results[backend] = run_with_grads(q, k, v, grad, backend, cu_seqlens_k=cu, dropout_p=0.1)
+    (got, got_grads), (want, want_grads) = results["auto"], results["reference"]
+    assert_close(got, want, dtype=torch.bfloat16)
+    check_grads(got_grads, want_grads, torch.bfloat16, "cuda packed dropout")
