@@ -3,8 +3,8 @@
 * GPU: HF ``Blip2QFormerModel`` at BLIP-2 dims (12 layers, hidden 768, 12 heads, FFN 3072, encoder
   1408, cross-attention every 2nd layer, 32 queries; Lk 257 = EVA ViT-g/14 at 224 px and 577 =
   CLIP-L/336), batch 1 and 64, bf16 and fp32, forward and forward+backward (dropout 0: both sides
-  run the same math), HF's SDPA path as the baseline, the patched copy (``backend="auto"``) against
-  it. ``bytes`` is the Q-Former's weights plus its inputs and output, so the ``roofline`` column of a
+  run the same math) with BLIP-2's all-ones image mask, HF's SDPA path as the baseline, the
+  patched copy (``backend="auto"``) against it. ``bytes`` is the Q-Former's weights plus its inputs and output, so the ``roofline`` column of a
   batch-1 row is the weight-read floor (anchor: 63 us bf16, 126 us fp32 on an H100) over the measured
   time; ``weight_floor_us`` in those rows' shape gives the floor at 3.35 TB/s.
 * GPU: the attention op alone against ``F.scaled_dot_product_attention`` (its best backend for the
@@ -33,6 +33,14 @@ BLIP2_QFORMER = dict(hidden_size=HIDDEN, num_hidden_layers=12, num_attention_hea
                      encoder_hidden_size=ENCODER, cross_attention_frequency=2, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0)
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM, the anchor's weight-read floor
+
+
+def _mode(model, training: bool):
+    """``model`` in train/eval mode, switching only when needed (``.train()`` walks every submodule:
+    host time that would land inside the timed call)."""
+    if model.training != training:
+        model.train(training)
+    return model
 
 
 def _quiet_patch(model, **kw):
@@ -79,12 +87,12 @@ def _flops(B: int, Lk: int) -> float:
     return B * (L * per_layer + cross * per_cross)
 
 
-def qformer_cases(full: bool, device: str) -> list[Case]:
-    if device != "cuda":
+def qformer_cases(full: bool, device: str, shapes=None, dnames=("bfloat16", "float32")) -> list[Case]:
+    if device != "cuda" and shapes is None:  # BLIP-2 dims on the CPU: seconds per call, HF's code either way
         return []
     if functional("attention") is None or functional("qformer_cross_kv") is None:
         return []
-    shapes = [(B, Lk) for B in (1, 64) for Lk in (257, 577)]
+    shapes = shapes or [(B, Lk) for B in (1, 64) for Lk in (257, 577)]
 
     def one(B, Lk, dname, mode):
         dtype = DTYPES[dname]
@@ -92,22 +100,25 @@ def qformer_cases(full: bool, device: str) -> list[Case]:
 
         def make(i):
             q = randn((B, QUERIES, HIDDEN), dtype, device, seed=i).requires_grad_(mode != "fwd")
-            return q, randn((B, Lk, ENCODER), dtype, device, seed=100 + i)
+            # the all-ones image mask BLIP-2's get_image_features passes
+            return q, randn((B, Lk, ENCODER), dtype, device, seed=100 + i), torch.ones(B, Lk, dtype=torch.long,
+                                                                                   device=device)
 
         io_bytes = (B * QUERIES * HIDDEN * 2 + B * Lk * ENCODER) * dtype.itemsize
         inp = Inputs(make, nbytes=io_bytes)
 
         def provider(name):
             def fwd():
-                m = models.first()[name].eval()
-                q, s = inp()
+                m = _mode(models.first()[name], False)
+                q, s, mask = inp()
                 with torch.no_grad():
-                    return m(query_embeds=q, encoder_hidden_states=s).last_hidden_state
+                    return m(query_embeds=q, encoder_hidden_states=s, encoder_attention_mask=mask).last_hidden_state
 
             def train():
-                m = models.first()[name].train()
-                q, s = inp()
-                m(query_embeds=q, encoder_hidden_states=s).last_hidden_state.float().sum().backward()
+                m = _mode(models.first()[name], True)
+                q, s, mask = inp()
+                out = m(query_embeds=q, encoder_hidden_states=s, encoder_attention_mask=mask).last_hidden_state
+                out.float().sum().backward()
                 m.zero_grad(set_to_none=True)
                 q.grad = None
             return fwd if mode == "fwd" else train
@@ -121,7 +132,7 @@ def qformer_cases(full: bool, device: str) -> list[Case]:
                     inputs=[models, inp], timing="events",
                     note="batch-1 floor: the weights read once (63 us bf16, 126 us fp32 at 3.35 TB/s)")
 
-    return [one(B, Lk, dname, mode) for dname in ("bfloat16", "float32") for mode in ("fwd", "fwd+bwd")
+    return [one(B, Lk, dname, mode) for dname in dnames for mode in ("fwd", "fwd+bwd")
             for (B, Lk) in shapes]
 
 
@@ -208,14 +219,14 @@ def system_cases(full: bool, device: str, names=("blip2", "instructblip"), size:
 
         def fwd(p):
             def run():
-                m = models.first()[p].eval()
+                m = _mode(models.first()[p], False)
                 with torch.no_grad():
                     return m(**inp())
             return run
 
         def train(p):
             def run():
-                m = models.first()[p].train()
+                m = _mode(models.first()[p], True)
                 m(**inp()).loss.backward()
                 m.zero_grad(set_to_none=True)
             return run
