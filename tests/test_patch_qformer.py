@@ -233,7 +233,8 @@ def test_output_attentions_runs_hf_and_matches():
         report = _patch(model)
         assert "output_attentions" in report.patched[0].reason
         got = _qformer_call(model, output_attentions=True, output_hidden_states=True)
-    assert got.attentions and len(got.cross_attentions) == 2 and len(got.hidden_states) == QFORMER["num_hidden_layers"] + 1
+    assert got.attentions and len(got.cross_attentions) == 2
+    assert len(got.hidden_states) == QFORMER["num_hidden_layers"] + 1
     for key in ("last_hidden_state", "pooler_output", "attentions", "cross_attentions", "hidden_states"):
         a, b = getattr(got, key), getattr(want, key)
         for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):

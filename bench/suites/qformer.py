@@ -4,9 +4,10 @@
   1408, cross-attention every 2nd layer, 32 queries; Lk 257 = EVA ViT-g/14 at 224 px and 577 =
   CLIP-L/336), batch 1 and 64, bf16 and fp32, forward and forward+backward (dropout 0: both sides
   run the same math) with BLIP-2's all-ones image mask, HF's SDPA path as the baseline, the
-  patched copy (``backend="auto"``) against it. ``bytes`` is the Q-Former's weights plus its inputs and output, so the ``roofline`` column of a
-  batch-1 row is the weight-read floor (anchor: 63 us bf16, 126 us fp32 on an H100) over the measured
-  time; ``weight_floor_us`` in those rows' shape gives the floor at 3.35 TB/s.
+  patched copy (``backend="auto"``) against it. ``bytes`` is the Q-Former's weights plus its inputs
+  and output, so the ``roofline`` column of a batch-1 row is the weight-read floor (anchor: 63 us
+  bf16, 126 us fp32 on an H100) over the measured time; ``weight_floor_us`` in those rows' shape
+  gives the floor at 3.35 TB/s.
 * GPU: the attention op alone against ``F.scaled_dot_product_attention`` (its best backend for the
   dtype: flash for bf16, memory-efficient for fp32) and FlexAttention (compiled) when importable, on
   the same ``[B, 32, 12, 64]`` queries over 257 / 577 keys.

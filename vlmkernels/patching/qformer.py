@@ -241,7 +241,7 @@ def _attention_block(att, h, k, v, key_mask, W, backend):
         k = _heads(F.linear(h, W(mha.key.weight), W(mha.key.bias)), mha)
         v = _heads(F.linear(h, W(mha.value.weight), W(mha.value.bias)), mha)
     o = _ops().attention(q, k, v, key_padding_mask=key_mask, scale=mha.scaling,
-                                 dropout_p=mha.attention_dropout if mha.training else 0.0, backend=backend)
+                         dropout_p=mha.attention_dropout if mha.training else 0.0, backend=backend)
     return _output_block(att.output, o.flatten(-2), h, W, backend)
 
 
