@@ -29,6 +29,11 @@ import torch
 __all__ = ["qformer_attention", "qformer_attention_backward", "qformer_cross_kv"]
 
 
+def default_scale(d: int) -> float:
+    """``d**-0.5`` (1 for an empty head dim, whose output is empty anyway)."""
+    return d ** -0.5 if d else 1.0
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -88,7 +93,7 @@ def _dropped(p, dropout_mask, dropout_p):
 def qformer_attention(q, k, v, *, key_padding_mask=None, attn_mask=None, cu_seqlens_k=None, scale=None,
                       dropout_mask=None, dropout_p=0.0):
     """``(out [B,Lq,H,d] in q's dtype, lse float32 [B,H,Lq])`` (lse float64 for float64 inputs)."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = default_scale(q.shape[-1]) if scale is None else scale
     acc = _acc_dtype(q.dtype)
     B, Lq, H, d = q.shape
     outs, lses = [], []
@@ -114,7 +119,7 @@ def qformer_attention_backward(grad, q, k, v, out, lse, *, key_padding_mask=None
     ``delta = rowsum(dO * O)``; ``P = exp(S - lse)``; ``dV = (P*D)^T dO``; ``dP = (dO V^T) * D``;
     ``dS = P * (dP - delta)``; ``dQ = scale * dS K``; ``dK = scale * dS^T Q``.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = default_scale(q.shape[-1]) if scale is None else scale
     acc = _acc_dtype(q.dtype)
     B, Lq, H, d = q.shape
     delta = (grad.to(acc) * out.to(acc)).sum(-1).transpose(1, 2)  # [B, H, Lq]

@@ -17,6 +17,7 @@ scale, dropout_p)`` returns ``[B,Lq,H,d]`` in q's dtype (exact math in :mod:`pyt
   packed); kept probabilities are scaled by ``1/(1-p)``.
 
 dtypes fp32, fp16, bf16 (float64 on the reference backend); softmax and accumulation in fp32.
+Empty inputs (B, Lq, H or d = 0) give the empty output; no keys at all (Lk = 0, total_k = 0) give zeros.
 
 The op ``torch.ops.vlmkernels.attention`` takes the drawn ``dropout_mask`` and returns
 ``(out, lse float32 [B,H,Lq])`` (``lse = +inf`` on rows without a kept key) so that the backward

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from python_ref.ops.qformer import default_scale
+
 from .fused_moe import dot_precision
 from .launch import launcher
 
@@ -381,7 +383,7 @@ def _flags(q, key_padding_mask, attn_mask, dropout_mask, varlen):
 
 
 def _scale(q, scale):
-    return q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return default_scale(q.shape[-1]) if scale is None else float(scale)
 
 
 @launcher
@@ -396,7 +398,7 @@ def attention_forward(q, k, v, key_padding_mask=None, attn_mask=None, cu_seqlens
     total_k = k.shape[0] if varlen else B * Lk
     out = q.new_empty((B, Lq, H, d))
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
-    if out.numel() == 0 or total_k == 0:
+    if B * Lq * H == 0 or total_k == 0:  # (d = 0 runs: every score is 0, lse = log(kept keys))
         out.zero_()
         lse.fill_(float("inf"))
         return out, lse
