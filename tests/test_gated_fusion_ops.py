@@ -87,6 +87,20 @@ def test_gated_fusion_backward(backend, mix):
             assert_close(got.grad, w64.grad.float(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mix", [False, True])
+def test_gated_fusion_backward_op_triton(dtype, mix):
+    """The recompute GEMM stores dz and d va in its epilogue; compared with python_ref's vjp in float64."""
+    a, b, w, c = gate_inputs((2, 5), 6, dtype)
+    extra = [rand(2, 5, 6, dtype=dtype), rand(2, 5, 6, dtype=dtype)] if mix else [None, None]
+    grad = rand(2, 5, 6, dtype=dtype)
+    got = torch.ops.vlmkernels.gated_fusion_backward(grad, a, b, w, c, *extra, "triton")
+    want = ref.gated_fusion_backward(*f64([grad, a, b, w, c, *extra]))
+    for i, (x, e) in enumerate(zip(got, want)):
+        assert x.dtype == dtype
+        assert_close(x, e.to(dtype) if dtype == torch.float32 else e, dtype=dtype, msg=f"grad {i}")
+
+
 def test_gated_fusion_gradcheck():
     a, b, w, c = gate_inputs((2,), 3, torch.float64)
     ha, hb = rand(2, 3, dtype=torch.float64), rand(2, 3, dtype=torch.float64)
@@ -323,7 +337,7 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("case,backend", [(c, b) for c in range(7) for b in BACKENDS if c in (0, 2, 4) or b == "reference"])
+@pytest.mark.parametrize("case,backend", [(c, b) for c in range(7) for b in BACKENDS if c in (0, 1, 2, 4) or b == "reference"])
 def test_opcheck(case, backend):
     op, args = _opcheck_cases()[case]
     if op.default._schema.name.endswith("_backward"):
@@ -389,8 +403,10 @@ def test_empty_batch(backend):
 
 
 def test_kernels_compile_for_sm90():
-    """expert_mix's variant (5 scaled segments) and gated_fusion's (sigmoid mix epilogue) build for sm_90."""
+    """expert_mix's variant (5 scaled segments) and gated_fusion's (sigmoid mix epilogue, and its vjp
+    epilogue) build for sm_90."""
     run_without_interpreter(
         "from vlmkernels.triton.linear_epilogue import aot_compile\n"
         "assert aot_compile('bf16', nseg=5, scaled=True, activation='none').asm['cubin']\n"
-        "assert aot_compile('fp16', nseg=2, gate_mix=True, activation='none').asm['cubin']\n")
+        "assert aot_compile('fp16', nseg=2, gate_mix=True, activation='none').asm['cubin']\n"
+        "assert aot_compile('bf16', nseg=2, activation='none', grad_mode=2).asm['cubin']\n")

@@ -83,9 +83,10 @@ def check_devices(op: str, named: dict) -> None:
 
 def register_op(op: str, *, reference: Callable, triton: Callable | None, fake: Callable,
                 backward_reference: Callable, backward_fake: Callable,
-                setup_context: Callable, backward: Callable) -> None:
+                setup_context: Callable, backward: Callable, backward_triton: Callable | None = None) -> None:
     """``op`` (reference + triton backends, triton preferred on CUDA) and ``op_backward`` (the reference
-    formula with torch matmuls: the GEMMs dominate), their fakes, and autograd through the backward op."""
+    formula; a triton backend where fusing its elementwise part into a GEMM epilogue saves passes, the
+    GEMMs themselves with torch matmuls), their fakes, and autograd through the backward op."""
     bwd = f"{op}_backward"
     registry.register(op, "reference", reference, devices=("cpu", "cuda"))
     if triton is not None:
@@ -96,7 +97,11 @@ def register_op(op: str, *, reference: Callable, triton: Callable | None, fake: 
     registry.set_preference(op, "cpu", ("reference",))
     library.register_fake(op)(fake)
     registry.register(bwd, "reference", backward_reference, devices=("cpu", "cuda"))
-    registry.set_preference(bwd, "cuda", ("reference",))
+    if backward_triton is not None:
+        registry.register(bwd, "triton", backward_triton, devices=("cuda", "cpu"))
+        registry.set_preference(bwd, "cuda", ("triton", "reference"))
+    else:
+        registry.set_preference(bwd, "cuda", ("reference",))
     registry.set_preference(bwd, "cpu", ("reference",))
     library.register_fake(bwd)(backward_fake)
     library.register_autograd(op, backward, setup_context)

@@ -90,6 +90,13 @@ def _gate_backward_reference(grad, a, b, weight, bias, mix_a, mix_b):
     return ref(grad, a, b, weight, bias, mix_a, mix_b)
 
 
+def _gate_backward_triton(grad, a, b, weight, bias, mix_a, mix_b):
+    from ..triton import linear_epilogue as kernel
+
+    _check_gate(a, b, weight, bias, mix_a, mix_b)
+    return kernel.gated_fusion_backward(grad, a, b, weight, bias, mix_a, mix_b)
+
+
 def _gate_backward_fake(grad, a, b, weight, bias, mix_a=None, mix_b=None, backend="auto"):
     out_shape = (*a.shape[:-1], weight.shape[0])
     return (torch.empty_like(a), torch.empty_like(b), torch.empty_like(weight), weight.new_empty(weight.shape[0]),
@@ -109,7 +116,7 @@ def _gate_backward(ctx, grad):
 
 register_op(GATE, reference=no_grad(_gate_reference), triton=_gate_triton, fake=_gate_fake,
             backward_reference=no_grad(_gate_backward_reference), backward_fake=_gate_backward_fake,
-            setup_context=_gate_setup, backward=_gate_backward)
+            setup_context=_gate_setup, backward=_gate_backward, backward_triton=_gate_backward_triton)
 
 
 # ---- expert_mix ----------------------------------------------------------------------------------

@@ -85,6 +85,13 @@ def _concat_backward_reference(grad, features, weight, bias, activation):
     return ref(grad, features, weight, bias, activation)
 
 
+def _concat_backward_triton(grad, features, weight, bias, activation):
+    from ..triton import linear_epilogue as kernel
+
+    _check_concat(features, weight, bias, activation)
+    return kernel.concat_linear_backward(grad, features, weight, bias, activation)
+
+
 def _concat_backward_fake(grad, features, weight, bias, activation="none", backend="auto"):
     return [torch.empty_like(x) for x in features], torch.empty_like(weight), weight.new_empty(weight.shape[0])
 
@@ -103,7 +110,8 @@ def _concat_backward(ctx, grad):
 
 register_op(CONCAT, reference=no_grad(_concat_reference), triton=_concat_triton, fake=_concat_fake,
             backward_reference=no_grad(_concat_backward_reference), backward_fake=_concat_backward_fake,
-            setup_context=_concat_setup, backward=_concat_backward)
+            setup_context=_concat_setup, backward=_concat_backward,
+            backward_triton=_concat_backward_triton)
 
 
 # ---- split_linear --------------------------------------------------------------------------------
@@ -179,6 +187,13 @@ def _split_backward_reference(grad, features, weights, biases, activation, layou
     return d_feats, d_weights, d_biases if biases is not None else []
 
 
+def _split_backward_triton(grad, features, weights, biases, activation, layout):
+    from ..triton import linear_epilogue as kernel
+
+    _check_split(features, weights, biases, activation, layout)
+    return kernel.split_linear_backward(grad, features, weights, biases, activation, layout)
+
+
 def _split_backward_fake(grad, features, weights, biases=None, activation="none", layout="channel_concat",
                          backend="auto"):
     d_biases = [] if biases is None else [torch.empty_like(b) for b in biases]
@@ -204,7 +219,8 @@ def _split_backward(ctx, grad):
 
 register_op(SPLIT, reference=no_grad(_split_reference), triton=_split_triton, fake=_split_fake,
             backward_reference=no_grad(_split_backward_reference), backward_fake=_split_backward_fake,
-            setup_context=_split_setup, backward=_split_backward)
+            setup_context=_split_setup, backward=_split_backward,
+            backward_triton=_split_backward_triton)
 
 
 # ---- mlp_projector -------------------------------------------------------------------------------
@@ -253,6 +269,13 @@ def _mlp_backward_reference(grad, x, w1, b1, w2, b2, activation):
     return ref(grad, x, w1, b1, w2, b2, activation)
 
 
+def _mlp_backward_triton(grad, x, w1, b1, w2, b2, activation):
+    from ..triton import linear_epilogue as kernel
+
+    _check_mlp(x, w1, b1, w2, b2, activation)
+    return kernel.mlp_projector_backward(grad, x, w1, b1, w2, b2, activation)
+
+
 def _mlp_backward_fake(grad, x, w1, b1, w2, b2, activation="gelu", backend="auto"):
     return (torch.empty_like(x), torch.empty_like(w1), w1.new_empty(w1.shape[0]), torch.empty_like(w2),
             w2.new_empty(w2.shape[0]))
@@ -272,4 +295,5 @@ def _mlp_backward(ctx, grad):
 
 register_op(MLP, reference=no_grad(_mlp_reference), triton=_mlp_triton, fake=_mlp_fake,
             backward_reference=no_grad(_mlp_backward_reference), backward_fake=_mlp_backward_fake,
-            setup_context=_mlp_setup, backward=_mlp_backward)
+            setup_context=_mlp_setup, backward=_mlp_backward,
+            backward_triton=_mlp_backward_triton)

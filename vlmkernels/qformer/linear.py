@@ -97,6 +97,14 @@ def _lrln_backward_reference(grad, x, weight, bias, residual, ln_weight, ln_bias
     return ref(grad, x, weight, bias, residual, ln_weight, ln_bias, eps, keep_mask, dropout_p)
 
 
+def _lrln_backward_triton(grad, x, weight, bias, residual, ln_weight, ln_bias, eps, keep_mask, dropout_p):
+    from ..triton import linear_epilogue as kernel
+
+    _check_lrln(x, weight, bias, residual, ln_weight, ln_bias, eps, keep_mask, dropout_p)
+    return kernel.linear_residual_layernorm_backward(grad, x, weight, bias, residual, ln_weight, ln_bias, eps,
+                                                     keep_mask, dropout_p)
+
+
 def _lrln_backward_fake(grad, x, weight, bias, residual, ln_weight, ln_bias, eps, keep_mask=None, dropout_p=0.0,
                         backend="auto"):
     n = weight.shape[0]
@@ -120,7 +128,7 @@ def _lrln_backward(ctx, grad):
 
 register_op(LRLN, reference=no_grad(_lrln_reference), triton=_lrln_triton, fake=_lrln_fake,
             backward_reference=no_grad(_lrln_backward_reference), backward_fake=_lrln_backward_fake,
-            setup_context=_lrln_setup, backward=_lrln_backward)
+            setup_context=_lrln_setup, backward=_lrln_backward, backward_triton=_lrln_backward_triton)
 
 
 # ---- linear_gelu -------------------------------------------------------------------------------
@@ -163,6 +171,13 @@ def _gelu_backward_reference(grad, x, weight, bias):
     return ref(grad, x, weight, bias, "gelu")
 
 
+def _gelu_backward_triton(grad, x, weight, bias):
+    from ..triton import linear_epilogue as kernel
+
+    _check_gelu(x, weight, bias)
+    return kernel.linear_activation_backward(grad, x, weight, bias, "gelu")
+
+
 def _gelu_backward_fake(grad, x, weight, bias, backend="auto"):
     return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0])
 
@@ -180,4 +195,4 @@ def _gelu_backward(ctx, grad):
 
 register_op(GELU, reference=no_grad(_gelu_reference), triton=_gelu_triton, fake=_gelu_fake,
             backward_reference=no_grad(_gelu_backward_reference), backward_fake=_gelu_backward_fake,
-            setup_context=_gelu_setup, backward=_gelu_backward)
+            setup_context=_gelu_setup, backward=_gelu_backward, backward_triton=_gelu_backward_triton)

@@ -58,6 +58,22 @@ def _activation(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def _activation_grad(z, ACTIVATION: tl.constexpr):
+    """d act(z) / dz."""
+    if ACTIVATION == 1:
+        d = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+    elif ACTIVATION == 2:
+        y = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        t = 2.0 * _sigmoid(2.0 * y) - 1.0
+        d = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+    elif ACTIVATION == 3:
+        d = tl.where(z > 0, 1.0, 0.0)
+    else:
+        d = z * 0.0 + 1.0
+    return d
+
+
+@triton.jit
 def _segment_dot(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_wn, stride_wk, K, rows, row_ok, offs_n, col_ok,
                  BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """``acc += X[rows, :K] · W[offs_n, :K]ᵀ``."""
@@ -109,11 +125,12 @@ def _linear_epilogue_kernel(
     keep_ptr, stride_keep_m, stride_keep_n, drop_scale,
     res_ptr, stride_res_m, stride_res_n,
     ln_w_ptr, ln_b_ptr, eps,
+    grad_ptr, stride_grad_m, stride_grad_n, aux_ptr, stride_aux_m, stride_aux_n,
     out_ptr, stride_om, stride_on,
     T, N, tiles_per_sample, num_samples,
     NSEG: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     GATE_MIX: tl.constexpr, DROPOUT: tl.constexpr, RESIDUAL: tl.constexpr, LAYERNORM: tl.constexpr,
-    HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr, ACC_FP64: tl.constexpr,
+    HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr, ACC_FP64: tl.constexpr, GRAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -157,7 +174,22 @@ def _linear_epilogue_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + sample * stride_bias_b + offs_n, mask=col_ok, other=0.0)
         acc += bias.to(acc.dtype)[None, :]
-    acc = _activation(acc, ACTIVATION)
+    if GRAD != 0:  # backward epilogues: the recomputed pre-activation never goes to memory
+        gy = tl.load(grad_ptr + rows[:, None] * stride_grad_m + offs_n[None, :] * stride_grad_n, mask=tile_ok,
+                     other=0.0).to(acc.dtype)
+    if GRAD == 1:  # d pre-activation = grad * act'(z)
+        acc = gy * _activation_grad(acc, ACTIVATION)
+    elif GRAD == 2:  # gate: d z = grad (va - vb) g (1 - g); aux = d va = grad g
+        g = _sigmoid(acc)
+        va = tl.load(va_ptr + rows[:, None] * stride_va_m + offs_n[None, :] * stride_va_n, mask=tile_ok,
+                     other=0.0).to(acc.dtype)
+        vb = tl.load(vb_ptr + rows[:, None] * stride_vb_m + offs_n[None, :] * stride_vb_n, mask=tile_ok,
+                     other=0.0).to(acc.dtype)
+        tl.store(aux_ptr + rows[:, None] * stride_aux_m + offs_n[None, :] * stride_aux_n,
+                 (gy * g).to(aux_ptr.dtype.element_ty), mask=tile_ok)
+        acc = gy * (va - vb) * g * (1.0 - g)
+    else:
+        acc = _activation(acc, ACTIVATION)
     if GATE_MIX:
         g = _sigmoid(acc)
         va = tl.load(va_ptr + rows[:, None] * stride_va_m + offs_n[None, :] * stride_va_n, mask=tile_ok,
@@ -206,6 +238,47 @@ def _row_layernorm_kernel(h_ptr, stride_hm, out_ptr, stride_om, ln_w_ptr, ln_b_p
     tl.store(out_ptr + row * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=col_ok[None, :])
 
 
+@triton.jit
+def _layernorm_backward_kernel(h_ptr, stride_hm, g_ptr, stride_gm, keep_ptr, stride_km, drop_scale, ln_w_ptr,
+                               dres_ptr, stride_drm, dz_ptr, stride_dzm, part_w_ptr, part_b_ptr, M, N, eps,
+                               ROWS: tl.constexpr, HAS_LN_W: tl.constexpr, DROPOUT: tl.constexpr,
+                               BLOCK_N: tl.constexpr):
+    """LayerNorm + dropout vjp for ``ROWS`` rows of the pre-norm sum ``h``: ``d residual = dh``,
+    ``dz = dh * keep * scale``, and this program's partial column sums of ``g * xhat`` (d ln_weight) and
+    ``g`` (d ln_bias); one pass over ``h`` and ``grad``."""
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_N)
+    col_ok = offs < N
+    pw = tl.zeros((BLOCK_N,), dtype=part_w_ptr.dtype.element_ty)
+    pb = tl.zeros((BLOCK_N,), dtype=part_w_ptr.dtype.element_ty)
+    if HAS_LN_W:
+        w = tl.load(ln_w_ptr + offs, mask=col_ok, other=0.0).to(pw.dtype)
+    for r in range(ROWS):
+        row = (pid * ROWS + r).to(tl.int64)
+        ok = col_ok & (row < M)
+        h = tl.load(h_ptr + row * stride_hm + offs, mask=ok, other=0.0).to(pw.dtype)
+        g = tl.load(g_ptr + row * stride_gm + offs, mask=ok, other=0.0).to(pw.dtype)
+        mean = tl.sum(h, axis=0) / N
+        d = tl.where(col_ok, h - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
+        xhat = d * rstd
+        pw += g * xhat
+        pb += g
+        dxhat = g
+        if HAS_LN_W:
+            dxhat = g * w
+        c1 = tl.sum(dxhat, axis=0) / N
+        c2 = tl.sum(dxhat * xhat, axis=0) / N
+        dh = tl.where(col_ok, rstd * (dxhat - c1 - xhat * c2), 0.0)
+        tl.store(dres_ptr + row * stride_drm + offs, dh.to(dres_ptr.dtype.element_ty), mask=ok)
+        if DROPOUT:
+            keep = tl.load(keep_ptr + row * stride_km + offs, mask=ok, other=0)
+            dh = tl.where(keep != 0, dh * drop_scale, 0.0)
+        tl.store(dz_ptr + row * stride_dzm + offs, dh.to(dz_ptr.dtype.element_ty), mask=ok)
+    tl.store(part_w_ptr + pid * N + offs, pw, mask=col_ok)
+    tl.store(part_b_ptr + pid * N + offs, pb, mask=col_ok)
+
+
 # ---- configs ------------------------------------------------------------------------------------
 
 def _config(M: int, N: int, K: int, device: torch.device, layernorm: bool, dtype=torch.bfloat16) -> dict:
@@ -238,11 +311,14 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(xs, ws, out, *, bias=None, bias_per_sample=False, scale=None, rows_per_sample=None,
-            activation="none", mix=None, keep=None, drop_scale=1.0, residual=None, layernorm=None, config=None):
+            activation="none", mix=None, keep=None, drop_scale=1.0, residual=None, layernorm=None, grad=None,
+            grad_mode=0, aux=None, config=None):
     """``out [M, N] = epilogue(sum_s scale * xs[s] · ws[s]ᵀ)``; ``xs[s] [M, K_s]``, ``ws[s] [N, K_s]``
     (any strides), ``out`` any 2-D strided view. ``scale [num_samples, S]`` with ``rows_per_sample``
     rows per sample; ``bias [N]`` or ``[num_samples, N]``; ``mix = (va, vb)`` [M, N]; ``keep`` uint8
-    [M, N]; ``residual`` [M, N]; ``layernorm = (ln_w, ln_b, eps)`` (N must fit one tile)."""
+    [M, N]; ``residual`` [M, N]; ``layernorm = (ln_w, ln_b, eps)`` (N must fit one tile).
+    Backward epilogues (``grad [M, N]``): ``grad_mode=1`` stores ``grad * act'(z)``; ``grad_mode=2``
+    (with ``mix``) stores the gate's ``d z`` and ``aux = grad * g``."""
     M, N = out.shape
     if M == 0 or N == 0:
         return out
@@ -271,12 +347,14 @@ def _launch(xs, ws, out, *, bias=None, bias_per_sample=False, scale=None, rows_p
         keep if keep is not None else dummy, *(keep.stride() if keep is not None else (0, 0)), float(drop_scale),
         residual if residual is not None else dummy, *(residual.stride() if residual is not None else (0, 0)),
         ln_w if ln_w is not None else dummy, ln_b if ln_b is not None else dummy, float(eps),
+        grad if grad is not None else dummy, *(grad.stride() if grad is not None else (0, 0)),
+        aux if aux is not None else dummy, *(aux.stride() if aux is not None else (0, 0)),
         out, out.stride(0), out.stride(1),
         T, N, tiles_per_sample, num_samples,
         NSEG=nseg, SCALED=scale is not None, HAS_BIAS=bias is not None, ACTIVATION=ACTIVATION_CODES[activation],
-        GATE_MIX=mix is not None, DROPOUT=keep is not None, RESIDUAL=residual is not None,
+        GATE_MIX=mix is not None and grad_mode == 0, DROPOUT=keep is not None, RESIDUAL=residual is not None,
         LAYERNORM=layernorm is not None, HAS_LN_W=ln_w is not None, HAS_LN_B=ln_b is not None,
-        ACC_FP64=dtype == torch.float64, DOT_PRECISION="ieee" if dtype == torch.float64 else dot_precision(dtype),
+        ACC_FP64=dtype == torch.float64, GRAD=grad_mode, DOT_PRECISION="ieee" if dtype == torch.float64 else dot_precision(dtype),
         DOT_UPCAST=xs[0].device.type == "cpu" and dtype in (torch.float16, torch.bfloat16),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -399,7 +477,8 @@ def mlp_projector(x, w1, b1, w2, b2, activation="gelu"):
 # ---- ahead-of-time compile check ------------------------------------------------------------------
 
 def aot_compile(dtype: str = "bf16", arch: int = 90, nseg: int = 2, scaled: bool = False, activation: str = "gelu",
-                gate_mix: bool = False, layernorm: bool = False, dropout: bool = False, cfg: dict | None = None):
+                gate_mix: bool = False, layernorm: bool = False, dropout: bool = False, grad_mode: int = 0,
+                cfg: dict | None = None):
     """Compile one variant of the GEMM core for ``sm_<arch>`` without a GPU (needs a process without
     ``TRITON_INTERPRET=1``)."""
     from .aot import aot_compile as compile_for
@@ -408,16 +487,26 @@ def aot_compile(dtype: str = "bf16", arch: int = 90, nseg: int = 2, scaled: bool
                   else _config(4096, 4096, 4096, torch.device("cuda"), False))
     acc = "fp64" if dtype == "fp64" else "fp32"
     types = {n: "*" + dtype for n in ("x0", "x1", "x2", "x3", "x4", "w0", "w1", "w2", "w3", "w4", "va_ptr", "vb_ptr",
-                                       "res_ptr", "ln_w_ptr", "ln_b_ptr", "out_ptr")}
+                                       "res_ptr", "ln_w_ptr", "ln_b_ptr", "out_ptr", "grad_ptr", "aux_ptr")}
     types.update(scale_ptr="*" + acc, bias_ptr="*" + (acc if scaled else dtype), keep_ptr="*u8",
                  drop_scale="fp32", eps="fp32")
     values = dict(NSEG=nseg, SCALED=scaled, HAS_BIAS=True, ACTIVATION=ACTIVATION_CODES[activation],
                   GATE_MIX=gate_mix, DROPOUT=dropout, RESIDUAL=layernorm, LAYERNORM=layernorm, HAS_LN_W=layernorm,
-                  HAS_LN_B=layernorm, ACC_FP64=dtype == "fp64", DOT_PRECISION="ieee" if dtype in ("fp32", "fp64")
+                  HAS_LN_B=layernorm, ACC_FP64=dtype == "fp64", GRAD=grad_mode, DOT_PRECISION="ieee" if dtype in ("fp32", "fp64")
                   else "tf32", DOT_UPCAST=False,
                   **{k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")})
     return compile_for(_linear_epilogue_kernel, types, values, arch=arch, num_warps=cfg["num_warps"],
                        num_stages=cfg["num_stages"])
+
+
+def aot_compile_layernorm_backward(dtype: str = "bf16", arch: int = 90, block_n: int = 1024):
+    from .aot import aot_compile as compile_for
+
+    types = {"h_ptr": "*fp32", "g_ptr": "*" + dtype, "keep_ptr": "*u8", "drop_scale": "fp32", "ln_w_ptr": "*" + dtype,
+             "dres_ptr": "*" + dtype, "dz_ptr": "*" + dtype, "part_w_ptr": "*fp32", "part_b_ptr": "*fp32",
+             "eps": "fp32"}
+    return compile_for(_layernorm_backward_kernel, types, dict(ROWS=8, HAS_LN_W=True, DROPOUT=True, BLOCK_N=block_n),
+                       arch=arch)
 
 
 def aot_compile_row_layernorm(dtype: str = "bf16", arch: int = 90, block_n: int = 4096):
@@ -425,3 +514,133 @@ def aot_compile_row_layernorm(dtype: str = "bf16", arch: int = 90, block_n: int 
 
     types = {"h_ptr": "*fp32", "out_ptr": "*" + dtype, "ln_w_ptr": "*" + dtype, "ln_b_ptr": "*" + dtype, "eps": "fp32"}
     return compile_for(_row_layernorm_kernel, types, dict(HAS_LN_W=True, HAS_LN_B=True, BLOCK_N=block_n), arch=arch)
+
+
+# ---- backward (the GEMMs with torch matmuls; elementwise parts fused into the recompute epilogue) ----
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _weight_grads(dz, x2, weight, bias_dtype):
+    """``(dx, dW, db)`` of ``z = x Wᵀ + b`` from ``dz [M, N]`` (x's dtype): torch matmuls, fp32 bias sum."""
+    return dz @ weight, dz.t() @ x2, dz.sum(0, dtype=_acc(dz.dtype)).to(bias_dtype)
+
+
+@launcher
+def linear_activation_backward(grad, x, weight, bias, activation="none"):
+    """``(dx, dW, db)``: one GEMM recomputes ``z`` and its epilogue stores ``grad * act'(z)`` (``z`` never
+    goes to memory); then the two weight-gradient GEMMs."""
+    x2, g2 = _rows(x), _rows(grad)
+    if activation == "none":
+        dz = g2.to(x.dtype)
+    else:
+        dz = x.new_empty(g2.shape)
+        _launch([x2], [weight], dz, bias=bias, activation=activation, grad=g2, grad_mode=1)
+    dx, dW, db = _weight_grads(dz, x2, weight, (bias if bias is not None else weight).dtype)
+    return dx.view(x.shape), dW, db
+
+
+@launcher
+def linear_residual_layernorm_backward(grad, x, weight, bias, residual, ln_weight, ln_bias, eps, keep_mask,
+                                       dropout_p):
+    """Recompute the fp32 pre-norm sum with the GEMM core, then one row kernel for the LayerNorm and
+    dropout vjp (d residual, dz, partial d ln_weight / d ln_bias), then the weight-gradient GEMMs."""
+    from python_ref.ops.linear_epilogue import dropout_scale
+
+    N = weight.shape[0]
+    x2, r2, g2 = _rows(x), _rows(residual), _rows(grad)
+    M = x2.shape[0]
+    acc = _acc(x.dtype)
+    keep = None if keep_mask is None else _rows(keep_mask.view(torch.uint8))
+    h = torch.empty((M, N), dtype=acc, device=x.device)
+    _launch([x2], [weight], h, bias=bias, keep=keep, drop_scale=dropout_scale(dropout_p), residual=r2)
+    dres = residual.new_empty((M, N))
+    dz = x.new_empty((M, N))
+    rows = 8
+    programs = triton.cdiv(M, rows)
+    part_w = torch.zeros((max(programs, 1), N), dtype=acc, device=x.device)
+    part_b = torch.zeros_like(part_w)
+    if programs and N:
+        _layernorm_backward_kernel[(programs,)](
+            h, h.stride(0), g2, g2.stride(0), keep if keep is not None else h, keep.stride(0) if keep is not None else 0,
+            float(dropout_scale(dropout_p)), ln_weight if ln_weight is not None else h,
+            dres, dres.stride(0), dz, dz.stride(0), part_w, part_b, M, N, float(eps),
+            ROWS=rows, HAS_LN_W=ln_weight is not None, DROPOUT=keep is not None, BLOCK_N=triton.next_power_of_2(N))
+    dx, dW, db = _weight_grads(dz, x2, weight, (bias if bias is not None else weight).dtype)
+    pdt = weight.dtype
+    return (dx.view(x.shape), dW, db, dres.view(residual.shape),
+            part_w.sum(0).to(pdt if ln_weight is None else ln_weight.dtype),
+            part_b.sum(0).to(pdt if ln_bias is None else ln_bias.dtype))
+
+
+@launcher
+def gated_fusion_backward(grad, a, b, weight, bias, mix_a, mix_b):
+    """One GEMM recomputes the gate pre-activation; its epilogue stores ``dz = grad (va - vb) g (1 - g)``
+    and ``d va = grad g``; then ``d vb = grad - d va`` and the weight-gradient GEMMs."""
+    da_ = a.shape[-1]
+    a2, b2, g2 = _rows(a), _rows(b), _rows(grad)
+    va = _rows(a if mix_a is None else mix_a)
+    vb = _rows(b if mix_b is None else mix_b)
+    wa, wb = weight[:, :da_], weight[:, da_:]
+    dz = a.new_empty(g2.shape)
+    dva = va.new_empty(g2.shape)
+    _launch([a2, b2], [wa, wb], dz, bias=bias, mix=(va, vb), grad=g2, grad_mode=2, aux=dva)
+    dvb = g2.to(dva.dtype) - dva
+    d_a, d_b = dz @ wa, dz @ wb
+    if mix_a is None:
+        d_a, d_b = d_a + dva, d_b + dvb
+    dW = torch.cat([dz.t() @ a2, dz.t() @ b2], dim=1)
+    dbias = dz.sum(0, dtype=_acc(dz.dtype)).to((bias if bias is not None else weight).dtype)
+    out_shape = (*a.shape[:-1], weight.shape[0])
+    return (d_a.view(a.shape), d_b.view(b.shape), dW, dbias, dva.view(out_shape), dvb.view(out_shape))
+
+
+def concat_linear_backward(grad, features, weight, bias, activation="none"):
+    with on_device(features[0]):
+        return _concat_linear_backward(grad, features, weight, bias, activation)
+
+
+def _concat_linear_backward(grad, features, weight, bias, activation):
+    xs = [_rows(x) for x in features]
+    ws, k0 = [], 0
+    for x in features:
+        ws.append(weight[:, k0:k0 + x.shape[-1]])
+        k0 += x.shape[-1]
+    g2 = _rows(grad)
+    if activation == "none":
+        dz = g2.to(xs[0].dtype)
+    else:
+        dz = xs[0].new_empty(g2.shape)
+        _launch(xs, ws, dz, bias=bias, activation=activation, grad=g2, grad_mode=1)
+    d_feats = [(dz @ w).view(x.shape) for w, x in zip(ws, features)]
+    dW = torch.cat([dz.t() @ x for x in xs], dim=1)
+    return d_feats, dW, dz.sum(0, dtype=_acc(dz.dtype)).to((bias if bias is not None else weight).dtype)
+
+
+def split_linear_backward(grad, features, weights, biases, activation="none", layout="channel_concat"):
+    with on_device(features[0]):
+        widths = [w.shape[0] for w in weights]
+        flat = grad.reshape(-1, sum(widths))  # the interleaved layout viewed as column blocks, like the forward
+        d_feats, d_weights, d_biases, off = [], [], [], 0
+        for i, (x, w) in enumerate(zip(features, weights)):
+            b = None if biases is None else biases[i]
+            dx, dW, db = linear_activation_backward(flat[:, off:off + widths[i]], x, w, b, activation)
+            off += widths[i]
+            d_feats.append(dx.view(x.shape))
+            d_weights.append(dW)
+            d_biases.append(db)
+        return d_feats, d_weights, d_biases if biases is not None else []
+
+
+@launcher
+def mlp_projector_backward(grad, x, w1, b1, w2, b2, activation="gelu"):
+    """Recompute the hidden activation (GEMM core, bias + act epilogue) for ``dW2``; ``dh = grad W2``; the
+    first layer's vjp fuses ``dh * act'(z1)`` into its recompute epilogue."""
+    x2, g2 = _rows(x), _rows(grad)
+    h = x.new_empty((x2.shape[0], w1.shape[0]))
+    _launch([x2], [w1], h, bias=b1, activation=activation)
+    g2 = g2.to(x.dtype)
+    dh, dW2, db2 = _weight_grads(g2, h, w2, (b2 if b2 is not None else w2).dtype)
+    dx, dW1, db1 = linear_activation_backward(dh, x2, w1, b1, activation)
+    return dx.view(x.shape), dW1, db1, dW2, db2
