@@ -292,7 +292,7 @@ def test_autocast_bf16(name):
 
 
 def test_cached_weights_follow_in_place_updates():
-    """Frozen Q-Former under no_grad: the stacked K/V weight is cached and rebuilt when a weight changes."""
+    """Frozen Q-Former under no_grad: the stacked weights are cached and rebuilt when a weight changes."""
     model = _build("blip2").requires_grad_(False)
     ref = copy.deepcopy(model)
     _patch(model)
@@ -301,6 +301,7 @@ def test_cached_weights_follow_in_place_updates():
         for m in (model, ref):
             m.qformer.encoder.layer[2].crossattention.attention.value.weight.mul_(-2.0)
             m.qformer.encoder.layer[0].crossattention.attention.key.bias.add_(0.5)
+            m.qformer.encoder.layer[1].attention.attention.value.weight.mul_(1.5)  # the stacked self q/k/v
         _close(_features("blip2", model), _features("blip2", ref), 1e-5, "after an in-place update")
         assert qformer_rules._CACHE.get(model.qformer) is not None
 

@@ -29,15 +29,17 @@ python_ref Gemini's masked attention.
   are honored: each patched layer runs under the layer's own ``_gradient_checkpointing_func``. The
   hoisted cross K/V is computed outside the checkpoints, so it is kept for the backward (HF recomputes
   each layer's K/V instead).
-* Weights are read through ``self`` at call time. The stacked cross K/V weight (and, for
-  ``precision="bf16"``, the bf16 copies of every weight) are cached per module, keyed on the
+* Weights are read through ``self`` at call time. The stacked cross K/V weight, the stacked
+  self-attention q/k/v weights (one GEMM instead of three) and, for ``precision="bf16"``, the bf16
+  copies of every weight are cached per module, keyed on the
   parameters' storage and version counters, only when no gradient flows to those parameters (frozen
   Q-Former or ``no_grad``); with gradients they are rebuilt every call (weights change every step and
   the stacking must stay on the autograd graph), and under ``torch.compile`` always. The cache lives
   outside the instance (a weak dictionary), so copies, pickles and ``state_dict`` never carry it.
-  Measured at BLIP-2 dims on this project's 2-core CPU: the check costs ~13 us per call (~0.2 ms
-  for ``precision="bf16"``, which keys on every parameter), restacking the 6 cross layers' K/V
-  (52 MB fp32) 60-180 ms; under training the restack is paid every step either way.
+  Measured at BLIP-2 dims on this project's 2-core CPU (loaded): the check costs ~40 us per call
+  (60 tensors; ~0.2 ms for ``precision="bf16"``, which keys on every parameter), restacking the 6
+  cross layers' K/V (52 MB fp32) 60-180 ms; under training the K/V restack is paid every step
+  either way, and the self-attention projections stay three GEMMs.
 * ``precision="bf16"`` (``vlmkernels.patch(..., precision="bf16")``): an fp32 Q-Former runs its
   kernels in bf16 (weights, activations and encoder states cast to bf16; the embeddings' LayerNorm
   stays fp32) and its output is cast back to fp32. Q-Formers in another dtype run as they are.
@@ -143,7 +145,10 @@ _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDic
 class _Weights:
     """What one call reads besides the parameters as they are: the stacked cross K/V weight and bias,
     and the parameters in the compute dtype ``dtype`` -- cast once here when ``cached`` (frozen
-    weights), else cast as they are read (on the autograd graph, or traced by torch.compile)."""
+    weights), else cast as they are read (on the autograd graph, or traced by torch.compile). Cached
+    ones also hold each self-attention's q/k/v projections stacked into one ``[3*D, D]`` GEMM
+    (``qkv``, keyed by the attention module's id): two launches fewer per layer. Under training the
+    three projections stay separate (a per-step stack would copy them every step)."""
 
     def __init__(self, qf, dtype: torch.dtype, cached: bool):
         self.dtype = dtype
@@ -152,6 +157,13 @@ class _Weights:
         if cached and dtype != _param_dtype(qf):  # the cross K/V weights are read only stacked
             stacked = {id(p) for m in cross for lin in (m.key, m.value) for p in lin.parameters()}
             self.casts = {id(p): p.to(dtype) for p in _walk_params(qf.encoder) if id(p) not in stacked}
+        self.qkv = {}
+        if cached:
+            for layer in qf.encoder.layer:
+                mha = layer.attention.attention
+                lins = (mha.query, mha.key, mha.value)
+                self.qkv[id(mha)] = (torch.cat([lin.weight for lin in lins]).to(dtype),
+                                     torch.cat([lin.bias for lin in lins]).to(dtype))
         self.kv_weight = self.kv_bias = None
         if cross:
             from ..qformer.cross_kv import stack_cross_kv_weights
@@ -176,13 +188,17 @@ def _walk_params(module) -> list[torch.Tensor]:
     return out
 
 
-def _cross_kv_params(qf) -> list[torch.Tensor]:
-    """The cross layers' K/V weights and biases (the stacked ones), read as :func:`_walk_params` does."""
+def _stacked_params(qf) -> list[torch.Tensor]:
+    """The parameters :class:`_Weights` stacks (cross K/V, self-attention q/k/v), read as
+    :func:`_walk_params` does."""
     out = []
     for layer in qf._modules["encoder"]._modules["layer"]._modules.values():
+        blocks = [("attention", ("query", "key", "value"))]
         if layer.__dict__.get("has_cross_attention"):
-            mha = layer._modules["crossattention"]._modules["attention"]._modules
-            out += [p for name in ("key", "value") for p in mha[name]._parameters.values() if p is not None]
+            blocks.append(("crossattention", ("key", "value")))
+        for block, names in blocks:
+            mha = layer._modules[block]._modules["attention"]._modules
+            out += [p for name in names for p in mha[name]._parameters.values() if p is not None]
     return out
 
 
@@ -196,13 +212,12 @@ def _weights(qf, dtype: torch.dtype) -> _Weights:
     module docstring)."""
     if torch.compiler.is_compiling():
         return _Weights(qf, dtype, cached=False)
-    params = _cross_kv_params(qf)
-    cast = dtype != (params[0].dtype if params else _param_dtype(qf))
-    if cast:
+    params = _stacked_params(qf)
+    if dtype != params[0].dtype:
         params = _walk_params(qf._modules["encoder"])
     if torch.is_grad_enabled() and any(p.requires_grad for p in params):
         return _Weights(qf, dtype, cached=False)  # on the autograd graph: weights change every step
-    key = (dtype, params[0].device if params else None, tuple((p.data_ptr(), p._version) for p in params))
+    key = (dtype, params[0].device, tuple((p.data_ptr(), p._version) for p in params))
     hit = _CACHE.get(qf)
     if hit is not None and hit[0] == key:
         return hit[1]
@@ -236,10 +251,14 @@ def _heads(x, mha):
 def _attention_block(att, h, k, v, key_mask, W, backend):
     """``*Attention``: q (and, for self-attention, k, v) projections -> attention -> output block."""
     mha = att.attention
-    q = _heads(F.linear(h, W(mha.query.weight), W(mha.query.bias)), mha)
-    if k is None:  # self-attention
-        k = _heads(F.linear(h, W(mha.key.weight), W(mha.key.bias)), mha)
-        v = _heads(F.linear(h, W(mha.value.weight), W(mha.value.bias)), mha)
+    qkv = W.qkv.get(id(mha)) if k is None else None
+    if qkv is not None:  # self-attention, frozen weights: one GEMM, q/k/v are views of its output
+        q, k, v = _heads(F.linear(h, *qkv).unflatten(-1, (3, -1)), mha).unbind(-3)
+    else:
+        q = _heads(F.linear(h, W(mha.query.weight), W(mha.query.bias)), mha)
+        if k is None:  # self-attention
+            k = _heads(F.linear(h, W(mha.key.weight), W(mha.key.bias)), mha)
+            v = _heads(F.linear(h, W(mha.value.weight), W(mha.value.bias)), mha)
     o = _ops().attention(q, k, v, key_padding_mask=key_mask, scale=mha.scaling,
                          dropout_p=mha.attention_dropout if mha.training else 0.0, backend=backend)
     return _output_block(att.output, o.flatten(-2), h, W, backend)
