@@ -7,7 +7,7 @@ inputs, ``cu_seqlens_k[b], cu_seqlens_k[b+1] - k_start`` for packed ones (the ba
 key-indexed tensors are then 0), so one code path serves both.
 
 * Forward (:func:`attention_forward`): flash-style online softmax in base 2 (``qk_scale`` carries
-  ``log2 e``), one program per (query block, batch*head, split). ``BLOCK_M`` is sized to the short
+  ``log2 e``), one program per (batch*head, query block, split). ``BLOCK_M`` is sized to the short
   query length; the head dim is padded to a power of two and masked (d = 88 -> 128). When
   ``B*H*m_blocks`` is below one wave of SMs the key range is split (:func:`num_splits`): each split
   writes a normalized partial output and its lse in fp32 and ``_combine_kernel`` merges them.
@@ -102,8 +102,8 @@ def _fwd_kernel(
     PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # B*H on the grid axis without the 65535 limit
+    pid_m = tl.program_id(1)
     split = tl.program_id(2).to(tl.int64)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -163,8 +163,8 @@ def _combine_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """``lse = logsumexp_s(lse_s)``, ``out = sum_s exp(lse_s - lse) * out_s``; no kept key -> 0, +inf."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # B*H on the grid axis without the 65535 limit
+    pid_m = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -205,8 +205,8 @@ def _bwd_dkdv_kernel(
     PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     k_start, k_len = _key_range(cu_ptr, b, Lk, VARLEN)
@@ -276,8 +276,8 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ of one query block."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # B*H on the grid axis without the 65535 limit
+    pid_m = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     k_start, k_len = _key_range(cu_ptr, b, Lk, VARLEN)
@@ -418,7 +418,7 @@ def attention_forward(q, k, v, key_padding_mask=None, attn_mask=None, cu_seqlens
         l_strides = (0, *lse.stride()[:2])
     (kpm, am, drop), mask_strides = _mask_args(q, key_padding_mask, attn_mask, dropout_mask, varlen)
     sm_scale = _scale(q, scale)
-    _fwd_kernel[(m_blocks, B * H, splits)](
+    _fwd_kernel[(B * H, m_blocks, splits)](
         q, k, v, o_buf, lse_buf, cu_seqlens_k if varlen else lse, kpm, am, drop,
         Lq, Lk, H, d, splits, sm_scale * LOG2E, 1.0 / (1.0 - dropout_p),
         q.stride(0), q.stride(1), q.stride(2), *_key_strides(k, varlen), *_key_strides(v, varlen),
@@ -427,7 +427,7 @@ def attention_forward(q, k, v, key_padding_mask=None, attn_mask=None, cu_seqlens
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=2,
     )
     if partial:
-        _combine_kernel[(m_blocks, B * H)](
+        _combine_kernel[(B * H, m_blocks)](
             o_buf, lse_buf, out, lse, Lq, H, d, splits,
             *o_buf.stride()[:4], *lse_buf.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
             BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
@@ -469,14 +469,14 @@ def attention_backward(grad, q, k, v, out, lse, key_padding_mask=None, attn_mask
     qkvo_strides = (q.stride(0), q.stride(1), q.stride(2), *_key_strides(k, varlen), *_key_strides(v, varlen),
                     out.stride(0), out.stride(1), out.stride(2), grad.stride(0), grad.stride(1), grad.stride(2),
                     lse.stride(0), lse.stride(1))
-    _bwd_dkdv_kernel[(n_programs, B * H)](
+    _bwd_dkdv_kernel[(B * H, n_programs)](
         q, k, v, out, grad, lse, dq, dk, dv, cu, kpm, am, drop,
         Lq, Lk, H, d, n_programs, sm_scale * LOG2E, sm_scale, 1.0 / (1.0 - dropout_p),
         *qkvo_strides, *dq.stride()[:3], *_key_strides(dk, varlen), *_key_strides(dv, varlen), *mask_strides,
         FUSE_DQ=fuse_dq, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=1,
     )
     if not fuse_dq:
-        _bwd_dq_kernel[(m_blocks, B * H)](
+        _bwd_dq_kernel[(B * H, m_blocks)](
             q, k, v, out, grad, lse, dq, cu, kpm, am, drop,
             Lq, Lk, H, d, sm_scale * LOG2E, sm_scale, 1.0 / (1.0 - dropout_p),
             *qkvo_strides, *dq.stride()[:3], *mask_strides,
