@@ -26,6 +26,8 @@ config in numpy.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -127,7 +129,7 @@ def _linear_epilogue_kernel(
     ln_w_ptr, ln_b_ptr, eps,
     grad_ptr, stride_grad_m, stride_grad_n, aux_ptr, stride_aux_m, stride_aux_n,
     out_ptr, stride_om, stride_on,
-    T, N, tiles_per_sample, num_samples,
+    T, N, num_samples, M_BUCKET,
     NSEG: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     GATE_MIX: tl.constexpr, DROPOUT: tl.constexpr, RESIDUAL: tl.constexpr, LAYERNORM: tl.constexpr,
     HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr, ACC_FP64: tl.constexpr, GRAD: tl.constexpr,
@@ -136,6 +138,7 @@ def _linear_epilogue_kernel(
 ):
     # grouped ordering: consecutive programs share W tiles in L2
     pid = tl.program_id(0)
+    tiles_per_sample = tl.cdiv(T, BLOCK_M)
     num_pid_m = num_samples * tiles_per_sample
     num_pid_n = tl.cdiv(N, BLOCK_N)
     group_size = GROUP_M * num_pid_n
@@ -279,7 +282,38 @@ def _layernorm_backward_kernel(h_ptr, stride_hm, g_ptr, stride_gm, keep_ptr, str
     tl.store(part_b_ptr + pid * N + offs, pb, mask=col_ok)
 
 
-# ---- configs ------------------------------------------------------------------------------------
+# ---- configs ----
+
+# a few CUDA tile configs, autotuned per (rows bucket, N, K of the first two segments, flags)
+TUNE_CONFIGS = [
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8), num_warps=4, num_stages=4),
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), num_warps=4, num_stages=4),
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8), num_warps=4, num_stages=4),
+    triton.Config(dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1), num_warps=4, num_stages=4),
+]
+
+
+def _bench(fn, quantiles=None):
+    """Autotuning timer: triton's on CUDA; one wall-clock run elsewhere (the interpreter, in tests)."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+    import time
+
+    t0 = time.perf_counter()
+    fn()
+    ms = (time.perf_counter() - t0) * 1e3
+    return [ms] * len(quantiles) if quantiles else ms
+
+
+_linear_epilogue_tuned = triton.autotune(
+    configs=TUNE_CONFIGS,
+    key=["M_BUCKET", "N", "K0", "K1", "NSEG", "SCALED", "GATE_MIX", "GRAD", "ACTIVATION"],
+    do_bench=_bench,
+)(_linear_epilogue_kernel)
+
 
 def _config(M: int, N: int, K: int, device: torch.device, layernorm: bool, dtype=torch.bfloat16) -> dict:
     """Tile config: whole rows for the LayerNorm epilogue, a small heuristic otherwise. The interpreter
@@ -312,13 +346,14 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def _launch(xs, ws, out, *, bias=None, bias_per_sample=False, scale=None, rows_per_sample=None,
             activation="none", mix=None, keep=None, drop_scale=1.0, residual=None, layernorm=None, grad=None,
-            grad_mode=0, aux=None, config=None):
+            grad_mode=0, aux=None, config=None, tune=None):
     """``out [M, N] = epilogue(sum_s scale * xs[s] · ws[s]ᵀ)``; ``xs[s] [M, K_s]``, ``ws[s] [N, K_s]``
     (any strides), ``out`` any 2-D strided view. ``scale [num_samples, S]`` with ``rows_per_sample``
     rows per sample; ``bias [N]`` or ``[num_samples, N]``; ``mix = (va, vb)`` [M, N]; ``keep`` uint8
     [M, N]; ``residual`` [M, N]; ``layernorm = (ln_w, ln_b, eps)`` (N must fit one tile).
     Backward epilogues (``grad [M, N]``): ``grad_mode=1`` stores ``grad * act'(z)``; ``grad_mode=2``
-    (with ``mix``) stores the gate's ``d z`` and ``aux = grad * g``."""
+    (with ``mix``) stores the gate's ``d z`` and ``aux = grad * g``. ``tune`` (default: CUDA, no
+    LayerNorm, no ``config``) picks the tile config by autotuning over :data:`TUNE_CONFIGS`."""
     M, N = out.shape
     if M == 0 or N == 0:
         return out
@@ -337,9 +372,16 @@ def _launch(xs, ws, out, *, bias=None, bias_per_sample=False, scale=None, rows_p
     dummy = out
     va, vb = mix if mix is not None else (dummy, dummy)
     ln_w, ln_b, eps = layernorm if layernorm is not None else (None, None, 0.0)
-    tiles_per_sample = triton.cdiv(T, cfg["BLOCK_M"])
-    grid = (num_samples * tiles_per_sample * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _linear_epilogue_kernel[grid](
+    if tune is None:
+        tune = out.device.type == "cuda" and layernorm is None and config is None
+    kernel = _linear_epilogue_tuned if tune else _linear_epilogue_kernel
+
+    def grid(meta):
+        return (num_samples * triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    meta = {} if tune else dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                                GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    kernel[grid if tune else grid(meta)](
         *xs_p, *ws_p, *x_strides, *w_strides, *ks,
         scale if scale is not None else dummy, *(scale.stride() if scale is not None else (0, 0)),
         bias if bias is not None else dummy, bias.stride(0) if bias is not None and bias_per_sample else 0,
@@ -350,14 +392,12 @@ def _launch(xs, ws, out, *, bias=None, bias_per_sample=False, scale=None, rows_p
         grad if grad is not None else dummy, *(grad.stride() if grad is not None else (0, 0)),
         aux if aux is not None else dummy, *(aux.stride() if aux is not None else (0, 0)),
         out, out.stride(0), out.stride(1),
-        T, N, tiles_per_sample, num_samples,
+        T, N, num_samples, triton.next_power_of_2(M),
         NSEG=nseg, SCALED=scale is not None, HAS_BIAS=bias is not None, ACTIVATION=ACTIVATION_CODES[activation],
         GATE_MIX=mix is not None and grad_mode == 0, DROPOUT=keep is not None, RESIDUAL=residual is not None,
         LAYERNORM=layernorm is not None, HAS_LN_W=ln_w is not None, HAS_LN_B=ln_b is not None,
         ACC_FP64=dtype == torch.float64, GRAD=grad_mode, DOT_PRECISION="ieee" if dtype == torch.float64 else dot_precision(dtype),
-        DOT_UPCAST=xs[0].device.type == "cpu" and dtype in (torch.float16, torch.bfloat16),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        DOT_UPCAST=xs[0].device.type == "cpu" and dtype in (torch.float16, torch.bfloat16), **meta,
     )
     return out
 
