@@ -152,13 +152,13 @@ def test_hf_image_features_match(name, dtype, rel):
         assert torch.equal(_features(name, model, dtype), want)  # unpatched: HF's code again
 
 
-@pytest.mark.parametrize("name", list(HF))
-def test_hf_training_step_gradients_match(name):
+@pytest.mark.parametrize("name,backend", [(n, "reference") for n in HF] + [("instructblip", "triton")])
+def test_hf_training_step_gradients_match(name, backend):
     model = _build(name).train()  # dropout 0: an exact comparison
     ref = copy.deepcopy(model)
     weight = torch.randn(_features(name, model).shape, generator=torch.Generator().manual_seed(5))
     want_out, want = _train_step(name, ref, weight)
-    _patch(model)
+    _patch(model, backend=backend)
     got_out, got = _train_step(name, model, weight)
     _close(got_out, want_out, 1e-5, name)
     names = {n for n, p in model.named_parameters() if n.startswith(("qformer.", "query_tokens"))}
