@@ -64,8 +64,8 @@ def dropout_scale(p: float) -> float:
 
 
 def _linear(x, weight, bias, acc):
-    z = x.to(acc) @ weight.to(acc).T
-    return z if bias is None else z + bias.to(acc)
+    """``x Wᵀ + b`` in the accumulation dtype (one fused addmm where torch has it)."""
+    return F.linear(x.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,9 @@
 
 Math: :mod:`python_ref.ops.gated_fusion`. Backends ``triton`` (CUDA, or CPU under
 ``TRITON_INTERPRET=1``) and ``reference``; ``auto`` = triton on CUDA, reference on CPU.
+Backward: ``gated_fusion_backward`` on triton recomputes the gate GEMM and stores ``dz`` and ``d va``
+from its epilogue; ``expert_mix_backward`` is the reference formula (``grad W_i`` gives both the
+features' and the gate's gradients; torch matmuls), on every device.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@
   bias + activation in the first GEMM's epilogue (the hidden activation is stored once, in x's dtype).
 
 Math: :mod:`python_ref.ops.linear_epilogue`. Backends ``triton`` and ``reference`` (auto: triton on
-CUDA, reference on CPU); backward ops with the reference vjps.
+CUDA, reference on CPU), for the backward ops too (triton: a recompute GEMM storing ``grad * act'(z)``,
+then the weight gradients as torch matmuls).
 """
 
 from __future__ import annotations

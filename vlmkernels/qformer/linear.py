@@ -10,7 +10,9 @@
 Math: :mod:`python_ref.ops.linear_epilogue` (fp32 accumulation and epilogue, one rounding). Backends:
 ``triton`` (:mod:`vlmkernels.triton.linear_epilogue`; CUDA, or CPU under ``TRITON_INTERPRET=1``) and
 ``reference``; ``auto`` picks triton on CUDA and the reference on CPU. The backward ops
-(``*_backward``) are the reference vjps with torch matmuls.
+(``*_backward``) have both backends too: python_ref's vjp, and on triton a recompute GEMM whose
+epilogue applies the vjp's elementwise part (GELU') or writes the fp32 pre-norm sum for one
+LayerNorm + dropout vjp row kernel; the weight gradients are torch matmuls.
 """
 
 from __future__ import annotations

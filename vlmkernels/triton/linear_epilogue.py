@@ -18,10 +18,16 @@ owns whole rows and normalizes in registers, so the pre-norm sum never goes to m
 one launch; wider rows would need more than 1024 fp32 accumulators per row per program (register
 spills, tiny grids), so they write the fp32 pre-norm sum and run one row-LayerNorm kernel.
 
+Backward: the same core recomputes the GEMM and its epilogue applies the vjp's elementwise part
+(``grad * act'(z)``; for the gate ``dz = grad (va - vb) g (1 - g)`` plus ``d va = grad g`` as a second
+output), so pre-activations never go to memory; the LayerNorm + dropout vjp is one row kernel over
+the recomputed fp32 pre-norm sum (with partial column sums for the LayerNorm parameters); weight and
+input gradients are torch matmuls in the inputs' dtype.
+
 fp32 inputs use TF32 only where torch allows it for its own matmuls
-(:func:`vlmkernels.triton.fused_moe.dot_precision`). Tile configs: a few autotuned configs on CUDA;
-a fixed small config under the interpreter (``TRITON_INTERPRET=1``), where autotuning would run every
-config in numpy.
+(:func:`vlmkernels.triton.fused_moe.dot_precision`). Tile configs: five autotuned configs on CUDA
+(:data:`TUNE_CONFIGS`); a fixed config for the full-row LayerNorm epilogue and under the interpreter
+(``TRITON_INTERPRET=1``), where autotuning would run every config in numpy.
 """
 
 from __future__ import annotations
