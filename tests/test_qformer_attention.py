@@ -500,6 +500,19 @@ def test_compile_fullgraph_dropout_draws_the_same_mask():
     assert_close(got, ops.attention(q, k, v, dropout_p=0.4))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_region_keeps_the_inputs_dtype(backend):
+    """An autocast region does not cast a custom op's inputs: the op computes in their dtype, and the
+    outputs' dtypes are the fake's."""
+    q, k, v = make_qkv(2, 5, 2, 16, 9)
+    want, want_lse = OP(q, k, v, None, None, None, None, None, 0.0, backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, lse = OP(q, k, v, None, None, None, None, None, 0.0, backend)
+    assert got.dtype == torch.float32 and lse.dtype == torch.float32
+    assert_close(got, want)
+    assert_close(lse, want_lse)
+
+
 def test_registry_preferences():
     from vlmkernels import registry
 

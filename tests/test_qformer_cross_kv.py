@@ -144,6 +144,15 @@ def test_bad_inputs_name_the_argument():
         OP(x, w, b[:5], "reference")
 
 
+def test_autocast_region_keeps_the_inputs_dtype():
+    x, w, b = make_inputs(2, 5, 8, 2, 3)
+    want = OP(x, w, b, "reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = OP(x, w, b, "reference")
+    assert got.dtype == torch.float32
+    assert_close(got, want)
+
+
 def test_opcheck():
     x, w, b = make_inputs(2, 5, 8, 2, 3)
     torch.library.opcheck(OP, (x, w, b, "reference"))

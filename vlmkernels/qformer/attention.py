@@ -159,7 +159,7 @@ def _reference_impl(q, k, v, key_padding_mask, attn_mask, cu_seqlens_k, scale, d
     _check(q, k, v, key_padding_mask, attn_mask, cu_seqlens_k, scale, dropout_mask, dropout_p)
     if cu_seqlens_k is not None:  # the reference reads the values anyway
         _check_cu_seqlens_values(cu_seqlens_k, k.shape[0])
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):  # the op computes in its inputs' dtype
         out, lse = qformer_attention(q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
                                      cu_seqlens_k=cu_seqlens_k, scale=scale, dropout_mask=dropout_mask,
                                      dropout_p=dropout_p)
@@ -220,7 +220,7 @@ def _reference_backward(grad, q, k, v, out, lse, key_padding_mask, attn_mask, cu
 
     _check(q, k, v, key_padding_mask, attn_mask, cu_seqlens_k, scale, dropout_mask, dropout_p)
     _check_backward(grad, q, out, lse)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
         grads = qformer_attention_backward(grad, q, k, v, out, lse, key_padding_mask=key_padding_mask,
                                            attn_mask=attn_mask, cu_seqlens_k=cu_seqlens_k, scale=scale,
                                            dropout_mask=dropout_mask, dropout_p=dropout_p)

@@ -107,7 +107,8 @@ def _reference_impl(encoder_states, weight, bias):
     from python_ref.ops.qformer import qformer_cross_kv as ref
 
     _check(encoder_states, weight, bias)
-    with torch.no_grad():
+    # the op computes in its inputs' dtype (an autocast region does not cast a custom op's inputs)
+    with torch.no_grad(), torch.autocast(encoder_states.device.type, enabled=False):
         return ref(encoder_states, weight, bias)
 
 
