@@ -359,7 +359,7 @@ def _launch(xs, ws, out, *, bias=None, bias_per_sample=False, scale=None, rows_p
     [M, N]; ``residual`` [M, N]; ``layernorm = (ln_w, ln_b, eps)`` (N must fit one tile).
     Backward epilogues (``grad [M, N]``): ``grad_mode=1`` stores ``grad * act'(z)``; ``grad_mode=2``
     (with ``mix``) stores the gate's ``d z`` and ``aux = grad * g``. ``tune`` (default: CUDA, no
-    LayerNorm, no ``config``) picks the tile config by autotuning over :data:`TUNE_CONFIGS`."""
+    LayerNorm, no ``config``, not fp64) picks the tile config by autotuning over :data:`TUNE_CONFIGS`."""
     M, N = out.shape
     if M == 0 or N == 0:
         return out
@@ -379,7 +379,7 @@ def _launch(xs, ws, out, *, bias=None, bias_per_sample=False, scale=None, rows_p
     va, vb = mix if mix is not None else (dummy, dummy)
     ln_w, ln_b, eps = layernorm if layernorm is not None else (None, None, 0.0)
     if tune is None:
-        tune = out.device.type == "cuda" and layernorm is None and config is None
+        tune = out.device.type == "cuda" and layernorm is None and config is None and dtype != torch.float64
     kernel = _linear_epilogue_tuned if tune else _linear_epilogue_kernel
 
     def grid(meta):
