@@ -349,6 +349,20 @@ def test_compile_fullgraph_patched_qformer(precision, rel):
     _close(got, want, rel)
 
 
+def test_compile_fullgraph_training_step():
+    model = _build("blip2").train()
+    ref = copy.deepcopy(model)
+    _patch(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model.qformer, fullgraph=True, backend="aot_eager")
+    states = torch.randn(2, 5, VISION["hidden_size"], generator=torch.Generator().manual_seed(9))
+    weight = torch.randn(2, NUM_QUERIES, QFORMER["hidden_size"], generator=torch.Generator().manual_seed(5))
+    for m, fn in ((ref, ref.qformer), (model, compiled)):
+        fn(query_embeds=m.query_tokens.expand(2, -1, -1), encoder_hidden_states=states).last_hidden_state \
+            .mul(weight).sum().backward()
+    _close_grads(_qformer_grads(model), _qformer_grads(ref), "compiled training step")
+
+
 def test_fp16_loaded_blip2_keeps_an_fp32_qformer(tmp_path):
     from transformers import Blip2ForConditionalGeneration
 
