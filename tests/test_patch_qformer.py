@@ -478,3 +478,24 @@ def test_python_ref_gemini_autocast_training_step():
         vlmkernels.patch(model, families=["qformer"], backend="reference")
         got = loss_grads(model, inputs)
     _close_grads(got, want, "gemini autocast", rel=3e-2, floor=1e-3)
+
+
+def test_precision_option_is_part_of_the_patch_record():
+    """Rules that do not list the option never see it; re-patching with another precision rebuilds."""
+    import python_ref
+
+    gemini = python_ref.build("gemini", "tiny")
+    report = vlmkernels.patch(gemini, families=["qformer"], backend="reference", precision="bf16")
+    assert report.paths() and all(e.reason == "" for e in report.patched), str(report)
+    assert all("precision" not in patch_info(gemini.get_submodule(p)) for p in report.paths())
+
+    model = _build("blip2")
+    _patch(model, precision="bf16")
+    assert patch_info(model.qformer)["precision"] == "bf16"
+    with torch.no_grad():
+        want = _qformer_call(model).last_hidden_state
+        _patch(model, precision="bf16")  # idempotent: same record
+        assert torch.equal(_qformer_call(model).last_hidden_state, want)
+        _patch(model)  # no precision: fp32 kernels again
+        assert "precision" not in patch_info(model.qformer)
+        assert not torch.equal(_qformer_call(model).last_hidden_state, want)
