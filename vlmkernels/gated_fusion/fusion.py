@@ -12,8 +12,8 @@
 Math: :mod:`python_ref.ops.gated_fusion`. Backends ``triton`` (CUDA, or CPU under
 ``TRITON_INTERPRET=1``) and ``reference``; ``auto`` = triton on CUDA, reference on CPU.
 Backward: ``gated_fusion_backward`` on triton recomputes the gate GEMM and stores ``dz`` and ``d va``
-from its epilogue; ``expert_mix_backward`` is the reference formula (``grad W_i`` gives both the
-features' and the gate's gradients; torch matmuls), on every device.
+from its epilogue; ``expert_mix_backward`` computes ``grad W_i`` once per expert (its epilogue stores
+the features' gradient and per-tile partial sums of the gate's), then ``d W_i`` with a torch matmul.
 """
 
 from __future__ import annotations
@@ -192,6 +192,13 @@ def _mix_backward_reference(grad, features, gate, weights, biases):
     return d_feats, d_gate, d_weights, d_biases if biases is not None else []
 
 
+def _mix_backward_triton(grad, features, gate, weights, biases):
+    from ..triton import linear_epilogue as kernel
+
+    _check_mix(features, gate, weights, biases)
+    return kernel.expert_mix_backward(grad, features, gate, weights, biases)
+
+
 def _mix_backward_fake(grad, features, gate, weights, biases=None, backend="auto"):
     d_biases = [] if biases is None else [torch.empty_like(b) for b in biases]
     return [torch.empty_like(x) for x in features], torch.empty_like(gate), [torch.empty_like(w) for w in weights], \
@@ -218,4 +225,4 @@ def _mix_backward(ctx, grad):
 
 register_op(MIX, reference=no_grad(_mix_reference), triton=_mix_triton, fake=_mix_fake,
             backward_reference=no_grad(_mix_backward_reference), backward_fake=_mix_backward_fake,
-            setup_context=_mix_setup, backward=_mix_backward)
+            setup_context=_mix_setup, backward=_mix_backward, backward_triton=_mix_backward_triton)

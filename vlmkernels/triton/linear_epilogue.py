@@ -183,7 +183,7 @@ def _linear_epilogue_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + sample * stride_bias_b + offs_n, mask=col_ok, other=0.0)
         acc += bias.to(acc.dtype)[None, :]
-    if GRAD != 0:  # backward epilogues: the recomputed pre-activation never goes to memory
+    if (GRAD == 1) | (GRAD == 2):  # backward epilogues: the recomputed pre-activation never goes to memory
         gy = tl.load(grad_ptr + rows[:, None] * stride_grad_m + offs_n[None, :] * stride_grad_n, mask=tile_ok,
                      other=0.0).to(acc.dtype)
     if GRAD == 1:  # d pre-activation = grad * act'(z)
@@ -197,6 +197,12 @@ def _linear_epilogue_kernel(
         tl.store(aux_ptr + rows[:, None] * stride_aux_m + offs_n[None, :] * stride_aux_n,
                  (gy * g).to(aux_ptr.dtype.element_ty), mask=tile_ok)
         acc = gy * (va - vb) * g * (1.0 - g)
+    elif GRAD == 3:  # expert_mix vjp, acc = grad W_i: d gate partial sum(acc * x_i) per tile, d x_i = s acc
+        xv = tl.load(va_ptr + rows[:, None] * stride_va_m + offs_n[None, :] * stride_va_n, mask=tile_ok,
+                     other=0.0).to(acc.dtype)
+        part = tl.sum(tl.sum(acc * xv, axis=1), axis=0)
+        tl.store(aux_ptr + pid_m * stride_aux_m + pid_n * stride_aux_n, part.to(aux_ptr.dtype.element_ty))
+        acc = acc * tl.load(scale_ptr + sample * stride_sb).to(acc.dtype)
     else:
         acc = _activation(acc, ACTIVATION)
     if GATE_MIX:
@@ -358,7 +364,9 @@ def _launch(xs, ws, out, *, bias=None, bias_per_sample=False, scale=None, rows_p
     rows per sample; ``bias [N]`` or ``[num_samples, N]``; ``mix = (va, vb)`` [M, N]; ``keep`` uint8
     [M, N]; ``residual`` [M, N]; ``layernorm = (ln_w, ln_b, eps)`` (N must fit one tile).
     Backward epilogues (``grad [M, N]``): ``grad_mode=1`` stores ``grad * act'(z)``; ``grad_mode=2``
-    (with ``mix``) stores the gate's ``d z`` and ``aux = grad * g``. ``tune`` (default: CUDA, no
+    (with ``mix``) stores the gate's ``d z`` and ``aux = grad * g``; ``grad_mode=3`` (xs = [grad],
+    ws = [W_iᵀ], ``mix = (x_i, x_i)``, ``scale`` = the gate column) stores ``scale * grad W_i`` and each
+    tile's ``sum(grad W_i * x_i)`` at ``aux[pid_m, pid_n]``. ``tune`` (default: CUDA, no
     LayerNorm, no ``config``, not fp64) picks the tile config by autotuning over :data:`TUNE_CONFIGS`."""
     M, N = out.shape
     if M == 0 or N == 0:
@@ -399,7 +407,7 @@ def _launch(xs, ws, out, *, bias=None, bias_per_sample=False, scale=None, rows_p
         aux if aux is not None else dummy, *(aux.stride() if aux is not None else (0, 0)),
         out, out.stride(0), out.stride(1),
         T, N, num_samples, triton.next_power_of_2(M),
-        NSEG=nseg, SCALED=scale is not None, HAS_BIAS=bias is not None, ACTIVATION=ACTIVATION_CODES[activation],
+        NSEG=nseg, SCALED=scale is not None and grad_mode != 3, HAS_BIAS=bias is not None, ACTIVATION=ACTIVATION_CODES[activation],
         GATE_MIX=mix is not None and grad_mode == 0, DROPOUT=keep is not None, RESIDUAL=residual is not None,
         LAYERNORM=layernorm is not None, HAS_LN_W=ln_w is not None, HAS_LN_B=ln_b is not None,
         ACC_FP64=dtype == torch.float64, GRAD=grad_mode, DOT_PRECISION="ieee" if dtype == torch.float64 else dot_precision(dtype),
@@ -690,3 +698,38 @@ def mlp_projector_backward(grad, x, w1, b1, w2, b2, activation="gelu"):
     dh, dW2, db2 = _weight_grads(g2, h, w2, (b2 if b2 is not None else w2).dtype)
     dx, dW1, db1 = linear_activation_backward(dh, x2, w1, b1, activation)
     return dx.view(x.shape), dW1, db1, dW2, db2
+
+
+def expert_mix_backward(grad, features, gate, weights, biases):
+    with on_device(features[0]):
+        return _expert_mix_backward(grad, features, gate, weights, biases)
+
+
+def _expert_mix_backward(grad, features, gate, weights, biases):
+    """Per expert one GEMM ``grad W_i`` whose epilogue stores ``d x_i = gate * (grad W_i)`` and per-tile
+    partial sums of ``(grad W_i) * x_i`` for ``d gate`` (tiles never straddle samples: the sum per sample
+    is a reshape); then ``d W_i = (gate * grad)ᵀ x_i`` as a torch matmul."""
+    B, T, d_out = grad.shape
+    dtype = features[0].dtype
+    acc = _acc(dtype)
+    g2 = _rows(grad).to(dtype)
+    gate_acc = gate.to(acc)
+    gy_rows = grad.sum(1, dtype=acc)  # [B, D_out]
+    d_feats, d_gate, d_weights, d_biases = [], [], [], []
+    for i, (x, w) in enumerate(zip(features, weights)):
+        x2 = _rows(x)
+        cfg = _config(B * T, x.shape[2], d_out, x.device, False, dtype)
+        tiles = triton.cdiv(T, cfg["BLOCK_M"])
+        part = torch.zeros((B * tiles, triton.cdiv(x.shape[2], cfg["BLOCK_N"])), dtype=acc, device=x.device)
+        dx = x.new_empty(x2.shape)
+        _launch([g2], [w.t()], dx, scale=gate_acc[:, i:i + 1], rows_per_sample=T, mix=(x2, x2), grad_mode=3,
+                aux=part, config=cfg, tune=False)
+        dg = part.sum(1).view(B, tiles).sum(1)
+        if biases is not None:
+            dg = dg + gy_rows @ biases[i].to(acc)
+            d_biases.append((gy_rows * gate_acc[:, i:i + 1]).sum(0).to(biases[i].dtype))
+        d_gate.append(dg)
+        d_feats.append(dx.view(x.shape))
+        scaled = (grad * gate_acc[:, i, None, None]).to(dtype)
+        d_weights.append(_rows(scaled).t() @ x2)
+    return d_feats, torch.stack(d_gate, 1).to(gate.dtype), d_weights, d_biases
