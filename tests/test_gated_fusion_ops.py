@@ -357,7 +357,8 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("case,backend", [(c, b) for c in range(7) for b in BACKENDS if c in (0, 1, 2, 3, 4) or b == "reference"])
+# every case on both backends but vision_router_backward (reference only: the routing part is tiny)
+@pytest.mark.parametrize("case,backend", [(c, b) for c in range(7) for b in BACKENDS if c < 5 or b == "reference"])
 def test_opcheck(case, backend):
     op, args = _opcheck_cases()[case]
     if op.default._schema.name.endswith("_backward"):

@@ -529,6 +529,7 @@ def test_kernels_compile_for_sm90():
         "assert aot_compile('bf16', nseg=1, layernorm=True, dropout=True, activation='none').asm['cubin']\n"
         "assert aot_compile_row_layernorm('bf16').asm['cubin']\n"
         "assert aot_compile('bf16', nseg=2, activation='gelu', grad_mode=1).asm['cubin']\n"
+        "assert aot_compile('bf16', nseg=2, activation='gelu', grouped=True).asm['cubin']\n"
         "from vlmkernels.triton.linear_epilogue import aot_compile_layernorm_backward\n"
         "assert aot_compile_layernorm_backward('bf16').asm['cubin']\n")
 
@@ -548,3 +549,18 @@ def test_autotuned_launch_path():
     want = sum(gate[:, i, None, None].double() * (f64(feats[i]) @ f64(ws[i]).T) for i in range(2))
     assert_close(mixed, want.reshape(12, 7).float())
     assert tri._linear_epilogue_tuned.best_config is not None
+    # grouped (split_linear): a 2-D grid, one program column per group
+    grouped = torch.empty(12, 7 + 4)
+    tri._launch([f.reshape(12, -1) for f in feats], [ws[0], ws[1][:4]], grouped, groups=[7, 4], tune=True)
+    want = torch.cat([f64(feats[0]) @ f64(ws[0]).T, f64(feats[1]) @ f64(ws[1][:4]).T], -1).reshape(12, 11)
+    assert_close(grouped, want.float())
+
+
+def test_split_linear_is_one_grouped_launch(monkeypatch):
+    rec = _KernelRecorder(tri._linear_epilogue_kernel)
+    monkeypatch.setattr(tri, "_linear_epilogue_kernel", rec)
+    feats = [rand(2, 3, d) for d in (3, 5, 4)]
+    ws = [linear_params(6, d, torch.float32)[0] for d in (3, 5, 4)]
+    out = ops.split_linear(feats, ws, None, "gelu", "token_interleave", backend="triton")
+    assert [(c["GROUPED"], c["ACTIVATION"]) for c in rec.calls] == [(True, 1)]
+    assert_close(out, ref.split_linear(f64(feats), f64(ws), None, "gelu", "token_interleave").float())

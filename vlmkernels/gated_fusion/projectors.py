@@ -3,7 +3,8 @@
 * ``concat_linear(features, weight, bias, activation)`` = ``act(cat(features, -1) Wᵀ + b)`` (Eagle's and
   Florence-VL's first projector layer): the K loop walks the feature tensors one after the other, the
   concat is never materialized. ``"gelu"`` is the erf form (``nn.GELU()``), ``"gelu_tanh"`` the tanh one.
-* ``split_linear(features, weights, biases, activation, layout)``: group ``i`` = ``act(X_i W_iᵀ + b_i)``
+* ``split_linear(features, weights, biases, activation, layout)``: group ``i`` = ``act(X_i W_iᵀ + b_i)``,
+  one grouped launch (a program column per group),
   written straight into its column block of one output (``"channel_concat"``, DeepSeek-VL's hybrid
   projector: ``[..., sum D_out_i]``) or into interleaved token slots (``"token_interleave"``, published
   LEO: ``out[..., i::N, :]`` = group ``i``, ``[..., N*T, D_out]``). The interleaved output viewed as

@@ -5,7 +5,9 @@ split over up to ``MAX_SEGMENTS`` input pointers ``X_s [M, K_s]`` / ``W_s [N, K_
 segment count): a concat of the inputs is never materialized (concat_linear, gated_fusion reading
 ``a`` then ``b``), and with per-(sample, segment) scales one launch computes a gated sum of
 per-expert GEMMs (expert_mix). Rows are tiled per sample (a tile never straddles two samples), so a
-segment whose scale is 0 for the tile's sample is skipped: no loads, no MMA.
+segment whose scale is 0 for the tile's sample is skipped: no loads, no MMA. In grouped mode
+(split_linear) the segments are independent GEMMs instead: program column ``g`` computes group ``g``
+into its own column block of the output, all groups in one launch.
 
 Epilogue (fp32, or fp64 for fp64 inputs), in this order: bias (per column, or per sample and column
 for expert_mix's gated bias mix), activation (erf GELU / tanh GELU / ReLU / none), sigmoid gate mix
@@ -82,6 +84,12 @@ def _activation_grad(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def _pick(g, v0, v1, v2, v3, v4):
+    """The ``g``-th of five scalars or pointers (a runtime group index)."""
+    return tl.where(g == 0, v0, tl.where(g == 1, v1, tl.where(g == 2, v2, tl.where(g == 3, v3, v4))))
+
+
+@triton.jit
 def _segment_dot(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_wn, stride_wk, K, rows, row_ok, offs_n, col_ok,
                  BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """``acc += X[rows, :K] · W[offs_n, :K]ᵀ``."""
@@ -126,7 +134,7 @@ def _linear_epilogue_kernel(
     x0, x1, x2, x3, x4, w0, w1, w2, w3, w4,
     sx0m, sx0k, sx1m, sx1k, sx2m, sx2k, sx3m, sx3k, sx4m, sx4k,
     sw0n, sw0k, sw1n, sw1k, sw2n, sw2k, sw3n, sw3k, sw4n, sw4k,
-    K0, K1, K2, K3, K4,
+    K0, K1, K2, K3, K4, N0, N1, N2, N3, N4, C0, C1, C2, C3, C4,
     scale_ptr, stride_sb, stride_ss,
     bias_ptr, stride_bias_b,
     va_ptr, stride_va_m, stride_va_n, vb_ptr, stride_vb_m, stride_vb_n,
@@ -139,6 +147,7 @@ def _linear_epilogue_kernel(
     NSEG: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     GATE_MIX: tl.constexpr, DROPOUT: tl.constexpr, RESIDUAL: tl.constexpr, LAYERNORM: tl.constexpr,
     HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr, ACC_FP64: tl.constexpr, GRAD: tl.constexpr,
+    GROUPED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -158,33 +167,49 @@ def _linear_epilogue_kernel(
     row_ok = t < T
     rows = sample.to(tl.int64) * T + t
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = offs_n < N
+    if GROUPED:  # group = program_id(1): its own input, weight, width N_g and output column block C_g
+        grp = tl.program_id(1)
+        n_g = _pick(grp, N0, N1, N2, N3, N4)
+        if pid_n * BLOCK_N >= n_g:
+            return
+        col_ok = offs_n < n_g
+        cols = offs_n + _pick(grp, C0, C1, C2, C3, C4)
+    else:
+        col_ok = offs_n < N
+        cols = offs_n
 
     if ACC_FP64:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _segment(acc, 0, sample, scale_ptr, stride_sb, stride_ss, x0, sx0m, sx0k, w0, sw0n, sw0k, K0, rows,
-                   row_ok, offs_n, col_ok, SCALED, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, DOT_UPCAST)
-    if NSEG > 1:
-        acc = _segment(acc, 1, sample, scale_ptr, stride_sb, stride_ss, x1, sx1m, sx1k, w1, sw1n, sw1k, K1, rows,
+    if GROUPED:
+        acc = _segment_dot(acc, _pick(grp, x0, x1, x2, x3, x4), _pick(grp, sx0m, sx1m, sx2m, sx3m, sx4m),
+                           _pick(grp, sx0k, sx1k, sx2k, sx3k, sx4k), _pick(grp, w0, w1, w2, w3, w4),
+                           _pick(grp, sw0n, sw1n, sw2n, sw3n, sw4n), _pick(grp, sw0k, sw1k, sw2k, sw3k, sw4k),
+                           _pick(grp, K0, K1, K2, K3, K4), rows, row_ok, offs_n, col_ok, BLOCK_K, DOT_PRECISION,
+                           DOT_UPCAST)
+    else:
+        acc = _segment(acc, 0, sample, scale_ptr, stride_sb, stride_ss, x0, sx0m, sx0k, w0, sw0n, sw0k, K0, rows,
                        row_ok, offs_n, col_ok, SCALED, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, DOT_UPCAST)
-    if NSEG > 2:
-        acc = _segment(acc, 2, sample, scale_ptr, stride_sb, stride_ss, x2, sx2m, sx2k, w2, sw2n, sw2k, K2, rows,
-                       row_ok, offs_n, col_ok, SCALED, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, DOT_UPCAST)
-    if NSEG > 3:
-        acc = _segment(acc, 3, sample, scale_ptr, stride_sb, stride_ss, x3, sx3m, sx3k, w3, sw3n, sw3k, K3, rows,
-                       row_ok, offs_n, col_ok, SCALED, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, DOT_UPCAST)
-    if NSEG > 4:
-        acc = _segment(acc, 4, sample, scale_ptr, stride_sb, stride_ss, x4, sx4m, sx4k, w4, sw4n, sw4k, K4, rows,
-                       row_ok, offs_n, col_ok, SCALED, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, DOT_UPCAST)
+        if NSEG > 1:
+            acc = _segment(acc, 1, sample, scale_ptr, stride_sb, stride_ss, x1, sx1m, sx1k, w1, sw1n, sw1k, K1,
+                           rows, row_ok, offs_n, col_ok, SCALED, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, DOT_UPCAST)
+        if NSEG > 2:
+            acc = _segment(acc, 2, sample, scale_ptr, stride_sb, stride_ss, x2, sx2m, sx2k, w2, sw2n, sw2k, K2,
+                           rows, row_ok, offs_n, col_ok, SCALED, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, DOT_UPCAST)
+        if NSEG > 3:
+            acc = _segment(acc, 3, sample, scale_ptr, stride_sb, stride_ss, x3, sx3m, sx3k, w3, sw3n, sw3k, K3,
+                           rows, row_ok, offs_n, col_ok, SCALED, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, DOT_UPCAST)
+        if NSEG > 4:
+            acc = _segment(acc, 4, sample, scale_ptr, stride_sb, stride_ss, x4, sx4m, sx4k, w4, sw4n, sw4k, K4,
+                           rows, row_ok, offs_n, col_ok, SCALED, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, DOT_UPCAST)
 
     tile_ok = row_ok[:, None] & col_ok[None, :]
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + sample * stride_bias_b + offs_n, mask=col_ok, other=0.0)
+        bias = tl.load(bias_ptr + sample * stride_bias_b + cols, mask=col_ok, other=0.0)
         acc += bias.to(acc.dtype)[None, :]
     if (GRAD == 1) | (GRAD == 2):  # backward epilogues: the recomputed pre-activation never goes to memory
-        gy = tl.load(grad_ptr + rows[:, None] * stride_grad_m + offs_n[None, :] * stride_grad_n, mask=tile_ok,
+        gy = tl.load(grad_ptr + rows[:, None] * stride_grad_m + cols[None, :] * stride_grad_n, mask=tile_ok,
                      other=0.0).to(acc.dtype)
     if GRAD == 1:  # d pre-activation = grad * act'(z)
         acc = gy * _activation_grad(acc, ACTIVATION)
@@ -222,7 +247,7 @@ def _linear_epilogue_kernel(
         acc += res.to(acc.dtype)
     if LAYERNORM:  # BLOCK_N >= N: this program owns whole rows
         acc = _layernorm_rows(acc, col_ok, offs_n, ln_w_ptr, ln_b_ptr, eps, N, HAS_LN_W, HAS_LN_B)
-    out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
+    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
@@ -322,7 +347,7 @@ def _bench(fn, quantiles=None):
 
 _linear_epilogue_tuned = triton.autotune(
     configs=TUNE_CONFIGS,
-    key=["M_BUCKET", "N", "K0", "K1", "NSEG", "SCALED", "GATE_MIX", "GRAD", "ACTIVATION"],
+    key=["M_BUCKET", "N", "K0", "K1", "NSEG", "SCALED", "GATE_MIX", "GRAD", "ACTIVATION", "GROUPED"],
     do_bench=_bench,
 )(_linear_epilogue_kernel)
 
@@ -358,7 +383,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def _launch(xs, ws, out, *, bias=None, bias_per_sample=False, scale=None, rows_per_sample=None,
             activation="none", mix=None, keep=None, drop_scale=1.0, residual=None, layernorm=None, grad=None,
-            grad_mode=0, aux=None, config=None, tune=None):
+            grad_mode=0, aux=None, groups=None, config=None, tune=None):
     """``out [M, N] = epilogue(sum_s scale * xs[s] · ws[s]ᵀ)``; ``xs[s] [M, K_s]``, ``ws[s] [N, K_s]``
     (any strides), ``out`` any 2-D strided view. ``scale [num_samples, S]`` with ``rows_per_sample``
     rows per sample; ``bias [N]`` or ``[num_samples, N]``; ``mix = (va, vb)`` [M, N]; ``keep`` uint8
@@ -367,10 +392,16 @@ def _launch(xs, ws, out, *, bias=None, bias_per_sample=False, scale=None, rows_p
     (with ``mix``) stores the gate's ``d z`` and ``aux = grad * g``; ``grad_mode=3`` (xs = [grad],
     ws = [W_iᵀ], ``mix = (x_i, x_i)``, ``scale`` = the gate column) stores ``scale * grad W_i`` and each
     tile's ``sum(grad W_i * x_i)`` at ``aux[pid_m, pid_n]``. ``tune`` (default: CUDA, no
-    LayerNorm, no ``config``, not fp64) picks the tile config by autotuning over :data:`TUNE_CONFIGS`."""
+    LayerNorm, no ``config``, not fp64) picks the tile config by autotuning over :data:`TUNE_CONFIGS`.
+    ``groups = widths``: grouped GEMM, one launch: group ``s`` computes ``xs[s] · ws[s]ᵀ`` into the column
+    block of ``out`` (and of ``bias``/``grad``) at ``sum(widths[:s])`` (no K concat)."""
     M, N = out.shape
     if M == 0 or N == 0:
         return out
+    widths = list(groups) if groups is not None else []
+    offsets = [sum(widths[:i]) for i in range(len(widths))]
+    if groups is not None:
+        N = max(widths)
     nseg = len(xs)
     assert 1 <= nseg <= MAX_SEGMENTS
     T = rows_per_sample or M
@@ -383,6 +414,8 @@ def _launch(xs, ws, out, *, bias=None, bias_per_sample=False, scale=None, rows_p
     x_strides = [s for x in xs_p for s in x.stride()]
     w_strides = [s for w in ws_p for s in w.stride()]
     ks = [x.shape[1] for x in xs] + [0] * pad
+    ns = (widths + [0] * MAX_SEGMENTS)[:MAX_SEGMENTS]
+    cs = (offsets + [0] * MAX_SEGMENTS)[:MAX_SEGMENTS]
     dummy = out
     va, vb = mix if mix is not None else (dummy, dummy)
     ln_w, ln_b, eps = layernorm if layernorm is not None else (None, None, 0.0)
@@ -391,12 +424,12 @@ def _launch(xs, ws, out, *, bias=None, bias_per_sample=False, scale=None, rows_p
     kernel = _linear_epilogue_tuned if tune else _linear_epilogue_kernel
 
     def grid(meta):
-        return (num_samples * triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (num_samples * triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), max(1, len(widths)))
 
     meta = {} if tune else dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                                 GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     kernel[grid if tune else grid(meta)](
-        *xs_p, *ws_p, *x_strides, *w_strides, *ks,
+        *xs_p, *ws_p, *x_strides, *w_strides, *ks, *ns, *cs,
         scale if scale is not None else dummy, *(scale.stride() if scale is not None else (0, 0)),
         bias if bias is not None else dummy, bias.stride(0) if bias is not None and bias_per_sample else 0,
         va, *va.stride()[-2:], vb, *vb.stride()[-2:],
@@ -407,10 +440,12 @@ def _launch(xs, ws, out, *, bias=None, bias_per_sample=False, scale=None, rows_p
         aux if aux is not None else dummy, *(aux.stride() if aux is not None else (0, 0)),
         out, out.stride(0), out.stride(1),
         T, N, num_samples, triton.next_power_of_2(M),
-        NSEG=nseg, SCALED=scale is not None and grad_mode != 3, HAS_BIAS=bias is not None, ACTIVATION=ACTIVATION_CODES[activation],
+        NSEG=nseg, SCALED=scale is not None and grad_mode != 3, HAS_BIAS=bias is not None,
+        ACTIVATION=ACTIVATION_CODES[activation],
         GATE_MIX=mix is not None and grad_mode == 0, DROPOUT=keep is not None, RESIDUAL=residual is not None,
         LAYERNORM=layernorm is not None, HAS_LN_W=ln_w is not None, HAS_LN_B=ln_b is not None,
-        ACC_FP64=dtype == torch.float64, GRAD=grad_mode, DOT_PRECISION="ieee" if dtype == torch.float64 else dot_precision(dtype),
+        ACC_FP64=dtype == torch.float64, GRAD=grad_mode, GROUPED=groups is not None,
+        DOT_PRECISION="ieee" if dtype == torch.float64 else dot_precision(dtype),
         DOT_UPCAST=xs[0].device.type == "cpu" and dtype in (torch.float16, torch.bfloat16), **meta,
     )
     return out
@@ -502,20 +537,17 @@ def split_linear(features, weights, biases, activation="none", layout="channel_c
 
 
 def _split_linear(features, weights, biases, activation="none", layout="channel_concat"):
-    """One launch per group into its strided block of the output: column block ``[:, off:off+D_i]`` of
-    ``[M, sum D_out_i]``; the interleaved ``[..., N*T, D]`` output viewed as ``[M, N*D]`` is the same."""
+    """One grouped launch writing each group into its column block of ``[M, sum D_out_i]``; the
+    interleaved ``[..., N*T, D]`` output viewed as ``[M, N*D]`` is the same layout."""
     lead = features[0].shape[:-1]
     widths = [w.shape[0] for w in weights]
     if layout == "channel_concat":
         out = _out(lead, sum(widths), features[0])
     else:
         out = features[0].new_empty((*lead[:-1], lead[-1] * len(features), widths[0]))
-    flat = out.view(-1, sum(widths))
-    off = 0
-    for i, (x, w) in enumerate(zip(features, weights)):
-        _launch([_rows(x)], [w], flat[:, off:off + widths[i]], bias=None if biases is None else biases[i],
-                activation=activation)
-        off += widths[i]
+    bias = None if biases is None else torch.cat(list(biases))  # [sum D_out_i], indexed like the output
+    _launch([_rows(x) for x in features], list(weights), out.view(-1, sum(widths)), bias=bias,
+            activation=activation, groups=widths)
     return out
 
 
@@ -532,7 +564,7 @@ def mlp_projector(x, w1, b1, w2, b2, activation="gelu"):
 
 def aot_compile(dtype: str = "bf16", arch: int = 90, nseg: int = 2, scaled: bool = False, activation: str = "gelu",
                 gate_mix: bool = False, layernorm: bool = False, dropout: bool = False, grad_mode: int = 0,
-                cfg: dict | None = None):
+                grouped: bool = False, cfg: dict | None = None):
     """Compile one variant of the GEMM core for ``sm_<arch>`` without a GPU (needs a process without
     ``TRITON_INTERPRET=1``)."""
     from .aot import aot_compile as compile_for
@@ -546,7 +578,8 @@ def aot_compile(dtype: str = "bf16", arch: int = 90, nseg: int = 2, scaled: bool
                  drop_scale="fp32", eps="fp32")
     values = dict(NSEG=nseg, SCALED=scaled, HAS_BIAS=True, ACTIVATION=ACTIVATION_CODES[activation],
                   GATE_MIX=gate_mix, DROPOUT=dropout, RESIDUAL=layernorm, LAYERNORM=layernorm, HAS_LN_W=layernorm,
-                  HAS_LN_B=layernorm, ACC_FP64=dtype == "fp64", GRAD=grad_mode, DOT_PRECISION="ieee" if dtype in ("fp32", "fp64")
+                  HAS_LN_B=layernorm, ACC_FP64=dtype == "fp64", GRAD=grad_mode, GROUPED=grouped,
+                  DOT_PRECISION="ieee" if dtype in ("fp32", "fp64")
                   else "tf32", DOT_UPCAST=False,
                   **{k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")})
     return compile_for(_linear_epilogue_kernel, types, values, arch=arch, num_warps=cfg["num_warps"],
@@ -617,7 +650,8 @@ def linear_residual_layernorm_backward(grad, x, weight, bias, residual, ln_weigh
     part_b = torch.zeros_like(part_w)
     if programs and N:
         _layernorm_backward_kernel[(programs,)](
-            h, h.stride(0), g2, g2.stride(0), keep if keep is not None else h, keep.stride(0) if keep is not None else 0,
+            h, h.stride(0), g2, g2.stride(0), keep if keep is not None else h,
+            keep.stride(0) if keep is not None else 0,
             float(dropout_scale(dropout_p)), ln_weight if ln_weight is not None else h,
             dres, dres.stride(0), dz, dz.stride(0), part_w, part_b, M, N, float(eps),
             ROWS=rows, HAS_LN_W=ln_weight is not None, DROPOUT=keep is not None, BLOCK_N=triton.next_power_of_2(N))
@@ -673,14 +707,23 @@ def _concat_linear_backward(grad, features, weight, bias, activation):
 
 
 def split_linear_backward(grad, features, weights, biases, activation="none", layout="channel_concat"):
+    """One grouped recompute launch storing ``grad * act'(z)`` for every group's column block, then each
+    group's weight-gradient matmuls."""
     with on_device(features[0]):
         widths = [w.shape[0] for w in weights]
-        flat = grad.reshape(-1, sum(widths))  # the interleaved layout viewed as column blocks, like the forward
+        g2 = grad.reshape(-1, sum(widths)).to(features[0].dtype)  # the interleaved layout viewed as column blocks
+        xs = [_rows(x) for x in features]
+        if activation == "none":
+            dz = g2
+        else:
+            dz = torch.empty_like(g2)
+            bias = None if biases is None else torch.cat(list(biases))
+            _launch(xs, list(weights), dz, bias=bias, activation=activation, grad=g2, grad_mode=1, groups=widths)
         d_feats, d_weights, d_biases, off = [], [], [], 0
-        for i, (x, w) in enumerate(zip(features, weights)):
-            b = None if biases is None else biases[i]
-            dx, dW, db = linear_activation_backward(flat[:, off:off + widths[i]], x, w, b, activation)
+        for i, (x, x2, w) in enumerate(zip(features, xs, weights)):
+            dzi = dz[:, off:off + widths[i]]
             off += widths[i]
+            dx, dW, db = _weight_grads(dzi, x2, w, (w if biases is None else biases[i]).dtype)
             d_feats.append(dx.view(x.shape))
             d_weights.append(dW)
             d_biases.append(db)
