@@ -432,3 +432,14 @@ def test_kernels_compile_for_sm90():
         "assert aot_compile('fp16', nseg=2, gate_mix=True, activation='none').asm['cubin']\n"
         "assert aot_compile('bf16', nseg=2, activation='none', grad_mode=2).asm['cubin']\n"
         "assert aot_compile('bf16', nseg=1, activation='none', grad_mode=3).asm['cubin']\n")
+
+
+def test_mixed_devices_are_rejected_naming_the_tensors():
+    a, b, w, c = gate_inputs((2,), 4, torch.float32)
+    with pytest.raises(ValueError, match="one device"):
+        ops.gated_fusion(a, b, w.to("meta"), c)
+    feats, gate, ws, bs = mix_inputs(2, 3, (4, 5), 6, torch.float32)
+    with pytest.raises(ValueError, match=r"one device.*weights\[1\]"):
+        ops.expert_mix(feats, gate, [ws[0], ws[1].to("meta")], bs)
+    with pytest.raises(ValueError, match="one device"):
+        ops.split_linear(feats, ws, [bs[0], bs[1].to("meta")])
