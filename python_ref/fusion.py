@@ -13,7 +13,7 @@ Each module owns exactly the math that a fused kernel replaces, so ``vlmkernels.
 - :class:`TopKTokenSelector` -- top-k tokens by score (dynamic_qformer).
 
 Where a module computes what one of the package's ops computes, its forward calls that op's reference
-math (:mod:`python_ref.ops.gated_fusion`, :mod:`python_ref.ops.linear_epilogue`): ``SigmoidGate`` ->
+math (:mod:`python_ref.ops.fusion_gates`, :mod:`python_ref.ops.linear_epilogue`): ``SigmoidGate`` ->
 ``gated_fusion``, ``ExpertRouter`` -> ``vision_router`` (ReLU hidden activation), ``MultiGranularityFusion``
 -> ``concat_linear`` (+ ``mlp_projector`` for DBFusion). Those accumulate in fp32 and round once, so a
 bf16 module differs from a chain of bf16 ``nn.Linear``/sigmoid steps by about one bf16 ulp.
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .ops import topk_select_tokens
-from .ops.gated_fusion import gated_fusion, vision_router
+from .ops.fusion_gates import gated_fusion, vision_router
 from .ops.linear_epilogue import concat_linear, mlp_projector
 
 __all__ = [
@@ -99,7 +99,7 @@ class SigmoidGate(nn.Module):
         mix_a = mix_b = None
         if self.variant == "gmu":
             mix_a, mix_b = torch.tanh(self.proj_a(a)), torch.tanh(self.proj_b(b))
-        # python_ref.ops.gated_fusion: g = sigmoid(gate([a; b])), g*a + (1-g)*b in fp32, rounded once
+        # python_ref.ops.fusion_gates: g = sigmoid(gate([a; b])), g*a + (1-g)*b in fp32, rounded once
         return gated_fusion(a, b, self.gate.weight, self.gate.bias, mix_a, mix_b)
 
     def extra_repr(self) -> str:
@@ -142,7 +142,7 @@ class ExpertRouter(nn.Module):
         if image_type is not None:
             image_type = self._check_image_type(image_type, features.shape[0])
         first, last = self.mlp[0], self.mlp[2]
-        # python_ref.ops.gated_fusion.vision_router: the MLP (ReLU), fp32 softmax, top-k, override
+        # python_ref.ops.fusion_gates.vision_router: the MLP (ReLU), fp32 softmax, top-k, override
         return vision_router(features, first.weight, first.bias, last.weight, last.bias, self.top_k, "relu",
                              image_type)
 

@@ -10,7 +10,7 @@ from tests.helpers import assert_close, run_without_interpreter
 from vlmkernels import ops
 from vlmkernels.triton import linear_epilogue as tri
 
-ref = importlib.import_module("python_ref.ops.gated_fusion")
+ref = importlib.import_module("python_ref.ops.fusion_gates")
 BACKENDS = ["reference", "triton"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -6,7 +6,7 @@ Each family's file exports its functions through ``__all__``; they are gathered 
 import importlib
 
 __all__: list[str] = []
-for _mod_name in ("moe", "moe_experts", "anyres", "anyres_embed", "linear_epilogue", "gated_fusion", "qformer"):
+for _mod_name in ("moe", "moe_experts", "anyres", "anyres_embed", "linear_epilogue", "fusion_gates", "qformer"):
     try:
         _mod = importlib.import_module(f"python_ref.ops.{_mod_name}")
     except ModuleNotFoundError as _e:

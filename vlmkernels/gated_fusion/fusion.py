@@ -9,7 +9,7 @@
   K-concatenated GEMM with a per-(sample, expert) scale on each expert's partial product; a sample
   whose gate for an expert is 0 (after top-k) skips that expert's K segment.
 
-Math: :mod:`python_ref.ops.gated_fusion`. Backends ``triton`` (CUDA, or CPU under
+Math: :mod:`python_ref.ops.fusion_gates`. Backends ``triton`` (CUDA, or CPU under
 ``TRITON_INTERPRET=1``) and ``reference``; ``auto`` = triton on CUDA, reference on CPU.
 Backward: ``gated_fusion_backward`` on triton recomputes the gate GEMM and stores ``dz`` and ``d va``
 from its epilogue; ``expert_mix_backward`` computes ``grad W_i`` once per expert (its epilogue stores
@@ -68,7 +68,7 @@ def gated_fusion(a, b, weight, bias, *, mix_a=None, mix_b=None, backend: str = "
 
 
 def _gate_reference(a, b, weight, bias, mix_a, mix_b):
-    from python_ref.ops.gated_fusion import gated_fusion as ref
+    from python_ref.ops.fusion_gates import gated_fusion as ref
 
     _check_gate(a, b, weight, bias, mix_a, mix_b)
     return ref(a, b, weight, bias, mix_a, mix_b)
@@ -87,7 +87,7 @@ def _gate_fake(a, b, weight, bias, mix_a=None, mix_b=None, backend="auto"):
 
 
 def _gate_backward_reference(grad, a, b, weight, bias, mix_a, mix_b):
-    from python_ref.ops.gated_fusion import gated_fusion_backward as ref
+    from python_ref.ops.fusion_gates import gated_fusion_backward as ref
 
     _check_gate(a, b, weight, bias, mix_a, mix_b)
     return ref(grad, a, b, weight, bias, mix_a, mix_b)
@@ -165,7 +165,7 @@ def expert_mix(features, gate, weights, biases=None, *, backend: str = "auto"):
 
 
 def _mix_reference(features, gate, weights, biases):
-    from python_ref.ops.gated_fusion import expert_mix as ref
+    from python_ref.ops.fusion_gates import expert_mix as ref
 
     _check_mix(features, gate, weights, biases)
     return ref(features, gate, weights, biases)
@@ -185,7 +185,7 @@ def _mix_fake(features, gate, weights, biases=None, backend="auto"):
 
 
 def _mix_backward_reference(grad, features, gate, weights, biases):
-    from python_ref.ops.gated_fusion import expert_mix_backward as ref
+    from python_ref.ops.fusion_gates import expert_mix_backward as ref
 
     _check_mix(features, gate, weights, biases)
     d_feats, d_gate, d_weights, d_biases = ref(grad, features, gate, weights, biases)

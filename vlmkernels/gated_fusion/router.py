@@ -89,7 +89,7 @@ def _route(logits, top_k, image_type, out_dtype):
 
 
 def _reference(pooled, w1, b1, w2, b2, top_k, activation, image_type):
-    from python_ref.ops.gated_fusion import vision_router as ref
+    from python_ref.ops.fusion_gates import vision_router as ref
 
     _check(pooled, w1, b1, w2, b2, top_k, activation, image_type)
     return ref(pooled, w1, b1, w2, b2, top_k, activation, image_type)
@@ -111,7 +111,7 @@ def _fake(pooled, w1, b1, w2, b2, top_k=None, activation="gelu", image_type=None
 def _backward_reference(grad, gate, pooled, w1, b1, w2, b2, top_k, activation, image_type):
     """The selected experts are read off the forward's output (its top-k entries; the others are exactly 0),
     so the backward never re-decides a near-tie differently from the forward."""
-    from python_ref.ops.gated_fusion import router_logits
+    from python_ref.ops.fusion_gates import router_logits
     from python_ref.ops.linear_epilogue import mlp_projector_backward
 
     _check(pooled, w1, b1, w2, b2, top_k, activation, image_type)
