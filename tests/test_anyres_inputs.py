@@ -342,6 +342,7 @@ def test_pil_runs_fall_back_to_the_paste_when_the_struct_does_not_check_out(monk
     real = pil_mod._row_pointers
     assert real(img.im, 2400, 1800) is not None
     assert real(img.im, 2401, 1800) is None and real(img.im, 2400, 1799) is None  # fields must match
+    assert real(object(), 2400, 1800) is None  # a Pillow core without the Imaging capsule (Pillow < 11)
     for fake in (lambda core, w, h: real(other.im, w, h), lambda core, w, h: None):
         monkeypatch.setattr(pil_mod, "_row_pointers", fake)
         pasted = pil_mod.COUNTS["paste"]
