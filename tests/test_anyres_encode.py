@@ -92,7 +92,7 @@ def test_uint8_mode_ignores_mean_and_std(backend):
 def test_opcheck_uint8(backend):
     _need(backend)
     im = torch.randint(0, 256, (23, 31, 3), dtype=torch.uint8)
-    plan = torch.tensor([[14, 28, 7, 0, 1, 1, 0]], dtype=torch.int64)  # 23x31 into a 28x28 canvas
+    plan = torch.tensor([[14, 28, 7, 0, 1, 1, 0, 1]], dtype=torch.int64)  # 23x31 into a 28x28 canvas
     args = ([im], plan, 2, TILE, [0.0] * 3, [1.0] * 3, True, torch.uint8, backend)
     torch.library.opcheck(torch.ops.vlmkernels.anyres_tile.default, args)
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from vlmkernels import registry
-from vlmkernels.anyres.pil import pil_hwc
-from vlmkernels.anyres.tile import _tile_reference, anyres_tile, check_tile_args, hwc_view
+from vlmkernels.anyres import pil as pil_mod
+from vlmkernels.anyres.pil import pil_hwc, pil_view
+from vlmkernels.anyres.tile import RowRuns, _tile_reference, anyres_tile, check_tile_args, hwc_view, tile_views
 from vlmkernels.patching import patch
 
 transformers = pytest.importorskip("transformers")
@@ -128,13 +129,13 @@ def test_integer_like_sizes_are_accepted():
 
 def _args(**bad):
     img = torch.zeros(10, 12, 3, dtype=torch.uint8)
-    args = dict(images=[img], plan=torch.tensor([[28, 28, 0, 0, 1, 1, 0]]), num_tiles=2, tile=28, mean=MEAN, std=STD,
+    args = dict(images=[img], plan=torch.tensor([[28, 28, 0, 0, 1, 1, 0, 1]]), num_tiles=2, tile=28, mean=MEAN, std=STD,
                 global_view=True, out_dtype=torch.float32)
     args.update(bad)
     return args
 
 
-_ROW = [28, 28, 0, 0, 1, 1, 0]
+_ROW = [28, 28, 0, 0, 1, 1, 0, 1]
 TILE_BAD = [
     dict(images=[torch.zeros(10, 12, 3, dtype=torch.uint8)] * 2, plan=torch.tensor([_ROW, _ROW]), num_tiles=4),
     dict(std=[0.5, 0.0, 0.5]),
@@ -148,18 +149,24 @@ TILE_BAD = [
     dict(plan=torch.tensor([_ROW[:6]])),
     dict(plan=torch.tensor(_ROW)),
     dict(plan=torch.tensor([_ROW, _ROW]).t().contiguous().t()[:1]),
-    dict(plan=torch.tensor([[28, 28, 0, 0, 0, 1, 0]])),
-    dict(plan=torch.tensor([[28, 28, 0, 0, 2048, 1024, 0]]), num_tiles=2048 * 1024 + 1),
-    dict(plan=torch.tensor([[29, 28, 0, 0, 1, 1, 0]])),
-    dict(plan=torch.tensor([[28, 28, -1, 0, 1, 1, 0]])),
-    dict(plan=torch.tensor([[0, 28, 0, 0, 1, 1, 0]])),
-    dict(plan=torch.tensor([[28, 28, 0, 0, 1, 1, 1]])),
-    dict(plan=torch.tensor([[28, 28, 0, 0, 1, 1, 2**62]])),
+    dict(plan=torch.tensor([[28, 28, 0, 0, 0, 1, 0, 1]])),
+    dict(plan=torch.tensor([[28, 28, 0, 0, 2048, 1024, 0, 1]]), num_tiles=2048 * 1024 + 1),
+    dict(plan=torch.tensor([[29, 28, 0, 0, 1, 1, 0, 1]])),
+    dict(plan=torch.tensor([[28, 28, -1, 0, 1, 1, 0, 1]])),
+    dict(plan=torch.tensor([[0, 28, 0, 0, 1, 1, 0, 1]])),
+    dict(plan=torch.tensor([[28, 28, 0, 0, 1, 1, 1, 1]])),
+    dict(plan=torch.tensor([[28, 28, 0, 0, 1, 1, 2**62, 1]])),
     dict(images=[torch.zeros(10, 12, 3)]),
     dict(images=[torch.zeros(10, 12, dtype=torch.uint8)]),
     dict(images=[torch.zeros(10, 12, 2, dtype=torch.uint8)]),
     dict(images=[torch.zeros(0, 12, 3, dtype=torch.uint8)]),
-    dict(images=[], plan=torch.zeros(1, 7, dtype=torch.int64)),
+    dict(images=[], plan=torch.zeros(1, 8, dtype=torch.int64)),
+    dict(images=[torch.zeros(10, 12, 3, dtype=torch.uint8)] * 2),
+    dict(plan=torch.tensor([[28, 28, 0, 0, 1, 1, 0, 2]])),
+    dict(images=[torch.zeros(10, 12, 3, dtype=torch.uint8), torch.zeros(5, 13, 3, dtype=torch.uint8)],
+         plan=torch.tensor([[28, 28, 0, 0, 1, 1, 0, 2]])),
+    dict(images=[torch.zeros(10, 12, 3, dtype=torch.uint8), torch.zeros(5, 12, 1, dtype=torch.uint8)],
+         plan=torch.tensor([[28, 28, 0, 0, 1, 1, 0, 2]])),
 ]
 
 
@@ -296,6 +303,95 @@ def test_pil_multiblock_is_viewed_in_one_block_copy():
     kept = views[-1].data_ptr()
     del views, view
     assert pil_hwc(imgs[0]).data_ptr() == kept  # no view alive: the thread's copy is reused
+
+
+def _big_pil(seed):
+    """2400x1800 RGB: 17 MB of RGBX, which Pillow keeps in several 16 MiB blocks."""
+    img = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (1800, 2400, 3), dtype=np.uint8))
+    assert img.__arrow_c_array__ is None or not img.im.isblock()
+    return img
+
+
+def test_pil_multiblock_is_read_in_place_as_row_runs():
+    """pil_view reads a several-block image where Pillow keeps it: one strided view per run of
+    rows, the runs stacking into the image; no paste, no copy."""
+    img = _big_pil(9)
+    before = dict(pil_mod.COUNTS)
+    view = pil_view(img)
+    assert isinstance(view, RowRuns) and len(view.runs) >= 2
+    assert pil_mod.COUNTS["runs"] == before.get("runs", 0) + 1
+    assert pil_mod.COUNTS["paste"] == before.get("paste", 0) and pil_mod.COUNTS["copy"] == before.get("copy", 0)
+    assert view.shape == (1800, 2400, 3) and all(r.stride() == (4 * 2400, 4, 1) for r in view.runs)
+    assert torch.equal(view.tensor(), torch.from_numpy(np.asarray(img)))
+    # Pillow's own memory: a pixel written through Pillow shows in the run holding its row
+    first_of_last = 1800 - view.runs[-1].shape[0]
+    img.putpixel((17, first_of_last), (1, 2, 3))
+    img.putpixel((2399, 1799), (4, 5, 6))
+    assert view.runs[-1][0, 17].tolist() == [1, 2, 3] and view.runs[-1][-1, -1].tolist() == [4, 5, 6]
+    want = np.asarray(img).copy()
+    del img
+    gc.collect()
+    _ = [bytearray(1 << 20) for _ in range(64)]  # reuse freed memory, if any was freed
+    assert torch.equal(view.tensor(), torch.from_numpy(want))  # the runs keep the image alive
+
+
+def test_pil_runs_fall_back_to_the_paste_when_the_struct_does_not_check_out(monkeypatch):
+    """A row table that does not hold this image's bytes (a layout misread) is caught by the
+    self-check and the image is pasted; without Pillow's struct the same."""
+    img, other = _big_pil(10), _big_pil(11)
+    real = pil_mod._row_pointers
+    assert real(img.im, 2400, 1800) is not None
+    assert real(img.im, 2401, 1800) is None and real(img.im, 2400, 1799) is None  # fields must match
+    assert real(object(), 2400, 1800) is None  # a Pillow core without the Imaging capsule (Pillow < 11)
+    for fake in (lambda core, w, h: real(other.im, w, h), lambda core, w, h: None):
+        monkeypatch.setattr(pil_mod, "_row_pointers", fake)
+        pasted = pil_mod.COUNTS["paste"]
+        view = pil_view(img)
+        assert isinstance(view, torch.Tensor) and pil_mod.COUNTS["paste"] == pasted + 1
+        assert torch.equal(view, torch.from_numpy(np.asarray(img)))
+        del view
+
+
+@pytest.mark.parametrize("cuts", [(37,), (1, 2, 50), (99,)], ids=str)
+@pytest.mark.parametrize("h, w", [(100, 28), (300, 40), (100, 37), (23, 300)], ids=str)
+def test_row_runs_tile_as_the_image_they_stack_into(h, w, cuts):
+    """Every backend reads an image given as row runs (RGBX views in place; mixed layouts joined)
+    bit-exactly as the whole image: streamed, vertical-first, vertical-only and copy resizes."""
+    g = torch.Generator().manual_seed(h * w)
+    rgbx = torch.randint(0, 256, (h, w, 4), dtype=torch.uint8, generator=g)
+    whole = rgbx[..., :3]
+    bounds = [0, *[c for c in cuts if c < h], h]
+    runs = [rgbx[a:b].clone()[..., :3] for a, b in zip(bounds, bounds[1:])]  # separate blocks
+    mixed = [r.permute(2, 0, 1).contiguous().permute(1, 2, 0) if i % 2 else r for i, r in enumerate(runs)]
+    backends = ["reference"] + (["cpu"] if registry.availability("anyres_tile", "cpu", "cpu")[0] else [])
+    for backend in backends:
+        want, _ = tile_views([whole, whole[:20]], PINS, 28, MEAN, STD, backend=backend)
+        for parts in (runs, mixed):
+            got, _ = tile_views([RowRuns(parts), whole[:20]], PINS, 28, MEAN, STD, backend=backend)
+            assert torch.equal(got, want), backend
+
+
+def test_patched_processor_reads_multiblock_pil_without_the_paste():
+    _cpu_ok()
+    proc, oracle = _processors("next", "pil")
+    big = [_big_pil(s) for s in (12, 13)]
+    before = dict(pil_mod.COUNTS)
+    got = proc(big, return_tensors="pt")
+    assert pil_mod.COUNTS["runs"] == before.get("runs", 0) + 2
+    assert pil_mod.COUNTS["paste"] == before.get("paste", 0) and pil_mod.COUNTS["copy"] == before.get("copy", 0)
+    _assert_same(got, oracle(big, return_tensors="pt"))
+
+
+@pytest.mark.cuda
+def test_row_runs_on_cuda_match_the_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    img = _big_pil(14)
+    view = pil_view(img)
+    assert isinstance(view, RowRuns)
+    want, _ = tile_views([torch.from_numpy(np.asarray(img))], PINS, 28, MEAN, STD, backend="reference")
+    got, _ = tile_views([view.to("cuda")], PINS, 28, MEAN, STD, backend="cuda")
+    torch.testing.assert_close(got.cpu(), want, atol=0, rtol=0)
 
 
 def test_pil_other_modes_are_converted_as_hf_does():

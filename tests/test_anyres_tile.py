@@ -231,11 +231,11 @@ def test_cpu_kernel_rejects_bad_plan():
     cpu_ok()
     op = torch.ops.vlmkernels.anyres_tile
     img = torch.zeros(10, 10, 3, dtype=torch.uint8)
-    ok = torch.tensor([[28, 28, 0, 0, 1, 1, 0]])
+    ok = torch.tensor([[28, 28, 0, 0, 1, 1, 0, 1]])
     for bad, match in [
-        (torch.tensor([[28, 28, 0, 0, 1, 1, 1]]), "exceed num_tiles"),
-        (torch.tensor([[29, 28, 0, 0, 1, 1, 0]]), "does not fit"),
-        (torch.tensor([[28, 28, 0, 0, 0, 1, 0]]), "grid"),
+        (torch.tensor([[28, 28, 0, 0, 1, 1, 1, 1]]), "exceed num_tiles"),
+        (torch.tensor([[29, 28, 0, 0, 1, 1, 0, 1]]), "does not fit"),
+        (torch.tensor([[28, 28, 0, 0, 0, 1, 0, 1]]), "grid"),
         (ok.int(), "int64"),
         (ok[:, :6], "plan"),
     ]:
@@ -253,11 +253,16 @@ def test_empty_batch():
 def test_opcheck():
     g = torch.Generator().manual_seed(8)
     images = [rand_u8(20, 33, 3, gen=g), rand_u8(3, 17, 9, gen=g).permute(1, 2, 0)]
-    plan = torch.tensor([[14, 28, 7, 0, 1, 1, 0], [28, 15, 0, 6, 1, 1, 2]])
+    plan = torch.tensor([[14, 28, 7, 0, 1, 1, 0, 1], [28, 15, 0, 6, 1, 1, 2, 1]])
     args = (images, plan, 5, SMALL, list(CLIP_MEAN), list(CLIP_STD), True, torch.float32)
+    # an image given as two row runs (the plan's parts column)
+    runs = [rand_u8(12, 33, 4, gen=g)[..., :3], rand_u8(8, 33, 3, gen=g)]
+    plan2 = torch.tensor([[14, 28, 7, 0, 1, 1, 0, 2], [28, 15, 0, 6, 1, 1, 2, 1]])
+    args2 = (runs + images[1:], plan2, 5, SMALL, list(CLIP_MEAN), list(CLIP_STD), True, torch.float32)
     for backend in ("cpu", "reference"):
         if registry.availability("anyres_tile", backend, "cpu")[0]:
             torch.library.opcheck(torch.ops.vlmkernels.anyres_tile.default, (*args, backend))
+            torch.library.opcheck(torch.ops.vlmkernels.anyres_tile.default, (*args2, backend))
 
 
 @pytest.mark.cuda

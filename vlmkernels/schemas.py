@@ -156,9 +156,11 @@ SCHEMAS: dict[str, tuple[str, str]] = {
     ),
     # --- AnyRes tile-and-encode ---------------------------------------------------------------
     # uint8 images -> normalized tiles. images: uint8 [H, W, C] views (any strides, C in 1/3/4);
-    # plan: CPU int64 [num_images, 7] table (resized_h, resized_w, pad_top, pad_left, rows, cols,
-    # first output tile) built by vlmkernels.anyres.tile.tile_plan; returns [num_tiles, 3, S, S]
-    # (out_dtype=uint8: the rounded tile bytes, mean/std unused).
+    # plan: CPU int64 [num_images, 8] table (resized_h, resized_w, pad_top, pad_left, rows, cols,
+    # first output tile, parts) built by vlmkernels.anyres.tile.tile_views; image i is the next
+    # `parts` entries of images stacked along their rows (several: an image held in separate memory
+    # blocks, e.g. a large PIL image read in place); returns [num_tiles, 3, S, S] (out_dtype=uint8:
+    # the rounded tile bytes, mean/std unused).
     "anyres_tile": (
         "anyres",
         "(Tensor[] images, Tensor plan, int num_tiles, int tile_size, float[] mean, float[] std, "

@@ -117,7 +117,7 @@ def tile_cases(full: bool, device: str) -> list[Case]:
 
 def _pil_case(procs: dict, H: int, W: int) -> Case | None:
     """A PIL image (what users pass) through HF's two processors and through a patched one (ours:
-    Pillow's memory read in place where it is one block, else np.asarray's copy)."""
+    Pillow's memory read in place, its one block or the row runs of its several blocks)."""
     if "hf-pil" not in procs or functional("anyres_tile") is None:
         return None
     import copy

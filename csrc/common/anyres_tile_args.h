@@ -14,13 +14,16 @@
 namespace vlmk {
 namespace anyres {
 
-// plan columns (vlmkernels/anyres/tile.py builds this table)
-enum PlanCol : int { kResH = 0, kResW, kPadT, kPadL, kRows, kCols, kFirst, kPlanCols };
+// plan columns (vlmkernels/anyres/tile.py builds this table). kParts: how many consecutive `images`
+// entries hold the image, stacked along its rows (1 for an ordinary view; several for an image kept
+// in separate memory blocks, e.g. a large PIL image read in place: vlmkernels/anyres/pil.py).
+enum PlanCol : int { kResH = 0, kResW, kPadT, kPadL, kRows, kCols, kFirst, kParts, kPlanCols };
 constexpr int64_t kMaxTile = 65536, kMaxSide = int64_t(1) << 24, kMaxGrid = int64_t(1) << 20;
 
 struct TileArgs {
-  int64_t n, tile, num_tiles;
+  int64_t n, tile, num_tiles;  // n: images (plan rows); their parts are images[part0[i] .. part0[i + 1])
   float mean[3], stdv[3];
+  std::vector<int64_t> part0;
 };
 
 // Checks one plan row against its image's size; written so that no product or sum can overflow.
@@ -44,7 +47,7 @@ inline TileArgs check_tile_args(const std::vector<at::Tensor>& images, const at:
                                 int64_t tile, const std::vector<double>& mean, const std::vector<double>& stdv,
                                 bool global_view, at::ScalarType out_dtype, c10::Device device) {
   TileArgs a;
-  a.n = static_cast<int64_t>(images.size());
+  const int64_t n_parts = static_cast<int64_t>(images.size());
   a.tile = tile;
   a.num_tiles = num_tiles;
   VLMK_CHECK_ARG(tile >= 1 && tile <= kMaxTile, "anyres_tile: tile_size must be in [1, ", kMaxTile, "], got ", tile);
@@ -55,9 +58,8 @@ inline TileArgs check_tile_args(const std::vector<at::Tensor>& images, const at:
   VLMK_CHECK_TYPE(plan.scalar_type() == at::kLong, "anyres_tile: plan must be int64, got ",
                   dtype_name(plan.scalar_type()));
   VLMK_CHECK_ARG(plan.device().is_cpu(), "anyres_tile: plan must be a CPU tensor (a host-side table)");
-  VLMK_CHECK_ARG(plan.dim() == 2 && plan.size(0) == a.n && plan.size(1) == kPlanCols,
-                 "anyres_tile: plan must be [num_images=", a.n, ", ", int(kPlanCols), "], got ",
-                 shape_str(plan.sizes()));
+  VLMK_CHECK_ARG(plan.dim() == 2 && plan.size(1) == kPlanCols, "anyres_tile: plan must be [num_images, ",
+                 int(kPlanCols), "], got ", shape_str(plan.sizes()));
   VLMK_CHECK_ARG(plan.is_contiguous(), "anyres_tile: plan must be contiguous");
   VLMK_CHECK_ARG(mean.size() == 3 && stdv.size() == 3, "anyres_tile: mean and std must have 3 values, got ",
                  mean.size(), " and ", stdv.size());
@@ -66,27 +68,46 @@ inline TileArgs check_tile_args(const std::vector<at::Tensor>& images, const at:
     a.mean[c] = static_cast<float>(mean[c]);
     a.stdv[c] = static_cast<float>(stdv[c]);
   }
+  for (int64_t j = 0; j < n_parts; ++j) {
+    const at::Tensor& im = images[j];
+    VLMK_CHECK_TYPE(im.scalar_type() == at::kByte, "anyres_tile: images[", j, "] must be uint8, got ",
+                    dtype_name(im.scalar_type()));
+    VLMK_CHECK_ARG(im.dim() == 3, "anyres_tile: images[", j, "] must be an [H, W, C] view, got shape ",
+                   shape_str(im.sizes()));
+    VLMK_CHECK_ARG(im.device() == device, "anyres_tile: images[", j, "] is on ", im.device(), " but images[0] is on ",
+                   device);
+    const int64_t h = im.size(0), w = im.size(1), c = im.size(2);
+    VLMK_CHECK_ARG(c == 1 || c == 3 || c == 4, "anyres_tile: images[", j, "] must have 1, 3 or 4 channels, got ", c);
+    VLMK_CHECK_ARG(h > 0 && w > 0, "anyres_tile: images[", j, "] is empty: shape ", shape_str(im.sizes()));
+    VLMK_CHECK_ARG(h < kMaxSide && w < kMaxSide, "anyres_tile: images[", j, "] is too large: shape ",
+                   shape_str(im.sizes()));
+    VLMK_CHECK_ARG(im.stride(0) >= 0 && im.stride(1) >= 0 && im.stride(2) >= 0, "anyres_tile: images[", j,
+                   "] must not have negative strides");
+  }
+  a.n = plan.size(0);
+  a.part0.assign(1, 0);
   const int64_t* p = plan.const_data_ptr<int64_t>();
   std::vector<std::pair<int64_t, int64_t>> spans;
   for (int64_t i = 0; i < a.n; ++i) {
-    const at::Tensor& im = images[i];
-    VLMK_CHECK_TYPE(im.scalar_type() == at::kByte, "anyres_tile: images[", i, "] must be uint8, got ",
-                    dtype_name(im.scalar_type()));
-    VLMK_CHECK_ARG(im.dim() == 3, "anyres_tile: images[", i, "] must be an [H, W, C] view, got shape ",
-                   shape_str(im.sizes()));
-    VLMK_CHECK_ARG(im.device() == device, "anyres_tile: images[", i, "] is on ", im.device(), " but images[0] is on ",
-                   device);
-    const int64_t h = im.size(0), w = im.size(1), c = im.size(2);
-    VLMK_CHECK_ARG(c == 1 || c == 3 || c == 4, "anyres_tile: images[", i, "] must have 1, 3 or 4 channels, got ", c);
-    VLMK_CHECK_ARG(h > 0 && w > 0, "anyres_tile: images[", i, "] is empty: shape ", shape_str(im.sizes()));
-    VLMK_CHECK_ARG(h < kMaxSide && w < kMaxSide, "anyres_tile: images[", i, "] is too large: shape ",
-                   shape_str(im.sizes()));
-    VLMK_CHECK_ARG(im.stride(0) >= 0 && im.stride(1) >= 0 && im.stride(2) >= 0, "anyres_tile: images[", i,
-                   "] must not have negative strides");
     const int64_t* r = p + i * kPlanCols;
+    const int64_t j0 = a.part0.back(), parts = r[kParts];
+    VLMK_CHECK_ARG(parts >= 1 && parts <= n_parts - j0, "anyres_tile: plan[", i, "]: its ", parts,
+                   " parts from images[", j0, "] are not among the ", n_parts, " images");
+    int64_t h = 0;
+    for (int64_t j = j0; j < j0 + parts; ++j) {
+      VLMK_CHECK_ARG(images[j].size(1) == images[j0].size(1) && images[j].size(2) == images[j0].size(2),
+                     "anyres_tile: plan[", i, "]: images[", j, "] has shape ", shape_str(images[j].sizes()),
+                     " but images[", j0, "] ", shape_str(images[j0].sizes()),
+                     ": the parts of an image must agree in width and channels");
+      h += images[j].size(0);
+    }
+    VLMK_CHECK_ARG(h < kMaxSide, "anyres_tile: plan[", i, "]: the image is too large: ", h, " rows");
+    a.part0.push_back(j0 + parts);
     check_plan_row(i, r, tile, num_tiles, global_view);
     spans.emplace_back(r[kFirst], r[kFirst] + r[kRows] * r[kCols] + (global_view ? 1 : 0));
   }
+  VLMK_CHECK_ARG(a.part0.back() == n_parts, "anyres_tile: plan: its ", a.n, " images hold ", a.part0.back(),
+                 " parts, but images has ", n_parts);
   std::sort(spans.begin(), spans.end());
   for (size_t i = 1; i < spans.size(); ++i)
     VLMK_CHECK_ARG(spans[i].first >= spans[i - 1].second, "anyres_tile: plan: the output tiles of two images overlap");

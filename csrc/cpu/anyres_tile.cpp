@@ -1,8 +1,9 @@
 // C++ CPU anyres_tile: uint8 images -> normalized (or raw uint8) LLaVA-NeXT tiles, no PIL.
 //
 // Per image: (1) describe the source as three channel planes with a pixel stride: planar CHW and
-// interleaved HWC RGB views are read in place (other layouts, grayscale with odd strides and RGBA
-// are converted once, as HF converts them); (2) Pillow-exact separable bicubic resizes to the
+// interleaved HWC RGB views are read in place, also when the image comes as several row runs (the
+// plan's parts: e.g. a large PIL image's separate memory blocks, read through a row pointer table;
+// other layouts, grayscale with odd strides and RGBA are converted once, as HF converts them); (2) Pillow-exact separable bicubic resizes to the
 // planned size and to the S x S global view. The usual case (horizontal pass, then vertical) is
 // streamed: each thread sweeps its source rows once through both horizontal passes into small
 // per-target rings and, as soon as an output row's taps are there, runs its vertical pass,
@@ -89,12 +90,26 @@ class Scratch {
   uint8_t* ptr_;
 };
 
-// A uint8 RGB image: channel c of pixel (y, x) is ch[c][y * row_stride + x * px_stride]; px_stride
-// is 1 (planar / grayscale planes), 3 (interleaved RGB, ch[c] = base + c) or 4 (Pillow's RGBX
-// pixels, vlmkernels/anyres/pil.py: the 4th byte is read, never used).
+// A uint8 RGB image: channel c of pixel (y, x) is row(c, y)[x * px_stride]; px_stride is 1 (planar
+// / grayscale planes), 3 (interleaved RGB, ch[c] = base + c) or 4 (Pillow's RGBX pixels,
+// vlmkernels/anyres/pil.py: the 4th byte is read, never used). Rows are row_stride apart, or, for
+// an image held in several row runs (e.g. a large PIL image: Pillow's separate memory blocks), at
+// the pointers of `rows` (row y's channel 0; channel c at the same offset ch[c] - ch[0] as row 0).
 struct RgbSrc {
   const uint8_t* ch[3];
   int64_t h, w, row_stride, px_stride;
+  const uint8_t* const* rows = nullptr;
+  const uint8_t* row(int c, int64_t y) const { return rows ? rows[y] + (ch[c] - ch[0]) : ch[c] + y * row_stride; }
+  // rows [y, h) of this image
+  RgbSrc from_row(int64_t y) const {
+    RgbSrc s = *this;
+    s.h -= y;
+    if (rows)
+      s.rows += y;
+    else
+      for (auto& p : s.ch) p += y * row_stride;
+    return s;
+  }
   bool packed() const { return ch[1] == ch[0] + 1 && ch[2] == ch[0] + 2; }
   bool interleaved() const { return px_stride == 3 && packed(); }
   bool rgbx() const { return px_stride == 4 && packed(); }
@@ -185,14 +200,14 @@ void stage_block(const RgbSrc& s, int64_t y, int nrows, uint8_t* stage) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if ((s.interleaved() || s.rgbx()) && kHasSsse3) {
     const uint8_t* rows[kBlock];
-    for (int r = 0; r < kBlock; ++r) rows[r] = s.ch[0] + (y + std::min(r, nrows - 1)) * s.row_stride;
+    for (int r = 0; r < kBlock; ++r) rows[r] = s.row(0, y + std::min(r, nrows - 1));
     const auto stage8 = s.rgbx() ? stage_rgbx8x8 : stage_rgb8x8;
     for (; j0 + 8 <= s.w; j0 += 8) stage8(rows, j0, stage + j0 * kBlock, cstride);
   }
 #endif
   for (int c = 0; c < 3; ++c) {
     const uint8_t* rows[kBlock];
-    for (int r = 0; r < kBlock; ++r) rows[r] = s.ch[c] + (y + std::min(r, nrows - 1)) * s.row_stride;
+    for (int r = 0; r < kBlock; ++r) rows[r] = s.row(c, y + std::min(r, nrows - 1));
     uint8_t* sc = stage + int64_t(c) * cstride;
     int64_t j = j0;
 #if defined(__SSE2__)
@@ -256,7 +271,7 @@ class HStage {
           if (direct) {
             const uint8_t* rows[kBlock];
             for (int r = 0; r < kBlock; ++r)
-              rows[r] = src.ch[c] + (y + i * kBlock + std::min(r, nrows[i] - 1)) * src.row_stride;
+              rows[r] = src.row(c, y + i * kBlock + std::min(r, nrows[i] - 1));
             widen_rows(rows, w_, pairs + i * pstride_);
           } else {
             widen_pairs(staged[i] + c * w_ * kBlock, w_, pairs + i * pstride_);
@@ -304,22 +319,21 @@ inline void vconv_rows(const uint8_t* const* rows, int64_t n, const AxisTaps& ax
   vconv_rows_scalar(rows, 0, n, k, ax.count[y], dst);
 }
 
-// The same with the tap rows at a fixed stride from src.
-inline void vconv_row(const uint8_t* src, int64_t stride, int64_t n, const AxisTaps& ax, int64_t y, uint8_t* dst) {
+// The same with the tap rows of channel c of src (or, with an interleaved src, of whole pixels).
+inline void vconv_row(const RgbSrc& src, int c, int64_t n, const AxisTaps& ax, int64_t y, uint8_t* dst) {
   thread_local std::vector<const uint8_t*> rows;
   rows.resize(size_t(ax.count[y]));
-  for (int t = 0; t < ax.count[y]; ++t) rows[t] = src + t * stride;
+  for (int t = 0; t < ax.count[y]; ++t) rows[t] = src.row(c, ax.xmin[y] + t);
   vconv_rows(rows.data(), n, ax, y, dst);
 }
 
-// Vertical resample of `nplanes` planes of rows of n bytes.
-void vpass(const uint8_t* const* planes, int nplanes, int64_t src_stride, int64_t n, const AxisTaps& ax,
-           uint8_t* dst, int64_t dst_stride, int64_t dst_plane) {
+// Vertical resample of rows of n bytes: of channels [0, nplanes) of src (nplanes = 1 with an
+// interleaved src: whole pixel rows).
+void vpass(const RgbSrc& src, int nplanes, int64_t n, const AxisTaps& ax, uint8_t* dst, int64_t dst_stride,
+           int64_t dst_plane) {
   at::parallel_for(0, ax.out, 4, [&](int64_t y0, int64_t y1) {
     for (int64_t y = y0; y < y1; ++y)
-      for (int p = 0; p < nplanes; ++p)
-        vconv_row(planes[p] + ax.xmin[y] * src_stride, src_stride, n, ax, y,
-                  dst + p * dst_plane + y * dst_stride);
+      for (int p = 0; p < nplanes; ++p) vconv_row(src, p, n, ax, y, dst + p * dst_plane + y * dst_stride);
   });
 }
 
@@ -328,7 +342,7 @@ void to_planar(const RgbSrc& s, uint8_t* out) {
   at::parallel_for(0, s.h, 16, [&](int64_t y0, int64_t y1) {
     for (int c = 0; c < 3; ++c)
       for (int64_t y = y0; y < y1; ++y) {
-        const uint8_t* row = s.ch[c] + y * s.row_stride;
+        const uint8_t* row = s.row(c, y);
         uint8_t* d = out + (c * s.h + y) * s.w;
         for (int64_t x = 0; x < s.w; ++x) d[x] = row[x * s.px_stride];
       }
@@ -404,7 +418,7 @@ class Resizer {
       hpass(v, {HTarget{&*htaps_[i], out, ow, oh * ow}});
     } else if (vtaps_[i]) {
       if (src.px_stride == 1) {
-        vpass(src.ch, 3, src.row_stride, ow, *vtaps_[i], out, ow, oh * ow);
+        vpass(src, 3, ow, *vtaps_[i], out, ow, oh * ow);
       } else {
         Scratch tmp(kVFirst, oh * src.w * std::max<int64_t>(3, src.px_stride));
         to_planar(vpass_src(src, *vtaps_[i], tmp.get()), out);
@@ -420,10 +434,10 @@ class Resizer {
     const int64_t oh = vt.out, w = src.w;
     if (src.interleaved() || src.rgbx()) {  // the vertical pass ignores channels: one plane of rows
       const int64_t ps = src.px_stride;
-      vpass(src.ch, 1, src.row_stride, w * ps, vt, tmp, w * ps, 0);
+      vpass(src, 1, w * ps, vt, tmp, w * ps, 0);
       return RgbSrc{{tmp, tmp + 1, tmp + 2}, oh, w, w * ps, ps};
     }
-    vpass(src.ch, 3, src.row_stride, w, vt, tmp, w, oh * w);
+    vpass(src, 3, w, vt, tmp, w, oh * w);
     return planar_src(tmp, oh, w);
   }
 
@@ -583,8 +597,7 @@ void stream_targets(const RgbSrc& src, const std::vector<StreamTarget<out_t>>& t
     hi = std::max(hi, taps_end(*t.vt, t.vt->out - 1));
     ow_max = std::max<int64_t>(ow_max, t.ht->out);
   }
-  RgbSrc rows = src;  // the source rows any vertical tap reads
-  for (auto& p : rows.ch) p += lo * src.row_stride;
+  RgbSrc rows = src.from_row(lo);  // the source rows any vertical tap reads
   rows.h = hi - lo;
   const int64_t steps = (rows.h + kStep - 1) / kStep;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), steps));
@@ -668,11 +681,9 @@ bool x_byte_readable(const at::Tensor& im) {
   return last <= int64_t(im.storage().nbytes());
 }
 
-// Any uint8 [H, W, C] view -> an RgbSrc, converted as HF converts (gray -> RGB, RGBA composited
-// onto white). Planar 3-channel and grayscale views with unit pixel stride, interleaved RGB rows
-// and Pillow's RGBX rows are read in place; anything else is converted once into interleaved
-// `storage`.
-RgbSrc make_src(const at::Tensor& im, std::optional<Scratch>& storage) {
+// A uint8 [H, W, C] view read in place: planar 3-channel and grayscale views with unit pixel
+// stride, interleaved RGB rows and Pillow's RGBX rows; nullopt for anything else.
+std::optional<RgbSrc> in_place_src(const at::Tensor& im) {
   const int64_t h = im.size(0), w = im.size(1), c = im.size(2);
   const int64_t sh = im.stride(0), sw = im.stride(1), sc = im.stride(2);
   const uint8_t* p = im.data_ptr<uint8_t>();
@@ -680,6 +691,16 @@ RgbSrc make_src(const at::Tensor& im, std::optional<Scratch>& storage) {
     return RgbSrc{{p, p + 1, p + 2}, h, w, sh, sw};
   if (c == 3 && sw == 1) return RgbSrc{{p, p + sc, p + 2 * sc}, h, w, sh, 1};
   if (c == 1 && sw == 1) return RgbSrc{{p, p, p}, h, w, sh, 1};
+  return std::nullopt;
+}
+
+// Any uint8 [H, W, C] view -> an RgbSrc, converted as HF converts (gray -> RGB, RGBA composited
+// onto white): in place where in_place_src reads it, else converted once into interleaved `storage`.
+RgbSrc make_src(const at::Tensor& im, std::optional<Scratch>& storage) {
+  if (const auto src = in_place_src(im)) return *src;
+  const int64_t h = im.size(0), w = im.size(1), c = im.size(2);
+  const int64_t sh = im.stride(0), sw = im.stride(1), sc = im.stride(2);
+  const uint8_t* p = im.data_ptr<uint8_t>();
   storage.emplace(kSrcCopy, h * w * 3);
   uint8_t* q = storage->get();
   at::parallel_for(0, h, 16, [&](int64_t y0, int64_t y1) {
@@ -708,6 +729,33 @@ RgbSrc make_src(const at::Tensor& im, std::optional<Scratch>& storage) {
   return RgbSrc{{q, q + 1, q + 2}, h, w, w * 3, 3};
 }
 
+// An image given as the row runs parts[0, k) (plan column kParts), stacked along its rows. Runs
+// read in place with one layout (e.g. the RGBX blocks of a large PIL image) are read where they
+// are, through a table of row pointers in `rows`; other runs are joined into `joined` once.
+RgbSrc make_src(const at::Tensor* parts, int64_t k, std::optional<Scratch>& storage,
+                std::vector<const uint8_t*>& rows, at::Tensor& joined) {
+  if (k == 1) return make_src(parts[0], storage);
+  std::vector<RgbSrc> runs;
+  for (int64_t j = 0; j < k; ++j) {
+    const auto src = in_place_src(parts[j]);
+    const bool same = src && (runs.empty() || (src->px_stride == runs[0].px_stride &&
+                                               src->ch[1] - src->ch[0] == runs[0].ch[1] - runs[0].ch[0] &&
+                                               src->ch[2] - src->ch[0] == runs[0].ch[2] - runs[0].ch[0]));
+    if (!same) {
+      joined = at::cat(at::TensorList(parts, size_t(k)), 0);
+      return make_src(joined, storage);
+    }
+    runs.push_back(*src);
+  }
+  rows.clear();
+  for (const RgbSrc& r : runs)
+    for (int64_t y = 0; y < r.h; ++y) rows.push_back(r.row(0, y));
+  RgbSrc src = runs[0];
+  src.h = int64_t(rows.size());
+  src.rows = rows.data();
+  return src;
+}
+
 }  // namespace
 
 void anyres_tile_cpu(const std::vector<at::Tensor>& images, const at::Tensor& plan, at::Tensor out,
@@ -721,10 +769,12 @@ void anyres_tile_cpu(const std::vector<at::Tensor>& images, const at::Tensor& pl
     // uint8 output: the raw tile bytes (mean/std ignored); else the exact normalized values
     const auto norm = std::make_unique<Normalizer<scalar_t>>(a.mean, a.stdv);
     scalar_t* o = out.data_ptr<scalar_t>();
+    std::vector<const uint8_t*> rows;
     for (int64_t i = 0; i < a.n; ++i) {
       const int64_t* r = p + i * kPlanCols;
       std::optional<Scratch> storage;
-      const RgbSrc src = make_src(images[i], storage);
+      at::Tensor joined;
+      const RgbSrc src = make_src(images.data() + a.part0[i], a.part0[i + 1] - a.part0[i], storage, rows, joined);
       scalar_t* dst = o + r[kFirst] * tile_elems;
       std::vector<std::pair<int64_t, int64_t>> sizes{{r[kResH], r[kResW]}};
       std::vector<Canvas> canvases{Canvas{r[kResH], r[kResW], r[kPadT], r[kPadL], r[kRows], r[kCols], tile}};

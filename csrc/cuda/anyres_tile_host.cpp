@@ -32,8 +32,14 @@ void anyres_tile_cuda(const std::vector<at::Tensor>& images, const at::Tensor& p
   std::vector<ImageDesc> descs(a.n);
   std::vector<TileDesc> tiles(a.num_tiles, TileDesc{-1, 0, 0, 0});
   std::vector<int32_t> taps;
+  // an image given as several row runs (plan column kParts) is joined on the device first (freed
+  // after the launch: the caching allocator reuses them only in this stream's order)
+  std::vector<at::Tensor> joined(a.n);
   for (int64_t i = 0; i < a.n; ++i) {
-    const at::Tensor& im = images[i];
+    const int64_t j0 = a.part0[i], j1 = a.part0[i + 1];
+    if (j1 - j0 > 1)
+      joined[i] = at::cat(std::vector<at::Tensor>(images.begin() + j0, images.begin() + j1), 0);
+    const at::Tensor& im = j1 - j0 > 1 ? joined[i] : images[j0];
     const int64_t* r = p + i * kPlanCols;
     ImageDesc& d = descs[i];
     d = ImageDesc{};

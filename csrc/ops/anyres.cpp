@@ -20,14 +20,15 @@ at::Tensor tile(at::TensorList images, const at::Tensor& plan, int64_t num_tiles
   const c10::Device device = ims.empty() ? c10::Device(c10::kCPU) : ims[0].device();
   const std::vector<double> m = mean.vec(), s = stdv.vec();
   // every backend validates here, before anything is allocated (a bad plan may ask for terabytes)
-  anyres::check_tile_args(ims, plan, num_tiles, tile_size, m, s, global_view, out_dtype, device);
+  const anyres::TileArgs a = anyres::check_tile_args(ims, plan, num_tiles, tile_size, m, s, global_view, out_dtype,
+                                                     device);
   if (!runs_native(backend, kCuda ? "cuda" : "cpu"))
     return call_python_backend<at::Tensor>("anyres_tile", images, plan, num_tiles, tile_size, mean, stdv, global_view,
                                            out_dtype, backend);
   at::Tensor out = at::empty({num_tiles, 3, tile_size, tile_size}, at::TensorOptions().dtype(out_dtype).device(device));
-  int64_t covered = global_view ? int64_t(ims.size()) : 0;
+  int64_t covered = global_view ? a.n : 0;
   const int64_t* p = plan.const_data_ptr<int64_t>();
-  for (size_t i = 0; i < ims.size(); ++i) covered += p[i * anyres::kPlanCols + anyres::kRows] * p[i * anyres::kPlanCols + anyres::kCols];
+  for (int64_t i = 0; i < a.n; ++i) covered += p[i * anyres::kPlanCols + anyres::kRows] * p[i * anyres::kPlanCols + anyres::kCols];
   if (covered != num_tiles) out.zero_();  // slots no image writes stay zero
 #ifdef VLMK_WITH_CUDA
   if constexpr (kCuda) {

@@ -7,16 +7,25 @@ exports it through the Arrow C data interface (``Image.__arrow_c_array__``, Pill
 The C++ CPU tiler reads such RGBX rows in place (its storage covers whole pixels), the CUDA and
 reference ones take any strides. The view keeps the image and the export alive.
 
-Pillow keeps larger images (above its 16 MiB block size by default, e.g. 4032x3024 RGB) in several
-blocks, which no strided view covers: those are pasted (Pillow's C row copy, RGBX as it is) into a
-one-block image and viewed there. Each thread keeps that image and reuses it for the next image of
-the same size once no view of it is alive, so the copy costs a quarter of ``np.asarray``'s, which
-packs RGBX into RGB through Python-level chunks and touches fresh pages. Other modes and older Pillows take ``np.asarray``'s copy, after HF's
-``convert_to_rgb`` for modes other than RGB.
+Pillow keeps larger images (above its 16 MiB block size by default, e.g. 2048x1536 and 4032x3024
+RGB) in several blocks, which no strided view covers. :func:`pil_view` reads those in place too,
+as a :class:`~vlmkernels.anyres.tile.RowRuns`: Pillow's table of row pointers (the ``image`` field
+of the ``Imaging`` struct that ``Image.getim()`` hands out) splits into a few runs of consecutive
+rows, each contiguous and viewed as above; the op takes the runs as the image's parts and the C++
+CPU tiler reads them where they are. The struct's layout is not an API, so it is recognised, not
+assumed: the fields around ``xsize``/``ysize`` must read as an RGB image's (3 bands, no 8-bit rows,
+``image32 == image``, pixel size 4, line size ``4 W``), and the first and last row of every run must
+hold the bytes Pillow itself reads there; otherwise (or without ``getim``) the image is pasted
+(Pillow's C row copy, RGBX as it is) into a one-block image and viewed there. Each thread keeps that
+image and reuses it for the next image of the same size once no view of it is alive, so the copy
+costs a quarter of ``np.asarray``'s, which packs RGBX into RGB through Python-level chunks and
+touches fresh pages. Other modes and older Pillows take ``np.asarray``'s copy, after HF's
+``convert_to_rgb`` for modes other than RGB. ``COUNTS`` counts the images read each way.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import threading
 import weakref
@@ -24,9 +33,13 @@ import weakref
 import numpy as np
 import torch
 
-from .tile import from_numpy
+from .tile import RowRuns, from_numpy
 
-__all__ = ["pil_hwc", "is_pil"]
+__all__ = ["pil_hwc", "pil_view", "is_pil"]
+
+# images read: "view" (one block, in place), "runs" (several blocks, in place), "paste" (several
+# blocks, pasted into one), "copy" (np.asarray, other modes and older Pillows)
+COUNTS: collections.Counter = collections.Counter()
 
 
 class _ArrowArray(ctypes.Structure):
@@ -99,15 +112,72 @@ def _one_block_copy(img):
     return block
 
 
-def _rgb_view(img) -> torch.Tensor | None:
+def _row_pointers(core, w: int, h: int) -> np.ndarray | None:
+    """Pillow's row pointers of an RGB image core (int64 ``[h]``, row y's RGBX bytes), read from the
+    ``Imaging`` struct behind ``core.ptr`` (the capsule ``Image.getim()`` returns); None when there
+    is none or its fields do not read as this image's (see the module doc)."""
+    capsule = getattr(core, "ptr", None)
+    if capsule is None or ctypes.sizeof(ctypes.c_void_p) != 8:
+        return None
+    try:
+        base = _capsule_pointer(capsule, b"Pillow Imaging")
+    except (ValueError, TypeError, AttributeError):
+        return None
+    if not base:
+        return None
+    # the struct opens with the mode (char[7] up to Pillow 11, an int since), then the ints type,
+    # depth, bands, xsize, ysize, then the pointers palette, image8, image32, image, block, blocks
+    # and the ints pixelsize, linesize
+    head = (ctypes.c_int32 * 16).from_address(base)
+    at = next((i for i in range(1, 14) if head[i] == w and head[i + 1] == h and head[i - 1] == 3), None)
+    if at is None:
+        return None
+    fields = (4 * (at + 2) + 7) // 8 * 8  # after ysize, pointer-aligned
+    _, image8, image32, image, _, _ = (ctypes.c_uint64 * 6).from_address(base + fields)
+    pixelsize, linesize = (ctypes.c_int32 * 2).from_address(base + fields + 48)
+    if image8 or not image or image32 != image or pixelsize != 4 or linesize != 4 * w:
+        return None
+    rows = np.ctypeslib.as_array((ctypes.c_int64 * h).from_address(image)).copy()
+    return rows if rows.all() else None
+
+
+def _rgb_runs(img, w: int, h: int) -> RowRuns | torch.Tensor | None:
+    """``img`` (RGB) read in place as its runs of consecutive rows (one run: a tensor), checked
+    against the bytes Pillow reads; None where its memory can't be found (see the module doc)."""
+    core = img.im
+    rows = _row_pointers(core, w, h)
+    if rows is None:
+        return None
+    line = 4 * w
+    cuts = (np.flatnonzero(np.diff(rows) != line) + 1).tolist()
+    starts, ends = [0, *cuts], [*cuts, h]
+    # the first and last row of every run hold what Pillow reads there
+    for y in {*starts, *(b - 1 for b in ends)}:
+        got = np.frombuffer((ctypes.c_uint8 * line).from_address(int(rows[y])), dtype=np.uint8)
+        if got.reshape(w, 4)[:, :3].tobytes() != img.crop((0, y, w, y + 1)).tobytes():
+            return None
+    runs = [from_numpy(np.asarray(_Pixels(int(rows[a]), (b - a, w, 4), (line, 4, 1), (core,))))[..., :3]
+            for a, b in zip(starts, ends)]
+    return runs[0] if len(runs) == 1 else RowRuns(runs)
+
+
+def _rgb_view(img, runs: bool = False) -> torch.Tensor | RowRuns | None:
+    """``img`` (RGB) in place: its one block; else, with ``runs``, its runs of rows; else a view
+    of a one-block copy. None where Pillow exports neither."""
     w, h = img.size
     owner = img
     found = _rgbx_address(img, w, h)
+    if found is None and runs:
+        view = _rgb_runs(img, w, h)
+        if view is not None:
+            COUNTS["runs" if isinstance(view, RowRuns) else "view"] += 1
+            return view
     if found is None and hasattr(img, "__arrow_c_array__"):
         owner = _one_block_copy(img)
         found = None if owner is None else _rgbx_address(owner, w, h)
     if found is None:
         return None
+    COUNTS["view" if owner is img else "paste"] += 1
     address, export = found
     # all 4 bytes in the tensor's storage, so that the tilers may read whole RGBX pixels
     pixels = _Pixels(address, (h, w, 4), (4 * w, 4, 1), (export, owner))
@@ -116,13 +186,29 @@ def _rgb_view(img) -> torch.Tensor | None:
     return from_numpy(np.asarray(pixels))[..., :3]
 
 
+def pil_view(img) -> torch.Tensor | RowRuns:
+    """What :func:`pil_hwc` returns, except that an RGB image Pillow keeps in several blocks comes
+    as the :class:`~vlmkernels.anyres.tile.RowRuns` of its blocks, read in place (no copy), where
+    its memory is found (else as :func:`pil_hwc`'s one-block copy). For the tile ops."""
+    if img.mode == "RGB" and img.info.get("transparency") is None:
+        img.load()
+        view = _rgb_view(img, runs=True)
+        if view is not None:
+            return view
+    return pil_hwc(img)
+
+
 def pil_hwc(img) -> torch.Tensor:
     """A PIL image as HF reads it (``convert_to_rgb``: alpha onto white, palettes expanded), as a
     uint8 ``[H, W, 3]`` tensor: a view of Pillow's memory for one-block RGB images, a view of a
     one-block copy for larger RGB ones, else a copy of its own."""
     if img.mode == "RGB" and img.info.get("transparency") is None:
         view = _rgb_view(img)
-        return view if view is not None else from_numpy(np.asarray(img))
+        if view is not None:
+            return view
+    COUNTS["copy"] += 1
+    if img.mode == "RGB" and img.info.get("transparency") is None:
+        return from_numpy(np.asarray(img))
     from transformers.image_transforms import convert_to_rgb
 
     # transformers < 5.2x has no return_numpy and returns a PIL image

@@ -28,7 +28,7 @@ from .plan import as_int, plan_rows, tile_pinpoints
 __all__ = ["anyres_tile"]
 
 OP = "anyres_tile"
-PLAN_COLS = 7  # resized_h, resized_w, pad_top, pad_left, rows, cols, first output tile
+PLAN_COLS = 8  # resized_h, resized_w, pad_top, pad_left, rows, cols, first output tile, parts
 MAX_TILE, MAX_SIDE, MAX_GRID = 65536, 1 << 24, 1 << 20  # as csrc/common/anyres_tile_args.h
 _CHANNELS = (1, 3, 4)
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8)  # uint8: raw tiles, not normalized
@@ -44,6 +44,29 @@ def from_numpy(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
+class RowRuns:
+    """One uint8 ``[H, W, C]`` image held as runs of consecutive rows, each an ``[h_i, W, C]`` view
+    (a PIL image that Pillow keeps in several memory blocks, read in place: ``pil.pil_view``). The
+    op takes the runs as consecutive ``images`` entries, the plan's ``parts`` column saying how many;
+    every backend reads them as the image they stack into (the C++ CPU tiler in place)."""
+
+    def __init__(self, runs):
+        self.runs = tuple(runs)
+        h = sum(r.shape[0] for r in self.runs)
+        self.shape = torch.Size((h, *self.runs[0].shape[1:]))
+        self.device, self.dtype = self.runs[0].device, self.runs[0].dtype
+
+    def to(self, device) -> "RowRuns":
+        return RowRuns([r.to(device) for r in self.runs])
+
+    def tensor(self) -> torch.Tensor:
+        """The image as one tensor (a copy)."""
+        return torch.cat(self.runs)
+
+    def __repr__(self) -> str:
+        return f"RowRuns({len(self.runs)} runs, shape={tuple(self.shape)})"
+
+
 def hwc_view(image, name: str = "image") -> torch.Tensor:
     """A uint8 image as an ``[H, W, C]`` view (no copy).
 
@@ -51,6 +74,8 @@ def hwc_view(image, name: str = "image") -> torch.Tensor:
     when its first dim is 1, 3 or 4 (HF's rule, also when both ends qualify), else channels-last
     when its last dim is 1, 3 or 4.
     """
+    if isinstance(image, RowRuns):
+        return image
     if isinstance(image, np.ndarray):
         image = from_numpy(image)
     if not isinstance(image, torch.Tensor):
@@ -72,7 +97,7 @@ def hwc_view(image, name: str = "image") -> torch.Tensor:
 
 def image_views(images) -> list[torch.Tensor]:
     """One image or a list of them -> ``[H, W, C]`` views (see :func:`hwc_view`)."""
-    if isinstance(images, (torch.Tensor, np.ndarray)):
+    if isinstance(images, (torch.Tensor, np.ndarray, RowRuns)):
         images = [images]
     if not isinstance(images, (list, tuple)):
         raise TypeError(f"images must be a list of uint8 tensors, got {type(images).__name__}")
@@ -104,7 +129,7 @@ def tile_views(
     pad_to_max: bool = False,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, list[int]]:
-    """Tiles of ``[H, W, C]`` views. With ``pad_to_max`` every image gets ``max(tiles)`` slots
+    """Tiles of ``[H, W, C]`` views (or :class:`RowRuns`). With ``pad_to_max`` every image gets ``max(tiles)`` slots
     (zero-filled past its own tiles), i.e. the output reshapes to HF's ``[B, max_tiles, 3, S, S]``."""
     tile = as_int(tile_size, "tile_size")
     if tile <= 0:
@@ -119,13 +144,15 @@ def tile_views(
     plans = plan_rows([tuple(v.shape[:2]) for v in views], grid_pinpoints, tile, backend)
     counts = [p[8] * p[9] + int(global_view) for p in plans]
     slot = max(counts, default=0) if pad_to_max else None
-    table, first = [], 0
-    for p, n in zip(plans, counts):
-        # columns: resized_h, resized_w, pad_top, pad_left, rows, cols, first output tile
-        table.append([p[2], p[3], p[5], p[4], p[8], p[9], first])
+    table, first, images = [], 0, []
+    for p, n, v in zip(plans, counts, views):
+        parts = v.runs if isinstance(v, RowRuns) else (v,)
+        images.extend(parts)
+        # columns: resized_h, resized_w, pad_top, pad_left, rows, cols, first output tile, parts
+        table.append([p[2], p[3], p[5], p[4], p[8], p[9], first, len(parts)])
         first += slot if pad_to_max else n
     plan = torch.tensor(table, dtype=torch.int64).reshape(-1, PLAN_COLS)
-    args = (list(views), plan, first, tile, mean, std, bool(global_view), out_dtype)
+    args = (images, plan, first, tile, mean, std, bool(global_view), out_dtype)
     out = library.op(OP).default(*args, backend)
     return out, counts
 
@@ -168,12 +195,13 @@ def anyres_tile(
 # ---- backends ------------------------------------------------------------------------------------
 
 
-def check_tile_args(images, plan, num_tiles, tile, mean, std, global_view, out_dtype, *, read_plan=True) -> None:
+def check_tile_args(images, plan, num_tiles, tile, mean, std, global_view, out_dtype, *, read_plan=True):
     """The Python backends' copy of ``csrc/common/anyres_tile_args.h``: the same checks in the same
     order, raising the same messages (tests/test_anyres_inputs.py holds them to it). ``read_plan``:
-    check the plan's values too (not under fake tensors, which have none)."""
-    n = len(images)
-    device = images[0].device if n else torch.device("cpu")
+    check the plan's values too (not under fake tensors, which have none). Returns, per image (plan
+    row), the range of its parts in ``images`` (None without ``read_plan``)."""
+    n_parts = len(images)
+    device = images[0].device if n_parts else torch.device("cpu")
     if not 1 <= tile <= MAX_TILE:
         raise ValueError(f"anyres_tile: tile_size must be in [1, {MAX_TILE}], got {tile}")
     if num_tiles < 0:
@@ -184,8 +212,8 @@ def check_tile_args(images, plan, num_tiles, tile, mean, std, global_view, out_d
         raise TypeError(f"anyres_tile: plan must be int64, got {plan.dtype}")
     if plan.device.type != "cpu":
         raise ValueError("anyres_tile: plan must be a CPU tensor (a host-side table)")
-    if tuple(plan.shape) != (n, PLAN_COLS):
-        raise ValueError(f"anyres_tile: plan must be [num_images={n}, {PLAN_COLS}], got {tuple(plan.shape)}")
+    if plan.dim() != 2 or plan.shape[1] != PLAN_COLS:
+        raise ValueError(f"anyres_tile: plan must be [num_images, {PLAN_COLS}], got {tuple(plan.shape)}")
     if not plan.is_contiguous():
         raise ValueError("anyres_tile: plan must be contiguous")
     if len(mean) != 3 or len(std) != 3:
@@ -193,16 +221,35 @@ def check_tile_args(images, plan, num_tiles, tile, mean, std, global_view, out_d
     for c in range(3):
         if std[c] == 0:
             raise ValueError(f"anyres_tile: std must be non-zero, got std[{c}] = 0")
-    rows = plan.tolist() if read_plan else None
-    spans = []
-    for i, im in enumerate(images):
-        _check_image(i, im, device)
-        if rows is not None:
-            _check_plan_row(i, rows[i], tile, num_tiles, global_view)
-            spans.append((rows[i][6], rows[i][6] + rows[i][4] * rows[i][5] + int(global_view)))
+    for j, im in enumerate(images):
+        _check_image(j, im, device)
+    if not read_plan:
+        return None
+    spans, ranges, j0 = [], [], 0
+    for i, row in enumerate(plan.tolist()):
+        parts = row[7]
+        if not 1 <= parts <= n_parts - j0:
+            raise ValueError(f"anyres_tile: plan[{i}]: its {parts} parts from images[{j0}] are not among the "
+                             f"{n_parts} images")
+        h = 0
+        for j in range(j0, j0 + parts):
+            if images[j].shape[1:] != images[j0].shape[1:]:
+                raise ValueError(f"anyres_tile: plan[{i}]: images[{j}] has shape {tuple(images[j].shape)} but "
+                                 f"images[{j0}] {tuple(images[j0].shape)}: the parts of an image must agree in "
+                                 "width and channels")
+            h += images[j].shape[0]
+        if h >= MAX_SIDE:
+            raise ValueError(f"anyres_tile: plan[{i}]: the image is too large: {h} rows")
+        ranges.append((j0, j0 + parts))
+        j0 += parts
+        _check_plan_row(i, row, tile, num_tiles, global_view)
+        spans.append((row[6], row[6] + row[4] * row[5] + int(global_view)))
+    if j0 != n_parts:
+        raise ValueError(f"anyres_tile: plan: its {len(ranges)} images hold {j0} parts, but images has {n_parts}")
     spans.sort()
     if any(b[0] < a[1] for a, b in zip(spans, spans[1:])):
         raise ValueError("anyres_tile: plan: the output tiles of two images overlap")
+    return ranges
 
 
 def _check_image(i: int, im: torch.Tensor, device: torch.device) -> None:
@@ -224,7 +271,7 @@ def _check_image(i: int, im: torch.Tensor, device: torch.device) -> None:
 
 
 def _check_plan_row(i: int, row: list[int], tile: int, num_tiles: int, global_view: bool) -> None:
-    rh, rw, pt, pl, rows, cols, first = row
+    rh, rw, pt, pl, rows, cols, first, _ = row
     if not (1 <= rows <= MAX_GRID and 1 <= cols <= MAX_GRID // rows):
         raise ValueError(f"anyres_tile: plan[{i}]: bad grid {rows}x{cols} (at most {MAX_GRID} tiles)")
     if not (1 <= rh < MAX_SIDE and 1 <= rw < MAX_SIDE):
@@ -239,17 +286,18 @@ def _check_plan_row(i: int, row: list[int], tile: int, num_tiles: int, global_vi
 
 def _alloc(images, plan: torch.Tensor, num_tiles: int, tile: int, global_view: bool, out_dtype) -> torch.Tensor:
     device = images[0].device if len(images) else torch.device("cpu")
-    covered = sum(r[4] * r[5] for r in plan.tolist()) + len(images) * int(global_view)
+    covered = sum(r[4] * r[5] for r in plan.tolist()) + plan.shape[0] * int(global_view)
     make = torch.empty if covered == num_tiles else torch.zeros  # slots no image writes stay zero
     return make(num_tiles, 3, tile, tile, dtype=out_dtype, device=device)
 
 
 def _tile_reference(images, plan, num_tiles, tile, mean, std, global_view, out_dtype):
-    check_tile_args(images, plan, num_tiles, tile, mean, std, global_view, out_dtype)
+    ranges = check_tile_args(images, plan, num_tiles, tile, mean, std, global_view, out_dtype)
     out = _alloc(images, plan, num_tiles, tile, global_view, out_dtype)
-    for i, (im, row) in enumerate(zip(images, plan.tolist())):
-        rh, rw, top, left, rows, cols, first = row
+    for i, ((j0, j1), row) in enumerate(zip(ranges, plan.tolist())):
+        rh, rw, top, left, rows, cols, first, _ = row
         n = rows * cols + int(global_view)
+        im = images[j0] if j1 - j0 == 1 else torch.cat(images[j0:j1])  # row runs: the image they stack into
         rgb = image_to_rgb_chw(im.permute(2, 0, 1), name=f"images[{i}]")
         tiles = tiles_from_plan(rgb, (rh, rw), (top, left), (rows, cols), tile, global_view)
         out[first:first + n] = torch.stack([normalize_u8(t, mean, std, out_dtype) for t in tiles])

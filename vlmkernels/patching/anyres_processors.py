@@ -10,8 +10,8 @@ from the PIL backend by 1-2 uint8 steps. The resize follows Pillow >= 13, which 
 pass first when the height shrinks much more than the width (python-pillow/Pillow#9549); with an
 older Pillow installed the PIL backend can differ from the fast path on those images.
 
-Inputs: PIL images (HWC by construction, never inferred; RGB read in place where Pillow keeps it in
-one block, other modes converted with HF's ``convert_to_rgb``: alpha composited onto white; see
+Inputs: PIL images (HWC by construction, never inferred; RGB read in place, also where Pillow keeps
+it in several blocks, other modes converted with HF's ``convert_to_rgb``: alpha composited onto white; see
 ``vlmkernels/anyres/pil.py``), uint8 numpy arrays or torch tensors laid out by HF's rule (``[H, W]``
 grayscale; channels first when the first dim is 1, 3 or 4, else last; ``input_data_format``
 overrides; grayscale replicated, RGBA composited onto white as HF's numpy path does), on CPU or
@@ -36,7 +36,7 @@ import warnings
 import numpy as np
 import torch
 
-from ..anyres.pil import is_pil, pil_hwc
+from ..anyres.pil import is_pil, pil_view
 from ..anyres.tile import _per_channel, from_numpy, hwc_view, tile_views
 from .core import PatchRule, SkipPatch, register_rule
 
@@ -165,7 +165,7 @@ def _flatten(images, onevision: bool) -> tuple[list, list[int]]:
 
 def _to_view(image, idf: str | None, index: int) -> torch.Tensor:
     if is_pil(image):  # HWC by construction: its layout is never inferred
-        return pil_hwc(image)
+        return pil_view(image)
     if image.dtype not in (np.uint8, torch.uint8):
         raise _Fallback(f"images[{index}] is {image.dtype}, not uint8")
     if isinstance(image, np.ndarray):

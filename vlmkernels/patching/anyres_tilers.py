@@ -24,7 +24,7 @@ import torch
 from python_ref.ops.anyres import anyres_plan
 
 from .. import library
-from ..anyres.tile import OP, PLAN_COLS, _per_channel, hwc_view
+from ..anyres.tile import OP, PLAN_COLS, RowRuns, _per_channel, hwc_view
 from .core import PatchRule, SkipPatch, register_rule, require_backend
 
 FAMILY = "anyres"
@@ -44,10 +44,11 @@ def _tiles(images, canvases, tile: int, mean, std, global_view: bool, backend: s
     rows, slot_views = [], []
     for b, (v, image_plans) in enumerate(zip(views, plans)):
         first = b * per_image
+        parts = v.runs if isinstance(v, RowRuns) else (v,)
         for p in image_plans:
             left, top, _, _ = p.padding
-            rows.append([p.resized_hw[0], p.resized_hw[1], top, left, p.grid[0], p.grid[1], first])
-            slot_views.append(v)
+            rows.append([p.resized_hw[0], p.resized_hw[1], top, left, p.grid[0], p.grid[1], first, len(parts)])
+            slot_views.extend(parts)
             first += p.grid[0] * p.grid[1] + int(global_view)
     table = torch.tensor(rows, dtype=torch.int64).reshape(-1, PLAN_COLS)
     out = library.op(OP)(slot_views, table, len(views) * per_image, tile, _per_channel(mean, "mean"),
