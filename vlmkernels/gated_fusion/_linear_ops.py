@@ -7,6 +7,7 @@ under ``torch.compile``) called by the functional API, every backend and the fak
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable, Sequence
 
 import torch
@@ -81,29 +82,83 @@ def check_devices(op: str, named: dict) -> None:
         raise ValueError(f"{op}: all tensors must be on one device, got {devices}")
 
 
-def register_op(op: str, *, reference: Callable, triton: Callable | None, fake: Callable,
-                backward_reference: Callable, backward_fake: Callable,
-                setup_context: Callable, backward: Callable, backward_triton: Callable | None = None) -> None:
+def lazy(spec: str, *tail) -> Callable:
+    """The function ``"package.module:name"``, imported on its first call (so ``import vlmkernels``
+    imports neither python_ref nor Triton), called with the caller's arguments followed by ``tail``."""
+    module, _, name = spec.partition(":")
+    fn = None
+
+    def run(*args):
+        nonlocal fn
+        if fn is None:
+            fn = getattr(importlib.import_module(module), name)
+        return fn(*args, *tail)
+
+    run.__name__ = name
+    return run
+
+
+def _checked(check: Callable, fn, skip: int = 0) -> Callable:
+    """``fn`` (a callable or a :func:`lazy` spec) after ``check`` on its arguments past the first ``skip``
+    (a backward op's ``grad``, ...)."""
+    fn = lazy(fn) if isinstance(fn, str) else fn
+
+    def run(*args):
+        check(*args[skip:])
+        return fn(*args)
+
+    run.__name__ = getattr(fn, "__name__", "run")
+    return run
+
+
+def _op_args(name: str) -> Callable:
+    """``(args, kwargs)`` of a call to op ``name`` -> every argument but the trailing ``backend``, in schema
+    order: a fake may be called with the trailing defaults dropped (read once from the schema)."""
+    schema_args = library.op(name).default._schema.arguments[:-1]
+    names = [a.name for a in schema_args]
+    defaults = [library._default(a) for a in schema_args]
+
+    def bind(args, kwargs):
+        args = tuple(args[:len(names)])
+        return args + tuple(kwargs.get(n, d) for n, d in zip(names[len(args):], defaults[len(args):]))
+
+    return bind
+
+
+def register_op(op: str, *, check: Callable, reference, triton, out_shape: Callable,
+                backward_reference, backward_fake: Callable, setup_context: Callable, backward: Callable,
+                backward_triton=None) -> None:
     """``op`` (reference + triton backends, triton preferred on CUDA) and ``op_backward`` (the reference
     formula; a triton backend where fusing its elementwise part into a GEMM epilogue saves passes, the
-    GEMMs themselves with torch matmuls), their fakes, and autograd through the backward op."""
+    GEMMs themselves with torch matmuls), their fakes, and autograd through the backward op.
+
+    Backends are callables or :func:`lazy` specs (``"python_ref.ops.linear_epilogue:mlp_projector"``)
+    taking the op's arguments without ``backend`` (the backward's with ``grad`` first); each runs after
+    ``check`` (the one the functional API calls) on the forward's arguments, and the reference ones without autograd. The fake runs
+    ``check`` and returns an empty ``out_shape(*args)`` like the first tensor argument; ``backward_fake``
+    gets the backward op's arguments without ``backend``."""
     bwd = f"{op}_backward"
-    registry.register(op, "reference", reference, devices=("cpu", "cuda"))
-    if triton is not None:
-        registry.register(op, "triton", triton, devices=("cuda", "cpu"))
-        registry.set_preference(op, "cuda", ("triton", "reference"))
-    else:
-        registry.set_preference(op, "cuda", ("reference",))
-    registry.set_preference(op, "cpu", ("reference",))
+    # the backward's leading arguments (grad, the forward's output) are not checked
+    lead = len(library.op(bwd).default._schema.arguments) - len(library.op(op).default._schema.arguments)
+    for name, ref, tri, skip in ((op, reference, triton, 0), (bwd, backward_reference, backward_triton, lead)):
+        registry.register(name, "reference", no_grad(_checked(check, ref, skip)), devices=("cpu", "cuda"))
+        if tri is not None:
+            registry.register(name, "triton", _checked(check, tri, skip), devices=("cuda", "cpu"))
+        registry.set_preference(name, "cuda", ("triton", "reference") if tri is not None else ("reference",))
+        registry.set_preference(name, "cpu", ("reference",))
+    fwd_args, bwd_args = _op_args(op), _op_args(bwd)
+
+    def fake(*args, **kwargs):
+        args = fwd_args(args, kwargs)
+        check(*args)
+        first = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
+        return first.new_empty(out_shape(*args))
+
+    def fake_backward(*args, **kwargs):
+        return backward_fake(*bwd_args(args, kwargs))
+
     library.register_fake(op)(fake)
-    registry.register(bwd, "reference", backward_reference, devices=("cpu", "cuda"))
-    if backward_triton is not None:
-        registry.register(bwd, "triton", backward_triton, devices=("cuda", "cpu"))
-        registry.set_preference(bwd, "cuda", ("triton", "reference"))
-    else:
-        registry.set_preference(bwd, "cuda", ("reference",))
-    registry.set_preference(bwd, "cpu", ("reference",))
-    library.register_fake(bwd)(backward_fake)
+    library.register_fake(bwd)(fake_backward)
     library.register_autograd(op, backward, setup_context)
 
 

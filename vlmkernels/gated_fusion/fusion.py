@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .. import library
-from ._linear_ops import check_devices, check_list, check_tensor, check_vector, grads_for, no_grad, register_op
+from ._linear_ops import check_devices, check_list, check_tensor, check_vector, grads_for, lazy, register_op
 
 __all__ = ["gated_fusion", "expert_mix"]
 
@@ -67,40 +67,7 @@ def gated_fusion(a, b, weight, bias, *, mix_a=None, mix_b=None, backend: str = "
     return library.op(GATE)(a, b, weight, bias, mix_a, mix_b, backend)
 
 
-def _gate_reference(a, b, weight, bias, mix_a, mix_b):
-    from python_ref.ops.fusion_gates import gated_fusion as ref
-
-    _check_gate(a, b, weight, bias, mix_a, mix_b)
-    return ref(a, b, weight, bias, mix_a, mix_b)
-
-
-def _gate_triton(a, b, weight, bias, mix_a, mix_b):
-    from ..triton import linear_epilogue as kernel
-
-    _check_gate(a, b, weight, bias, mix_a, mix_b)
-    return kernel.gated_fusion(a, b, weight, bias, mix_a, mix_b)
-
-
-def _gate_fake(a, b, weight, bias, mix_a=None, mix_b=None, backend="auto"):
-    _check_gate(a, b, weight, bias, mix_a, mix_b)
-    return a.new_empty((*a.shape[:-1], weight.shape[0]))
-
-
-def _gate_backward_reference(grad, a, b, weight, bias, mix_a, mix_b):
-    from python_ref.ops.fusion_gates import gated_fusion_backward as ref
-
-    _check_gate(a, b, weight, bias, mix_a, mix_b)
-    return ref(grad, a, b, weight, bias, mix_a, mix_b)
-
-
-def _gate_backward_triton(grad, a, b, weight, bias, mix_a, mix_b):
-    from ..triton import linear_epilogue as kernel
-
-    _check_gate(a, b, weight, bias, mix_a, mix_b)
-    return kernel.gated_fusion_backward(grad, a, b, weight, bias, mix_a, mix_b)
-
-
-def _gate_backward_fake(grad, a, b, weight, bias, mix_a=None, mix_b=None, backend="auto"):
+def _gate_backward_fake(grad, a, b, weight, bias, mix_a, mix_b):
     out_shape = (*a.shape[:-1], weight.shape[0])
     return (torch.empty_like(a), torch.empty_like(b), torch.empty_like(weight), weight.new_empty(weight.shape[0]),
             a.new_empty(out_shape), a.new_empty(out_shape))
@@ -117,9 +84,12 @@ def _gate_backward(ctx, grad):
     return grads_for(ctx, grads, 7)
 
 
-register_op(GATE, reference=no_grad(_gate_reference), triton=_gate_triton, fake=_gate_fake,
-            backward_reference=no_grad(_gate_backward_reference), backward_fake=_gate_backward_fake,
-            setup_context=_gate_setup, backward=_gate_backward, backward_triton=_gate_backward_triton)
+register_op(GATE, check=_check_gate, reference="python_ref.ops.fusion_gates:gated_fusion",
+            triton="vlmkernels.triton.linear_epilogue:gated_fusion",
+            out_shape=lambda a, b, weight, *_: (*a.shape[:-1], weight.shape[0]),
+            backward_reference="python_ref.ops.fusion_gates:gated_fusion_backward",
+            backward_triton="vlmkernels.triton.linear_epilogue:gated_fusion_backward",
+            backward_fake=_gate_backward_fake, setup_context=_gate_setup, backward=_gate_backward)
 
 
 # ---- expert_mix ----------------------------------------------------------------------------------
@@ -164,42 +134,15 @@ def expert_mix(features, gate, weights, biases=None, *, backend: str = "auto"):
     return library.op(MIX)(list(features), gate, list(weights), None if biases is None else list(biases), backend)
 
 
-def _mix_reference(features, gate, weights, biases):
-    from python_ref.ops.fusion_gates import expert_mix as ref
-
-    _check_mix(features, gate, weights, biases)
-    return ref(features, gate, weights, biases)
-
-
-def _mix_triton(features, gate, weights, biases):
-    from ..triton import linear_epilogue as kernel
-
-    _check_mix(features, gate, weights, biases)
-    return kernel.expert_mix(features, gate, weights, biases)
-
-
-def _mix_fake(features, gate, weights, biases=None, backend="auto"):
-    _check_mix(features, gate, weights, biases)
-    B, T = features[0].shape[:2]
-    return features[0].new_empty((B, T, weights[0].shape[0]))
+_mix_backward_ref = lazy("python_ref.ops.fusion_gates:expert_mix_backward")
 
 
 def _mix_backward_reference(grad, features, gate, weights, biases):
-    from python_ref.ops.fusion_gates import expert_mix_backward as ref
-
-    _check_mix(features, gate, weights, biases)
-    d_feats, d_gate, d_weights, d_biases = ref(grad, features, gate, weights, biases)
+    d_feats, d_gate, d_weights, d_biases = _mix_backward_ref(grad, features, gate, weights, biases)
     return d_feats, d_gate, d_weights, d_biases if biases is not None else []
 
 
-def _mix_backward_triton(grad, features, gate, weights, biases):
-    from ..triton import linear_epilogue as kernel
-
-    _check_mix(features, gate, weights, biases)
-    return kernel.expert_mix_backward(grad, features, gate, weights, biases)
-
-
-def _mix_backward_fake(grad, features, gate, weights, biases=None, backend="auto"):
+def _mix_backward_fake(grad, features, gate, weights, biases):
     d_biases = [] if biases is None else [torch.empty_like(b) for b in biases]
     return [torch.empty_like(x) for x in features], torch.empty_like(gate), [torch.empty_like(w) for w in weights], \
         d_biases
@@ -223,6 +166,9 @@ def _mix_backward(ctx, grad):
             d_biases if ctx.has_bias and need[3] else None, None)
 
 
-register_op(MIX, reference=no_grad(_mix_reference), triton=_mix_triton, fake=_mix_fake,
-            backward_reference=no_grad(_mix_backward_reference), backward_fake=_mix_backward_fake,
-            setup_context=_mix_setup, backward=_mix_backward, backward_triton=_mix_backward_triton)
+register_op(MIX, check=_check_mix, reference="python_ref.ops.fusion_gates:expert_mix",
+            triton="vlmkernels.triton.linear_epilogue:expert_mix",
+            out_shape=lambda features, gate, weights, biases: (*features[0].shape[:2], weights[0].shape[0]),
+            backward_reference=_mix_backward_reference,
+            backward_triton="vlmkernels.triton.linear_epilogue:expert_mix_backward",
+            backward_fake=_mix_backward_fake, setup_context=_mix_setup, backward=_mix_backward)

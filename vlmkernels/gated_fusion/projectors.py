@@ -23,7 +23,7 @@ import torch
 
 from .. import library
 from ._linear_ops import (check_activation, check_devices, check_linear, check_list, check_tensor, check_vector,
-                          grads_for, no_grad, register_op)
+                          grads_for, lazy, register_op)
 
 __all__ = ["concat_linear", "split_linear", "mlp_projector"]
 
@@ -61,40 +61,7 @@ def concat_linear(features, weight, bias, activation: str = "none", *, backend: 
     return library.op(CONCAT)(list(features), weight, bias, activation, backend)
 
 
-def _concat_reference(features, weight, bias, activation):
-    from python_ref.ops.linear_epilogue import concat_linear as ref
-
-    _check_concat(features, weight, bias, activation)
-    return ref(features, weight, bias, activation)
-
-
-def _concat_triton(features, weight, bias, activation):
-    from ..triton import linear_epilogue as kernel
-
-    _check_concat(features, weight, bias, activation)
-    return kernel.concat_linear(features, weight, bias, activation)
-
-
-def _concat_fake(features, weight, bias, activation="none", backend="auto"):
-    _check_concat(features, weight, bias, activation)
-    return features[0].new_empty((*features[0].shape[:-1], weight.shape[0]))
-
-
-def _concat_backward_reference(grad, features, weight, bias, activation):
-    from python_ref.ops.linear_epilogue import concat_linear_backward as ref
-
-    _check_concat(features, weight, bias, activation)
-    return ref(grad, features, weight, bias, activation)
-
-
-def _concat_backward_triton(grad, features, weight, bias, activation):
-    from ..triton import linear_epilogue as kernel
-
-    _check_concat(features, weight, bias, activation)
-    return kernel.concat_linear_backward(grad, features, weight, bias, activation)
-
-
-def _concat_backward_fake(grad, features, weight, bias, activation="none", backend="auto"):
+def _concat_backward_fake(grad, features, weight, bias, activation):
     return [torch.empty_like(x) for x in features], torch.empty_like(weight), weight.new_empty(weight.shape[0])
 
 
@@ -110,10 +77,12 @@ def _concat_backward(ctx, grad):
     return grads_for(ctx, grads, 5)
 
 
-register_op(CONCAT, reference=no_grad(_concat_reference), triton=_concat_triton, fake=_concat_fake,
-            backward_reference=no_grad(_concat_backward_reference), backward_fake=_concat_backward_fake,
-            setup_context=_concat_setup, backward=_concat_backward,
-            backward_triton=_concat_backward_triton)
+register_op(CONCAT, check=_check_concat, reference="python_ref.ops.linear_epilogue:concat_linear",
+            triton="vlmkernels.triton.linear_epilogue:concat_linear",
+            out_shape=lambda features, weight, *_: (*features[0].shape[:-1], weight.shape[0]),
+            backward_reference="python_ref.ops.linear_epilogue:concat_linear_backward",
+            backward_triton="vlmkernels.triton.linear_epilogue:concat_linear_backward",
+            backward_fake=_concat_backward_fake, setup_context=_concat_setup, backward=_concat_backward)
 
 
 # ---- split_linear --------------------------------------------------------------------------------
@@ -145,7 +114,7 @@ def _check_split(features, weights, biases, activation, layout) -> None:
     check_devices(op, dict(features=features, weights=weights, biases=biases))
 
 
-def _split_out_shape(features, weights, layout):
+def _split_out_shape(features, weights, biases, activation, layout):
     lead = tuple(features[0].shape[:-1])
     if layout == "channel_concat":
         return (*lead, sum(w.shape[0] for w in weights))
@@ -162,42 +131,15 @@ def split_linear(features, weights, biases, activation: str = "none", layout: st
                              layout, backend)
 
 
-def _split_reference(features, weights, biases, activation, layout):
-    from python_ref.ops.linear_epilogue import split_linear as ref
-
-    _check_split(features, weights, biases, activation, layout)
-    return ref(features, weights, biases, activation, layout)
-
-
-def _split_triton(features, weights, biases, activation, layout):
-    from ..triton import linear_epilogue as kernel
-
-    _check_split(features, weights, biases, activation, layout)
-    return kernel.split_linear(features, weights, biases, activation, layout)
-
-
-def _split_fake(features, weights, biases=None, activation="none", layout="channel_concat", backend="auto"):
-    _check_split(features, weights, biases, activation, layout)
-    return features[0].new_empty(_split_out_shape(features, weights, layout))
+_split_backward_ref = lazy("python_ref.ops.linear_epilogue:split_linear_backward")
 
 
 def _split_backward_reference(grad, features, weights, biases, activation, layout):
-    from python_ref.ops.linear_epilogue import split_linear_backward as ref
-
-    _check_split(features, weights, biases, activation, layout)
-    d_feats, d_weights, d_biases = ref(grad, features, weights, biases, activation, layout)
+    d_feats, d_weights, d_biases = _split_backward_ref(grad, features, weights, biases, activation, layout)
     return d_feats, d_weights, d_biases if biases is not None else []
 
 
-def _split_backward_triton(grad, features, weights, biases, activation, layout):
-    from ..triton import linear_epilogue as kernel
-
-    _check_split(features, weights, biases, activation, layout)
-    return kernel.split_linear_backward(grad, features, weights, biases, activation, layout)
-
-
-def _split_backward_fake(grad, features, weights, biases=None, activation="none", layout="channel_concat",
-                         backend="auto"):
+def _split_backward_fake(grad, features, weights, biases, activation, layout):
     d_biases = [] if biases is None else [torch.empty_like(b) for b in biases]
     return [torch.empty_like(x) for x in features], [torch.empty_like(w) for w in weights], d_biases
 
@@ -219,10 +161,12 @@ def _split_backward(ctx, grad):
             d_biases if ctx.has_bias and need[2] else None, None, None, None)
 
 
-register_op(SPLIT, reference=no_grad(_split_reference), triton=_split_triton, fake=_split_fake,
-            backward_reference=no_grad(_split_backward_reference), backward_fake=_split_backward_fake,
-            setup_context=_split_setup, backward=_split_backward,
-            backward_triton=_split_backward_triton)
+register_op(SPLIT, check=_check_split, reference="python_ref.ops.linear_epilogue:split_linear",
+            triton="vlmkernels.triton.linear_epilogue:split_linear",
+            out_shape=_split_out_shape,
+            backward_reference=_split_backward_reference,
+            backward_triton="vlmkernels.triton.linear_epilogue:split_linear_backward",
+            backward_fake=_split_backward_fake, setup_context=_split_setup, backward=_split_backward)
 
 
 # ---- mlp_projector -------------------------------------------------------------------------------
@@ -245,40 +189,7 @@ def mlp_projector(x, w1, b1, w2, b2, activation: str = "gelu", *, backend: str =
     return library.op(MLP)(x, w1, b1, w2, b2, activation, backend)
 
 
-def _mlp_reference(x, w1, b1, w2, b2, activation):
-    from python_ref.ops.linear_epilogue import mlp_projector as ref
-
-    _check_mlp(x, w1, b1, w2, b2, activation)
-    return ref(x, w1, b1, w2, b2, activation)
-
-
-def _mlp_triton(x, w1, b1, w2, b2, activation):
-    from ..triton import linear_epilogue as kernel
-
-    _check_mlp(x, w1, b1, w2, b2, activation)
-    return kernel.mlp_projector(x, w1, b1, w2, b2, activation)
-
-
-def _mlp_fake(x, w1, b1, w2, b2, activation="gelu", backend="auto"):
-    _check_mlp(x, w1, b1, w2, b2, activation)
-    return x.new_empty((*x.shape[:-1], w2.shape[0]))
-
-
-def _mlp_backward_reference(grad, x, w1, b1, w2, b2, activation):
-    from python_ref.ops.linear_epilogue import mlp_projector_backward as ref
-
-    _check_mlp(x, w1, b1, w2, b2, activation)
-    return ref(grad, x, w1, b1, w2, b2, activation)
-
-
-def _mlp_backward_triton(grad, x, w1, b1, w2, b2, activation):
-    from ..triton import linear_epilogue as kernel
-
-    _check_mlp(x, w1, b1, w2, b2, activation)
-    return kernel.mlp_projector_backward(grad, x, w1, b1, w2, b2, activation)
-
-
-def _mlp_backward_fake(grad, x, w1, b1, w2, b2, activation="gelu", backend="auto"):
+def _mlp_backward_fake(grad, x, w1, b1, w2, b2, activation):
     return (torch.empty_like(x), torch.empty_like(w1), w1.new_empty(w1.shape[0]), torch.empty_like(w2),
             w2.new_empty(w2.shape[0]))
 
@@ -295,7 +206,9 @@ def _mlp_backward(ctx, grad):
     return grads_for(ctx, grads, 7)
 
 
-register_op(MLP, reference=no_grad(_mlp_reference), triton=_mlp_triton, fake=_mlp_fake,
-            backward_reference=no_grad(_mlp_backward_reference), backward_fake=_mlp_backward_fake,
-            setup_context=_mlp_setup, backward=_mlp_backward,
-            backward_triton=_mlp_backward_triton)
+register_op(MLP, check=_check_mlp, reference="python_ref.ops.linear_epilogue:mlp_projector",
+            triton="vlmkernels.triton.linear_epilogue:mlp_projector",
+            out_shape=lambda x, w1, b1, w2, *_: (*x.shape[:-1], w2.shape[0]),
+            backward_reference="python_ref.ops.linear_epilogue:mlp_projector_backward",
+            backward_triton="vlmkernels.triton.linear_epilogue:mlp_projector_backward",
+            backward_fake=_mlp_backward_fake, setup_context=_mlp_setup, backward=_mlp_backward)

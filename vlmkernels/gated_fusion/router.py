@@ -24,7 +24,7 @@ import torch
 
 from .. import library
 from ..moe.route import route_backward_math
-from ._linear_ops import check_activation, check_devices, check_linear, check_tensor, grads_for, no_grad, register_op
+from ._linear_ops import check_activation, check_devices, check_linear, check_tensor, grads_for, register_op
 
 __all__ = ["vision_router"]
 
@@ -88,24 +88,11 @@ def _route(logits, top_k, image_type, out_dtype):
     return weights.to(out_dtype)
 
 
-def _reference(pooled, w1, b1, w2, b2, top_k, activation, image_type):
-    from python_ref.ops.fusion_gates import vision_router as ref
-
-    _check(pooled, w1, b1, w2, b2, top_k, activation, image_type)
-    return ref(pooled, w1, b1, w2, b2, top_k, activation, image_type)
-
-
 def _triton(pooled, w1, b1, w2, b2, top_k, activation, image_type):
     from ..triton import linear_epilogue as kernel
 
-    _check(pooled, w1, b1, w2, b2, top_k, activation, image_type)
     logits = kernel.mlp_projector(pooled, w1, b1, w2, b2, activation)
     return _route(logits, top_k, image_type, pooled.dtype)
-
-
-def _fake(pooled, w1, b1, w2, b2, top_k=None, activation="gelu", image_type=None, backend="auto"):
-    _check(pooled, w1, b1, w2, b2, top_k, activation, image_type)
-    return pooled.new_empty((pooled.shape[0], w2.shape[0]))
 
 
 def _backward_reference(grad, gate, pooled, w1, b1, w2, b2, top_k, activation, image_type):
@@ -114,7 +101,6 @@ def _backward_reference(grad, gate, pooled, w1, b1, w2, b2, top_k, activation, i
     from python_ref.ops.fusion_gates import router_logits
     from python_ref.ops.linear_epilogue import mlp_projector_backward
 
-    _check(pooled, w1, b1, w2, b2, top_k, activation, image_type)
     logits = router_logits(pooled, w1, b1, w2, b2, activation)
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     g = grad.to(acc)
@@ -129,7 +115,7 @@ def _backward_reference(grad, gate, pooled, w1, b1, w2, b2, top_k, activation, i
     return mlp_projector_backward(d_logits, pooled, w1, b1, w2, b2, activation)
 
 
-def _backward_fake(grad, gate, pooled, w1, b1, w2, b2, top_k=None, activation="gelu", image_type=None, backend="auto"):
+def _backward_fake(grad, gate, pooled, w1, b1, w2, b2, top_k, activation, image_type):
     return (torch.empty_like(pooled), torch.empty_like(w1), w1.new_empty(w1.shape[0]), torch.empty_like(w2),
             w2.new_empty(w2.shape[0]))
 
@@ -147,6 +133,7 @@ def _backward(ctx, grad):
     return grads_for(ctx, grads, 9)
 
 
-register_op(OP, reference=no_grad(_reference), triton=_triton, fake=_fake,
-            backward_reference=no_grad(_backward_reference), backward_fake=_backward_fake,
-            setup_context=_setup, backward=_backward)
+register_op(OP, check=_check, reference="python_ref.ops.fusion_gates:vision_router", triton=_triton,
+            out_shape=lambda pooled, w1, b1, w2, *_: (pooled.shape[0], w2.shape[0]),
+            backward_reference=_backward_reference, backward_fake=_backward_fake, setup_context=_setup,
+            backward=_backward)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 
 from .. import library
-from ..gated_fusion._linear_ops import check_devices, check_linear, check_tensor, check_vector, grads_for, no_grad
-from ..gated_fusion._linear_ops import register_op
+from ..gated_fusion._linear_ops import (check_devices, check_linear, check_tensor, check_vector, grads_for, lazy,
+                                       register_op)
 
 __all__ = ["linear_residual_layernorm", "linear_gelu"]
 
@@ -72,43 +72,7 @@ def linear_residual_layernorm(x, weight, bias, residual, ln_weight, ln_bias, eps
                             backend)
 
 
-def _lrln_reference(x, weight, bias, residual, ln_weight, ln_bias, eps, keep_mask, dropout_p):
-    from python_ref.ops.linear_epilogue import linear_residual_layernorm as ref
-
-    _check_lrln(x, weight, bias, residual, ln_weight, ln_bias, eps, keep_mask, dropout_p)
-    return ref(x, weight, bias, residual, ln_weight, ln_bias, eps, keep_mask, dropout_p)
-
-
-def _lrln_triton(x, weight, bias, residual, ln_weight, ln_bias, eps, keep_mask, dropout_p):
-    from ..triton import linear_epilogue as kernel
-
-    _check_lrln(x, weight, bias, residual, ln_weight, ln_bias, eps, keep_mask, dropout_p)
-    return kernel.linear_residual_layernorm(x, weight, bias, residual, ln_weight, ln_bias, eps, keep_mask,
-                                            dropout_p)
-
-
-def _lrln_fake(x, weight, bias, residual, ln_weight, ln_bias, eps, keep_mask=None, dropout_p=0.0, backend="auto"):
-    _check_lrln(x, weight, bias, residual, ln_weight, ln_bias, eps, keep_mask, dropout_p)
-    return residual.new_empty(residual.shape)
-
-
-def _lrln_backward_reference(grad, x, weight, bias, residual, ln_weight, ln_bias, eps, keep_mask, dropout_p):
-    from python_ref.ops.linear_epilogue import linear_residual_layernorm_backward as ref
-
-    _check_lrln(x, weight, bias, residual, ln_weight, ln_bias, eps, keep_mask, dropout_p)
-    return ref(grad, x, weight, bias, residual, ln_weight, ln_bias, eps, keep_mask, dropout_p)
-
-
-def _lrln_backward_triton(grad, x, weight, bias, residual, ln_weight, ln_bias, eps, keep_mask, dropout_p):
-    from ..triton import linear_epilogue as kernel
-
-    _check_lrln(x, weight, bias, residual, ln_weight, ln_bias, eps, keep_mask, dropout_p)
-    return kernel.linear_residual_layernorm_backward(grad, x, weight, bias, residual, ln_weight, ln_bias, eps,
-                                                     keep_mask, dropout_p)
-
-
-def _lrln_backward_fake(grad, x, weight, bias, residual, ln_weight, ln_bias, eps, keep_mask=None, dropout_p=0.0,
-                        backend="auto"):
+def _lrln_backward_fake(grad, x, weight, bias, residual, ln_weight, ln_bias, eps, keep_mask, dropout_p):
     n = weight.shape[0]
     return (torch.empty_like(x), torch.empty_like(weight), weight.new_empty(n), torch.empty_like(residual),
             weight.new_empty(n), weight.new_empty(n))
@@ -128,9 +92,12 @@ def _lrln_backward(ctx, grad):
     return grads_for(ctx, (dx, dw, db, dres, dlnw, dlnb), 10)
 
 
-register_op(LRLN, reference=no_grad(_lrln_reference), triton=_lrln_triton, fake=_lrln_fake,
-            backward_reference=no_grad(_lrln_backward_reference), backward_fake=_lrln_backward_fake,
-            setup_context=_lrln_setup, backward=_lrln_backward, backward_triton=_lrln_backward_triton)
+register_op(LRLN, check=_check_lrln, reference="python_ref.ops.linear_epilogue:linear_residual_layernorm",
+            triton="vlmkernels.triton.linear_epilogue:linear_residual_layernorm",
+            out_shape=lambda x, weight, bias, residual, *_: residual.shape,
+            backward_reference="python_ref.ops.linear_epilogue:linear_residual_layernorm_backward",
+            backward_triton="vlmkernels.triton.linear_epilogue:linear_residual_layernorm_backward",
+            backward_fake=_lrln_backward_fake, setup_context=_lrln_setup, backward=_lrln_backward)
 
 
 # ---- linear_gelu -------------------------------------------------------------------------------
@@ -147,40 +114,7 @@ def linear_gelu(x, weight, bias, *, backend: str = "auto"):
     return library.op(GELU)(x, weight, bias, backend)
 
 
-def _gelu_reference(x, weight, bias):
-    from python_ref.ops.linear_epilogue import linear_gelu as ref
-
-    _check_gelu(x, weight, bias)
-    return ref(x, weight, bias)
-
-
-def _gelu_triton(x, weight, bias):
-    from ..triton import linear_epilogue as kernel
-
-    _check_gelu(x, weight, bias)
-    return kernel.linear_activation(x, weight, bias, "gelu")
-
-
-def _gelu_fake(x, weight, bias, backend="auto"):
-    _check_gelu(x, weight, bias)
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-def _gelu_backward_reference(grad, x, weight, bias):
-    from python_ref.ops.linear_epilogue import linear_activation_backward as ref
-
-    _check_gelu(x, weight, bias)
-    return ref(grad, x, weight, bias, "gelu")
-
-
-def _gelu_backward_triton(grad, x, weight, bias):
-    from ..triton import linear_epilogue as kernel
-
-    _check_gelu(x, weight, bias)
-    return kernel.linear_activation_backward(grad, x, weight, bias, "gelu")
-
-
-def _gelu_backward_fake(grad, x, weight, bias, backend="auto"):
+def _gelu_backward_fake(grad, x, weight, bias):
     return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0])
 
 
@@ -195,6 +129,9 @@ def _gelu_backward(ctx, grad):
     return grads_for(ctx, grads, 4)
 
 
-register_op(GELU, reference=no_grad(_gelu_reference), triton=_gelu_triton, fake=_gelu_fake,
-            backward_reference=no_grad(_gelu_backward_reference), backward_fake=_gelu_backward_fake,
-            setup_context=_gelu_setup, backward=_gelu_backward, backward_triton=_gelu_backward_triton)
+register_op(GELU, check=_check_gelu, reference="python_ref.ops.linear_epilogue:linear_gelu",
+            triton=lazy("vlmkernels.triton.linear_epilogue:linear_activation", "gelu"),
+            out_shape=lambda x, weight, bias: (*x.shape[:-1], weight.shape[0]),
+            backward_reference=lazy("python_ref.ops.linear_epilogue:linear_activation_backward", "gelu"),
+            backward_triton=lazy("vlmkernels.triton.linear_epilogue:linear_activation_backward", "gelu"),
+            backward_fake=_gelu_backward_fake, setup_context=_gelu_setup, backward=_gelu_backward)
