@@ -69,6 +69,17 @@ def check_list(op: str, name: str, items, n: int | None = None) -> None:
         raise ValueError(f"{op}: at most {MAX_SEGMENTS} entries in {name}, got {len(items)}")
 
 
+def check_groups(op: str, features, weights, biases) -> int:
+    """``features``, ``weights`` (one per feature tensor) and ``biases`` (likewise, or None) are lists;
+    returns their length."""
+    check_list(op, "features", features)
+    n = len(features)
+    check_list(op, "weights", weights, n)
+    if biases is not None:
+        check_list(op, "biases", biases, n)
+    return n
+
+
 def check_devices(op: str, named: dict) -> None:
     devices = {}
     for name, t in named.items():
@@ -134,9 +145,9 @@ def register_op(op: str, *, check: Callable, reference, triton, out_shape: Calla
 
     Backends are callables or :func:`lazy` specs (``"python_ref.ops.linear_epilogue:mlp_projector"``)
     taking the op's arguments without ``backend`` (the backward's with ``grad`` first); each runs after
-    ``check`` (the one the functional API calls) on the forward's arguments, and the reference ones without autograd. The fake runs
-    ``check`` and returns an empty ``out_shape(*args)`` like the first tensor argument; ``backward_fake``
-    gets the backward op's arguments without ``backend``."""
+    ``check`` (the one the functional API calls) on the forward's arguments, the reference ones without
+    autograd. The fake runs ``check`` and returns an empty ``out_shape(*args)`` like the first tensor
+    argument; ``backward_fake`` gets the backward op's arguments without ``backend``."""
     bwd = f"{op}_backward"
     # the backward's leading arguments (grad, the forward's output) are not checked
     lead = len(library.op(bwd).default._schema.arguments) - len(library.op(op).default._schema.arguments)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .. import library
-from ._linear_ops import check_devices, check_list, check_tensor, check_vector, grads_for, lazy, register_op
+from ._linear_ops import check_devices, check_groups, check_tensor, check_vector, grads_for, lazy, register_op
 
 __all__ = ["gated_fusion", "expert_mix"]
 
@@ -96,11 +96,7 @@ register_op(GATE, check=_check_gate, reference="python_ref.ops.fusion_gates:gate
 
 def _check_mix(features, gate, weights, biases) -> None:
     op = MIX
-    check_list(op, "features", features)
-    n = len(features)
-    check_list(op, "weights", weights, n)
-    if biases is not None:
-        check_list(op, "biases", biases, n)
+    n = check_groups(op, features, weights, biases)
     x0 = features[0]
     check_tensor(op, "features[0]", x0, dim=3)
     B, T = x0.shape[:2]

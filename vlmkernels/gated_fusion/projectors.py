@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 
 from .. import library
-from ._linear_ops import (check_activation, check_devices, check_linear, check_list, check_tensor, check_vector,
-                          grads_for, lazy, register_op)
+from ._linear_ops import (check_activation, check_devices, check_groups, check_linear, check_list, check_tensor,
+                          check_vector, grads_for, lazy, register_op)
 
 __all__ = ["concat_linear", "split_linear", "mlp_projector"]
 
@@ -89,11 +89,7 @@ register_op(CONCAT, check=_check_concat, reference="python_ref.ops.linear_epilog
 
 def _check_split(features, weights, biases, activation, layout) -> None:
     op = SPLIT
-    check_list(op, "features", features)
-    n = len(features)
-    check_list(op, "weights", weights, n)
-    if biases is not None:
-        check_list(op, "biases", biases, n)
+    check_groups(op, features, weights, biases)
     if layout not in LAYOUTS:
         raise ValueError(f"{op}: layout must be one of {LAYOUTS}, got {layout!r}")
     check_activation(op, activation, CONCAT_ACTIVATIONS)
