@@ -91,6 +91,18 @@ def pixel_unshuffle_tokens(tokens: torch.Tensor, factor: int) -> torch.Tensor:
     return F.pixel_unshuffle(fmap, factor).flatten(2).transpose(1, 2)
 
 
+def split_tiles(tokens: torch.Tensor, num_tiles):
+    """The published encoder's return: ``(tokens [tiles, n, H], {})`` without ``num_tiles``, else each image's
+    tiles' tokens flattened (``num_tiles[i]`` tiles for image ``i``) and ``{"num_tiles": counts}``."""
+    if num_tiles is None:
+        return tokens, {}
+    counts = [int(n) for n in num_tiles]
+    if any(n < 1 for n in counts) or sum(counts) != tokens.size(0):
+        raise ValueError(f"num_tiles must be positive and sum to the {tokens.size(0)} tiles of pixel_values, "
+                         f"got {counts}")
+    return [t.flatten(0, 1) for t in tokens.split(counts)], {"num_tiles": counts}
+
+
 def _adapter(in_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
 
@@ -183,13 +195,7 @@ class LEO(DocVLM):
         b = self.adapters[1](pixel_unshuffle_tokens(t2, self.unshuffle[1]))
         # token interleave: encoder 1 at even positions, encoder 2 at odd positions
         tokens = torch.stack([a, b], dim=2).flatten(1, 2)             # [tiles, 2 * n, H]
-        if num_tiles is None:
-            return tokens, {}
-        counts = [int(n) for n in num_tiles]
-        if any(n < 1 for n in counts) or sum(counts) != tokens.size(0):
-            raise ValueError(f"num_tiles must be positive and sum to the {tokens.size(0)} tiles of pixel_values, "
-                             f"got {counts}")
-        return [t.flatten(0, 1) for t in tokens.split(counts)], {"num_tiles": counts}
+        return split_tiles(tokens, num_tiles)
 
     def encode_images(self, pixel_values, image_type=None, num_tiles=None):
         check_pixels(pixel_values)

@@ -25,14 +25,9 @@ from python_ref.ops.anyres import anyres_plan
 
 from .. import library
 from ..anyres.tile import OP, PLAN_COLS, RowRuns, _per_channel, hwc_view
-from .core import PatchRule, SkipPatch, register_rule, require_backend
+from .core import PatchRule, SkipPatch, is_python_ref_class, register_rule, require_backend
 
 FAMILY = "anyres"
-
-
-def _is_ref(obj, class_name: str) -> bool:
-    cls = type(obj)
-    return cls.__name__ == class_name and cls.__module__.startswith("python_ref")
 
 
 def _tiles(images, canvases, tile: int, mean, std, global_view: bool, backend: str) -> torch.Tensor:
@@ -80,7 +75,7 @@ def _build_document(tiler, backend):
     return {"forward": forward}
 
 
-register_rule(PatchRule(FAMILY, "python_ref_multiscale_tiler", match=lambda o: _is_ref(o, "MultiScaleTiler"),
-                        build=_build_multiscale))
-register_rule(PatchRule(FAMILY, "python_ref_document_tiler", match=lambda o: _is_ref(o, "DocumentTiler"),
+register_rule(PatchRule(FAMILY, "python_ref_multiscale_tiler",
+                        match=lambda o: is_python_ref_class(o, "MultiScaleTiler"), build=_build_multiscale))
+register_rule(PatchRule(FAMILY, "python_ref_document_tiler", match=lambda o: is_python_ref_class(o, "DocumentTiler"),
                         build=_build_document))

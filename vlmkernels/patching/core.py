@@ -88,6 +88,19 @@ def keeps_hf_code(backend: str, t: torch.Tensor) -> bool:
     return backend == "auto" and t.device.type == "cpu"
 
 
+def is_hf_class(obj, names) -> bool:
+    """Whether ``obj``'s class is one of the transformers model classes named in ``names`` (matched by name
+    and module, so transformers is never imported here)."""
+    cls = type(obj)
+    return cls.__name__ in names and cls.__module__.startswith("transformers.models.")
+
+
+def is_python_ref_class(obj, name: str) -> bool:
+    """Whether ``obj``'s class is python_ref's class ``name`` (matched by name and module)."""
+    cls = type(obj)
+    return cls.__name__ == name and cls.__module__.startswith("python_ref")
+
+
 @dataclass
 class PatchRule:
     """How one family accelerates one kind of object.

@@ -44,8 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import PatchRule, SkipPatch, keeps_hf_code, register_rule, require_backend
-from .moe import _ACT_CLASSES, _is_hf, _is_python_ref
+from .core import (PatchRule, SkipPatch, is_hf_class, is_python_ref_class, keeps_hf_code, register_rule,
+                   require_backend)
+from .moe import _ACT_CLASSES
 
 FAMILY = "gated_fusion"
 # above the MoE family's python_ref ExpertRouter rule: with both families active, vision_router decides
@@ -307,13 +308,7 @@ def _build_leo_published(model, backend):
         # encoder 1's tokens at even positions, encoder 2's at odd ones, written in place by the GEMM
         tokens = ops.split_linear(hs, [down1.weight, down2.weight], [down1.bias, down2.bias], activation="none",
                                   layout="token_interleave", backend=backend)
-        if num_tiles is None:
-            return tokens, {}
-        counts = [int(n) for n in num_tiles]
-        if any(n < 1 for n in counts) or sum(counts) != tokens.size(0):
-            raise ValueError(f"num_tiles must be positive and sum to the {tokens.size(0)} tiles of pixel_values, "
-                             f"got {counts}")
-        return [t.flatten(0, 1) for t in tokens.split(counts)], {"num_tiles": counts}
+        return leo.split_tiles(tokens, num_tiles)
 
     return {"_encode_published": _encode_published}
 
@@ -360,17 +355,18 @@ def _build_hf_projector(proj, backend):
     return {"forward": forward}
 
 
-register_rule(PatchRule(FAMILY, "sigmoid_gate", match=lambda m: _is_python_ref(m, "SigmoidGate"),
+register_rule(PatchRule(FAMILY, "sigmoid_gate", match=lambda m: is_python_ref_class(m, "SigmoidGate"),
                         build=_build_sigmoid_gate,
                         note="gmu variant: its tanh projections run eagerly, the gate and mix fused"))
-register_rule(PatchRule(FAMILY, "vision_router", match=lambda m: _is_python_ref(m, "ExpertRouter"),
+register_rule(PatchRule(FAMILY, "vision_router", match=lambda m: is_python_ref_class(m, "ExpertRouter"),
                         build=_build_expert_router, priority=ROUTER_PRIORITY))
-register_rule(PatchRule(FAMILY, "expert_mix", match=lambda m: _is_python_ref(m, "ExpertMix"),
+register_rule(PatchRule(FAMILY, "expert_mix", match=lambda m: is_python_ref_class(m, "ExpertMix"),
                         build=_skip_expert_mix))
 register_rule(PatchRule(FAMILY, "multi_granularity_fusion",
-                        match=lambda m: _is_python_ref(m, "MultiGranularityFusion"), build=_build_multi_granularity,
+                        match=lambda m: is_python_ref_class(m, "MultiGranularityFusion"),
+                        build=_build_multi_granularity,
                         note="a LayerNorm in the projector (document variant) runs as F.layer_norm"))
-register_rule(PatchRule(FAMILY, "leo", match=lambda m: _is_python_ref(m, "LEO"), build=_build_leo,
+register_rule(PatchRule(FAMILY, "leo", match=lambda m: is_python_ref_class(m, "LEO"), build=_build_leo,
                         note="document: expert_mix + mlp_projector; published: split_linear, tokens interleaved"))
-register_rule(PatchRule(FAMILY, "hf_mlp_projector", match=lambda m: _is_hf(m, HF_PROJECTORS),
+register_rule(PatchRule(FAMILY, "hf_mlp_projector", match=lambda m: is_hf_class(m, HF_PROJECTORS),
                         build=_build_hf_projector))

@@ -36,7 +36,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .core import PatchRule, SkipPatch, keeps_hf_code, patch_info, register_rule, require_backend
+from .core import (PatchRule, SkipPatch, is_hf_class, is_python_ref_class, keeps_hf_code, patch_info, register_rule,
+                   require_backend)
 
 FAMILY = "moe"
 
@@ -56,16 +57,6 @@ _EXPERTS = ("MixtralExperts", "Qwen2MoeExperts", "Qwen3MoeExperts", "OlmoeExpert
             "Qwen3VLMoeTextExperts", "Glm4MoeExperts", "Glm4vMoeTextExperts")
 
 
-def _is_hf(obj, names) -> bool:
-    cls = type(obj)
-    return cls.__name__ in names and cls.__module__.startswith("transformers.models.")
-
-
-def _is_python_ref(obj, name: str) -> bool:
-    cls = type(obj)
-    return cls.__name__ == name and cls.__module__.startswith("python_ref")
-
-
 def _ops():
     from .. import ops
 
@@ -81,9 +72,9 @@ _BLOCK_EXPERTS: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = 
 def _match_router(module) -> bool:
     experts = getattr(module, "experts", None)
     gate = getattr(module, "gate", None)
-    if _is_hf(experts, _EXPERTS) and _is_hf(gate, _ROUTERS) and patch_info(gate) is None:
+    if is_hf_class(experts, _EXPERTS) and is_hf_class(gate, _ROUTERS) and patch_info(gate) is None:
         _BLOCK_EXPERTS[gate] = experts
-    return _is_hf(module, _ROUTERS)
+    return is_hf_class(module, _ROUTERS)
 
 
 def _feeds_patched_experts(experts, backend: str) -> bool:
@@ -295,9 +286,9 @@ def _build_router(router, backend):
 
 
 register_rule(PatchRule(FAMILY, "hf_router", match=_match_router, build=_build_router))
-register_rule(PatchRule(FAMILY, "hf_experts", match=lambda m: _is_hf(m, _EXPERTS), build=_build_experts))
-register_rule(PatchRule(FAMILY, "topk_token_selector", match=lambda m: _is_python_ref(m, "TopKTokenSelector"),
-                        build=_build_token_selector))
-register_rule(PatchRule(FAMILY, "expert_router", match=lambda m: _is_python_ref(m, "ExpertRouter"),
+register_rule(PatchRule(FAMILY, "hf_experts", match=lambda m: is_hf_class(m, _EXPERTS), build=_build_experts))
+register_rule(PatchRule(FAMILY, "topk_token_selector",
+                        match=lambda m: is_python_ref_class(m, "TopKTokenSelector"), build=_build_token_selector))
+register_rule(PatchRule(FAMILY, "expert_router", match=lambda m: is_python_ref_class(m, "ExpertRouter"),
                         build=_build_expert_router))
 register_experts_implementation()

@@ -64,8 +64,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .core import PatchRule, SkipPatch, keeps_hf_code, register_rule, require_backend
-from .moe import _is_hf, _is_python_ref
+from .core import (PatchRule, SkipPatch, is_hf_class, is_python_ref_class, keeps_hf_code, register_rule,
+                   require_backend)
 
 FAMILY = "qformer"
 
@@ -431,7 +431,7 @@ def _build_masked_attention(att, backend):
     return {"forward": forward}
 
 
-register_rule(PatchRule(FAMILY, "hf_qformer", match=lambda m: _is_hf(m, _HF_QFORMERS), build=_build_hf_qformer,
-                        options=("precision",), note=NOTE))
-register_rule(PatchRule(FAMILY, "gemini_masked_attention", match=lambda m: _is_python_ref(m, "MaskedAttention"),
-                        build=_build_masked_attention))
+register_rule(PatchRule(FAMILY, "hf_qformer", match=lambda m: is_hf_class(m, _HF_QFORMERS),
+                        build=_build_hf_qformer, options=("precision",), note=NOTE))
+register_rule(PatchRule(FAMILY, "gemini_masked_attention",
+                        match=lambda m: is_python_ref_class(m, "MaskedAttention"), build=_build_masked_attention))
