@@ -17,6 +17,45 @@ def tol(dtype: torch.dtype) -> tuple[float, float]:
     return TOL.get(dtype, (0.0, 0.0))
 
 
+def f64(t):
+    """``t`` (a tensor, a list of them, None or a non-tensor) with its floating tensors as float64 leaves."""
+    if t is None:
+        return None
+    if isinstance(t, (list, tuple)):
+        return [f64(u) for u in t]
+    if not isinstance(t, torch.Tensor):
+        return t
+    return t.detach().double() if t.is_floating_point() else t
+
+
+def leaves(ts):
+    """Fresh leaf copies of ``ts`` that require grad (None stays None)."""
+    return [None if t is None else t.detach().clone().requires_grad_() for t in ts]
+
+
+def opcheck(op, args, backend: str) -> None:
+    """``torch.library.opcheck`` of ``op``'s default overload on ``(*args, backend)``; a forward op's
+    floating inputs require grad, so opcheck also traces its backward op through the fakes."""
+    if not op.default._schema.name.endswith("_backward"):
+        args = tuple(leaves(a) if isinstance(a, list) else (a.clone().requires_grad_() if isinstance(a, torch.Tensor)
+                     and a.is_floating_point() else a) for a in args)
+    torch.library.opcheck(op.default, (*args, backend))
+
+
+class KernelRecorder:
+    """Stands in for a Triton kernel (``monkeypatch.setattr(module, name, KernelRecorder(kernel))``):
+    records each launch's keyword arguments in ``calls``, then runs the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
 def assert_close(actual, expected, *, atol=None, rtol=None, dtype=None, max_print=5, msg=""):
     """Like torch.testing.assert_close, but reports the mismatch count, max abs/rel error and the
     first mismatching indices with both values. NaN must match NaN; integers must match exactly."""

@@ -6,7 +6,7 @@ import importlib
 import pytest
 import torch
 
-from tests.helpers import assert_close, run_without_interpreter
+from tests.helpers import KernelRecorder, assert_close, f64, leaves, opcheck, run_without_interpreter
 from vlmkernels import ops
 from vlmkernels.triton import linear_epilogue as tri
 
@@ -17,18 +17,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 def rand(*shape, dtype=torch.float32, scale=1.0):
     return (torch.randn(*shape) * scale).to(dtype)
-
-
-def f64(t):
-    if t is None:
-        return None
-    if isinstance(t, (list, tuple)):
-        return [f64(u) for u in t]
-    return t.detach().double() if t.is_floating_point() else t
-
-
-def leaves(ts):
-    return [None if t is None else t.detach().clone().requires_grad_() for t in ts]
 
 
 def close_to_f64(got, want64, dtype, msg):
@@ -360,13 +348,7 @@ def _opcheck_cases():
 # every case on both backends but vision_router_backward (reference only: the routing part is tiny)
 @pytest.mark.parametrize("case,backend", [(c, b) for c in range(7) for b in BACKENDS if c < 5 or b == "reference"])
 def test_opcheck(case, backend):
-    op, args = _opcheck_cases()[case]
-    if op.default._schema.name.endswith("_backward"):
-        torch.library.opcheck(op.default, (*args, backend))
-        return
-    grad_args = tuple(leaves(a) if isinstance(a, list) else (a.clone().requires_grad_() if isinstance(a, torch.Tensor)
-                      and a.is_floating_point() else a) for a in args)
-    torch.library.opcheck(op.default, (*grad_args, backend))
+    opcheck(*_opcheck_cases()[case], backend)
 
 
 @pytest.mark.parametrize("op_name", ["gated_fusion", "expert_mix", "vision_router"])
@@ -392,20 +374,9 @@ def test_compile_fullgraph_training_step(op_name):
         assert_close(x.grad, e.grad)
 
 
-class _KernelRecorder:
-    def __init__(self, kernel):
-        self.kernel, self.calls = kernel, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.calls.append(kwargs)
-            return self.kernel[grid](*args, **kwargs)
-        return launch
-
-
 def test_one_launch_per_fused_op(monkeypatch):
     """gated_fusion and expert_mix are one GEMM launch each (K split over the inputs; no concat)."""
-    rec = _KernelRecorder(tri._linear_epilogue_kernel)
+    rec = KernelRecorder(tri._linear_epilogue_kernel)
     monkeypatch.setattr(tri, "_linear_epilogue_kernel", rec)
     ops.gated_fusion(*gate_inputs((2, 3), 4, torch.float32), backend="triton")
     ops.expert_mix(*mix_inputs(2, 3, (2, 4, 3), 5, torch.float32), backend="triton")

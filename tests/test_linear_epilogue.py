@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import assert_close, run_without_interpreter, tol
+from tests.helpers import KernelRecorder, assert_close, f64, leaves, opcheck, run_without_interpreter, tol
 from vlmkernels import ops
 from vlmkernels.triton import linear_epilogue as tri
 
@@ -25,20 +25,6 @@ def rand(*shape, dtype=torch.float32, scale=1.0, g=None):
 def linear_params(n, k, dtype, bias=True):
     w = rand(n, k, dtype=dtype, scale=k ** -0.5)
     return w, (rand(n, dtype=dtype) if bias else None)
-
-
-def f64(t):
-    if t is None:
-        return None
-    if isinstance(t, (list, tuple)):
-        return [f64(u) for u in t]
-    if not isinstance(t, torch.Tensor):
-        return t
-    return t.detach().double() if t.is_floating_point() else t
-
-
-def leaves(ts):
-    return [None if t is None else t.detach().clone().requires_grad_() for t in ts]
 
 
 def close_to_f64(got, want64, dtype, msg, factor=1.0):
@@ -441,14 +427,7 @@ def _opcheck_cases():
 
 @pytest.mark.parametrize("case,backend", [(c, b) for c in range(10) for b in BACKENDS])
 def test_opcheck(case, backend):
-    op, args = _opcheck_cases()[case]
-    if op.default._schema.name.endswith("_backward"):
-        torch.library.opcheck(op.default, (*args, backend))
-        return
-    # inputs that require grad: opcheck also traces the backward op through its fake
-    grad_args = tuple(leaves(a) if isinstance(a, list) else (a.clone().requires_grad_() if isinstance(a, torch.Tensor)
-                      and a.is_floating_point() else a) for a in args)
-    torch.library.opcheck(op.default, (*grad_args, backend))
+    opcheck(*_opcheck_cases()[case], backend)
 
 
 @pytest.mark.parametrize("op_name", ["linear_residual_layernorm", "linear_gelu", "concat_linear", "split_linear",
@@ -482,20 +461,9 @@ def test_compile_fullgraph_training_step(op_name):
             assert_close(a.grad, e.grad)
 
 
-class _KernelRecorder:
-    def __init__(self, kernel):
-        self.kernel, self.calls = kernel, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.calls.append(kwargs)
-            return self.kernel[grid](*args, **kwargs)
-        return launch
-
-
 @pytest.mark.parametrize("allow_tf32", [False, True])
 def test_fp32_tf32_follows_torch(monkeypatch, allow_tf32):
-    rec = _KernelRecorder(tri._linear_epilogue_kernel)
+    rec = KernelRecorder(tri._linear_epilogue_kernel)
     monkeypatch.setattr(tri, "_linear_epilogue_kernel", rec)
     before = torch.backends.cuda.matmul.allow_tf32
     try:
@@ -511,7 +479,7 @@ def test_fp32_tf32_follows_torch(monkeypatch, allow_tf32):
 def test_layernorm_epilogue_choice(monkeypatch):
     """Rows up to 1024 wide are normalized in the GEMM's epilogue (one launch); wider ones go through the
     fp32 pre-norm buffer and the row LayerNorm kernel."""
-    rec = _KernelRecorder(tri._linear_epilogue_kernel)
+    rec = KernelRecorder(tri._linear_epilogue_kernel)
     monkeypatch.setattr(tri, "_linear_epilogue_kernel", rec)
     ops.linear_residual_layernorm(rand(2, 3), rand(768, 3), None, rand(2, 768), None, None, 1e-5, backend="triton")
     ops.linear_residual_layernorm(rand(2, 3), rand(1025, 3), None, rand(2, 1025), None, None, 1e-5, backend="triton")
@@ -557,7 +525,7 @@ def test_autotuned_launch_path():
 
 
 def test_split_linear_is_one_grouped_launch(monkeypatch):
-    rec = _KernelRecorder(tri._linear_epilogue_kernel)
+    rec = KernelRecorder(tri._linear_epilogue_kernel)
     monkeypatch.setattr(tri, "_linear_epilogue_kernel", rec)
     feats = [rand(2, 3, d) for d in (3, 5, 4)]
     ws = [linear_params(6, d, torch.float32)[0] for d in (3, 5, 4)]
