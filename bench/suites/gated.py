@@ -95,14 +95,19 @@ def _op_case(op, shape, dtype, device, mode, eager, ours_call, args, grad_of, *,
                 timing="auto" if mode == "fwd" else "events", note=note)
 
 
-def gate_cases(B, T, D, dtype, device, modes_fwd):
-    op = functional("gated_fusion")
+def _modes(name: str) -> list:
+    """``(op, mode, train)`` for the forward and the forward + backward cases of ``vlmkernels.ops.<name>``
+    (``train``: the inputs require grad); none while that op has not landed."""
+    op = functional(name)
     if op is None:
         return []
+    return [(op, mode, mode != "fwd") for mode in ("fwd", "fwd+bwd")]
+
+
+def gate_cases(B, T, D, dtype, device, modes_fwd):
     M, item = B * T, dtype.itemsize
     out = []
-    for mode in ("fwd", "fwd+bwd"):
-        train = mode != "fwd"
+    for op, mode, train in _modes("gated_fusion"):
         w, c = _weight((D, 2 * D), dtype, device, 1, train), _weight((D,), dtype, device, 2, train)
         args = Inputs(lambda i, train=train: (randn((B, T, D), dtype, device, seed=10 + i).requires_grad_(train),
                                               randn((B, T, D), dtype, device, seed=50 + i).requires_grad_(train),
@@ -115,14 +120,11 @@ def gate_cases(B, T, D, dtype, device, modes_fwd):
 
 
 def mix_cases(B, T, D, D_out, dtype, device, experts=(2, 4)):
-    op = functional("expert_mix")
-    if op is None:
-        return []
     M, item = B * T, dtype.itemsize
     out = []
+    modes = _modes("expert_mix")
     for N in experts:
-        for mode in ("fwd", "fwd+bwd"):
-            train = mode != "fwd"
+        for op, mode, train in modes:
             ws = [_weight((D_out, D), dtype, device, 3 + i, train) for i in range(N)]
             bs = [_weight((D_out,), dtype, device, 20 + i, train) for i in range(N)]
 
@@ -142,14 +144,10 @@ def mix_cases(B, T, D, D_out, dtype, device, experts=(2, 4)):
 
 
 def concat_cases(B, T, D, D_out, dtype, device, streams=4):
-    op = functional("concat_linear")
-    if op is None:
-        return []
     M, item = B * T, dtype.itemsize
     K = streams * D
     out = []
-    for mode in ("fwd", "fwd+bwd"):
-        train = mode != "fwd"
+    for op, mode, train in _modes("concat_linear"):
         w, bias = _weight((D_out, K), dtype, device, 4, train), _weight((D_out,), dtype, device, 5, train)
         args = Inputs(lambda i, w=w, bias=bias, train=train: (
             [randn((B, T, D), dtype, device, seed=200 * i + s).requires_grad_(train) for s in range(streams)], w, bias),
@@ -163,13 +161,9 @@ def concat_cases(B, T, D, D_out, dtype, device, streams=4):
 
 
 def mlp_cases(B, T, D, D_out, dtype, device):
-    op = functional("mlp_projector")
-    if op is None:
-        return []
     M, item = B * T, dtype.itemsize
     out = []
-    for mode in ("fwd", "fwd+bwd"):
-        train = mode != "fwd"
+    for op, mode, train in _modes("mlp_projector"):
         w1, b1 = _weight((D_out, D), dtype, device, 6, train), _weight((D_out,), dtype, device, 7, train)
         w2, b2 = _weight((D_out, D_out), dtype, device, 8, train), _weight((D_out,), dtype, device, 9, train)
         args = Inputs(lambda i, train=train, ws=(w1, b1, w2, b2): (
