@@ -81,6 +81,16 @@ def _gate_activation(g, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` in grouped ordering: ``GROUP_M`` row tiles walk the column tiles
+    together, so consecutive programs share weight tiles in L2."""
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % group_size) % group_m, (pid % group_size) // group_m
+
+
+@triton.jit
 def _moe_gemm_kernel(
     a_ptr, b_ptr, c_ptr, w_ptr,
     sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr,
@@ -96,14 +106,7 @@ def _moe_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # grouped ordering: consecutive programs share B tiles of one expert in L2
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(EM, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % group_m
-    pid_n = (pid % group_size) // group_m
+    pid_m, pid_n = grouped_pid(tl.program_id(0), tl.cdiv(EM, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     if NAIVE:
         slot = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_valid)

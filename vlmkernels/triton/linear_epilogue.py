@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_moe import dot_precision
+from .fused_moe import dot_precision, grouped_pid
 from .launch import launcher, on_device
 
 MAX_SEGMENTS = 5
@@ -152,15 +152,8 @@ def _linear_epilogue_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # grouped ordering: consecutive programs share W tiles in L2
-    pid = tl.program_id(0)
     tiles_per_sample = tl.cdiv(T, BLOCK_M)
-    num_pid_m = num_samples * tiles_per_sample
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % group_m
-    pid_n = (pid % group_size) // group_m
+    pid_m, pid_n = grouped_pid(tl.program_id(0), num_samples * tiles_per_sample, tl.cdiv(N, BLOCK_N), GROUP_M)
 
     sample = pid_m // tiles_per_sample
     t = (pid_m % tiles_per_sample) * BLOCK_M + tl.arange(0, BLOCK_M)

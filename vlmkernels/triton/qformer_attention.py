@@ -330,13 +330,17 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _sm_count_of(device: torch.device) -> int:
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def num_splits(device: torch.device, programs: int, keys_per_batch: int, block_n: int) -> int:
     """Split-KV factor: 1 once ``programs`` (B*H*m_blocks) fill a wave of SMs; else enough splits to
     fill it, each keeping at least ``MIN_BLOCKS_PER_SPLIT`` key blocks (a split's fixed cost -- one
     more partial row and the combine -- must buy real work). CPU (interpreter): 1."""
     if device.type != "cuda" or programs == 0:
         return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = _sm_count_of(device)
     if programs >= sms:
         return 1
     key_blocks = triton.cdiv(keys_per_batch, block_n)
@@ -483,10 +487,6 @@ def attention_backward(grad, q, k, v, out, lse, key_padding_mask=None, attn_mask
             **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=1,
         )
     return dq, dk, dv
-
-
-def _sm_count_of(device: torch.device) -> int:
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 # ---- ahead-of-time compile check ------------------------------------------------------------------
