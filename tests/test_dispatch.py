@@ -17,6 +17,8 @@ from vlmkernels.moe import align as align_mod
 from vlmkernels.moe import route as route_mod
 from vlmkernels.moe import select as select_mod
 
+attn_mod = sys.modules["vlmkernels.qformer.attention"]  # the package re-exports a function of that name
+
 needs_ext = pytest.mark.skipif(_ext.C is None, reason="vlmkernels._C is not built")
 OURS = ("/vlmkernels/", "/python_ref/")
 
@@ -50,7 +52,16 @@ CPP_CALLS = {
         torch.randn(2, 7), torch.randn(2, 7, 3), 3, b),
     "anyres_plan_llava": lambda b: torch.ops.vlmkernels.anyres_plan_llava.default(
         torch.tensor([[37, 53]]), torch.tensor([[32, 64], [64, 32]]), 32, b),
+    "attention": lambda b: torch.ops.vlmkernels.attention.default(
+        *_attn_qkv(), torch.rand(2, 7) > 0.3, None, None, None, None, 0.0, b),
+    "attention_backward": lambda b: torch.ops.vlmkernels.attention_backward.default(
+        torch.randn(2, 3, 2, 8), *_attn_qkv(), torch.randn(2, 3, 2, 8), torch.randn(2, 2, 3), None, None, None,
+        None, None, 0.0, b),
 }
+
+
+def _attn_qkv(B=2, Lq=3, H=2, d=8, Lk=7):
+    return torch.randn(B, Lq, H, d), torch.randn(B, Lk, H, d), torch.randn(B, Lk, H, d)
 
 
 @needs_ext
@@ -93,6 +104,23 @@ def test_cpp_autograd_never_enters_python():
         sel.sum().backward()
     assert not seen, seen
     assert tokens.grad.sum().item() == pytest.approx(2 * 3 * 3)
+    # attention's C++ autograd and backward op on the default CPU path: masks, packed keys, dropout
+    qkv = [t.requires_grad_() for t in _attn_qkv()]
+    kpm = torch.rand(2, 7) > 0.3
+    keep = torch.rand(2, 2, 3, 7) > 0.2
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    packed = [t.detach()[0, :5].clone().requires_grad_() for t in qkv[1:]]
+    calls = [lambda: torch.ops.vlmkernels.attention.default(*qkv, kpm, None, None, None, None, 0.0, "auto"),
+             lambda: torch.ops.vlmkernels.attention.default(*qkv, None, None, None, 0.5, keep, 0.2, "auto"),
+             lambda: torch.ops.vlmkernels.attention.default(qkv[0], *packed, None, None, cu, None, None, 0.0,
+                                                            "auto")]
+    for call in calls:
+        call()[0].sum().backward()  # warm
+        with python_frames() as seen:
+            out, lse = call()
+            out.square().sum().backward()
+        assert not seen, seen
+        assert lse.grad_fn is None and not lse.requires_grad
 
 
 @needs_ext
@@ -199,6 +227,143 @@ def test_select_checks_match_the_python_copy(bad):
     assert issubclass(got_type, want_type) and got == want, (got, want)
 
 
+def _attn_bad_inputs():
+    """Every kind of bad input attention's Python check (_check, then the cu_seqlens_k values on CPU)
+    rejects, as keyword overrides of a valid dense call."""
+    q, k, v = _attn_qkv(2, 3, 2, 16, 5)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    kp, vp = k.reshape(10, 2, 16)[:5], v.reshape(10, 2, 16)[:5]
+    packed = dict(k=kp, v=vp, cu_seqlens_k=cu)
+    b = torch.bool
+    return [
+        dict(q=q[0]),
+        dict(q=q.int(), k=k.int(), v=v.int()),
+        dict(q=q.long(), k=k.long(), v=v.long()),
+        dict(k=k[:1], v=v[:1]),
+        dict(k=k[0], v=v[0]),
+        dict(k=k[:, :, :1], v=v[:, :, :1]),
+        dict(k=k[..., :8], v=v[..., :8]),
+        dict(v=v[:, :4]),
+        dict(v=v[..., :8]),
+        dict(k=k.double()),
+        dict(v=v.half()),
+        dict(q=q.bfloat16(), k=k.bfloat16()),
+        dict(key_padding_mask=torch.ones(2, 5)),
+        dict(key_padding_mask=torch.ones(2, 5, dtype=torch.uint8)),
+        dict(key_padding_mask=torch.ones(2, 4, dtype=b)),
+        dict(key_padding_mask=torch.ones(5, dtype=b)),
+        dict(attn_mask=torch.ones(2, 5, dtype=b)),
+        dict(attn_mask=torch.ones(2, 3, 5, dtype=torch.uint8)),
+        dict(attn_mask=torch.ones(2, 3, 5, dtype=torch.int32), key_padding_mask=torch.ones(2, 4, dtype=b)),
+        dict(dropout_mask=torch.ones(2, 2, 3, 4, dtype=b), dropout_p=0.5),
+        dict(dropout_mask=torch.ones(2, 2, 3, 5), dropout_p=0.5),
+        dict(dropout_mask=torch.ones(2, 3, 5, dtype=b), dropout_p=0.5),
+        dict(dropout_p=0.5),
+        dict(dropout_p=1.0, dropout_mask=torch.ones(2, 2, 3, 5, dtype=b)),
+        dict(dropout_p=-0.1),
+        dict(dropout_p=1e-17),
+        dict(dropout_p=2.5e20),
+        dict(dropout_p=-1.5e-7),
+        dict(dropout_p=float("nan")),
+        dict(dropout_p=float("inf")),
+        dict(dropout_p=-3.0),
+        dict(dropout_p=1.0000001),
+        dict(cu_seqlens_k=cu.long(), k=kp, v=vp),
+        dict(cu_seqlens_k=cu.float(), k=kp, v=vp),
+        dict(cu_seqlens_k=cu[:2], k=kp, v=vp),
+        dict(cu_seqlens_k=cu[None], k=kp, v=vp),
+        dict(cu_seqlens_k=cu),
+        dict(packed, k=kp[None], v=vp[None]),
+        dict(packed, key_padding_mask=torch.ones(2, 5, dtype=b)),
+        dict(packed, attn_mask=torch.ones(2, 3, 5, dtype=b)),
+        dict(packed, dropout_mask=torch.ones(2, 2, 3, 5, dtype=b), dropout_p=0.1),
+        dict(packed, key_padding_mask=torch.ones(5)),
+        dict(k=kp[:2], v=vp[:2], cu_seqlens_k=torch.tensor([0, 4, 2], dtype=torch.int32)),
+        dict(packed, cu_seqlens_k=torch.tensor([0, 2, 4], dtype=torch.int32)),
+        dict(packed, cu_seqlens_k=torch.tensor([1, 2, 5], dtype=torch.int32)),
+        dict(packed, cu_seqlens_k=torch.tensor([0, 6, 5], dtype=torch.int32)),
+        dict(packed, cu_seqlens_k=torch.tensor([0, 3, 7], dtype=torch.int32)),
+        dict(packed, cu_seqlens_k=torch.tensor([0, -1, 5], dtype=torch.int32)),
+        dict(k=k.to("meta"), v=v.to("meta")),
+    ]
+
+
+def _attn_args(**over):
+    q, k, v = _attn_qkv(2, 3, 2, 16, 5)
+    args = dict(q=q, k=k, v=v, key_padding_mask=None, attn_mask=None, cu_seqlens_k=None, scale=None,
+                dropout_mask=None, dropout_p=0.0)
+    args.update(over)
+    return args
+
+
+def _attn_python_check(args):
+    attn_mod._check(*args.values())
+    if args["cu_seqlens_k"] is not None:
+        attn_mod._check_cu_seqlens_values(args["cu_seqlens_k"], args["k"].shape[0])
+
+
+@needs_ext
+@pytest.mark.parametrize("i", range(len(_attn_bad_inputs())))
+def test_attention_checks_match_the_python_copy(i):
+    bad = _attn_bad_inputs()[i]
+    args = _attn_args(**bad)
+    want_type, want = _raised(lambda: _attn_python_check(args))
+    for backend in ("cpu", "auto", "reference"):
+        got_type, got = _raised(lambda: torch.ops.vlmkernels.attention.default(*args.values(), backend))
+        assert issubclass(got_type, want_type) and got == want, (backend, got, want)
+
+
+def test_attention_bad_inputs_cover_every_python_raise():
+    """Every raise statement of _check / _check_cu_seqlens_values is hit by some bad input above."""
+    import re
+
+    msgs = set()
+    for bad in _attn_bad_inputs():
+        with pytest.raises(Exception) as e:
+            _attn_python_check(_attn_args(**bad))
+        msgs.add(re.sub(r"[0-9]+|\(.*?\)|\{.*\}|\[.*?\]", "#", str(e.value))[:40])
+    assert len(msgs) >= 20, sorted(msgs)
+
+
+def _attn_bad_backward():
+    q = torch.zeros(2, 3, 2, 16)
+    lse = torch.zeros(2, 2, 3)
+    return [
+        dict(grad=q[:1]), dict(grad=q.transpose(1, 2)), dict(out=q[..., :8]), dict(lse=lse[:, :1]),
+        dict(lse=lse.transpose(1, 2)), dict(grad=q.double()), dict(out=q.bfloat16()), dict(lse=lse.double()),
+        dict(lse=lse.half()), dict(grad=q[:1], out=q.double()), dict(out=q.int(), lse=lse.int()),
+    ]
+
+
+@needs_ext
+@pytest.mark.parametrize("i", range(len(_attn_bad_backward())))
+def test_attention_backward_checks_match_the_python_copy(i):
+    over = _attn_bad_backward()[i]
+    fwd = _attn_args()
+    q = fwd["q"]
+    args = dict(grad=torch.randn_like(q), q=q, k=fwd["k"], v=fwd["v"], out=torch.randn_like(q),
+                lse=torch.randn(2, 2, 3))
+    args.update(over)
+    rest = list(fwd.values())[3:]
+
+    def python():
+        attn_mod._check(args["q"], args["k"], args["v"], *rest)
+        attn_mod._check_backward(args["grad"], args["q"], args["out"], args["lse"])
+
+    want_type, want = _raised(python)
+    for backend in ("cpu", "reference"):
+        got_type, got = _raised(lambda: torch.ops.vlmkernels.attention_backward.default(*args.values(), *rest,
+                                                                                          backend))
+        assert issubclass(got_type, want_type) and got == want, (backend, got, want)
+    # a bad forward argument is reported by the backward op too
+    bad = _attn_args(attn_mask=torch.ones(2, 5, dtype=torch.bool))
+    want_type, want = _raised(lambda: attn_mod._check(*bad.values()))
+    got_type, got = _raised(lambda: torch.ops.vlmkernels.attention_backward.default(
+        torch.randn_like(q), *list(bad.values())[:3], torch.randn_like(q), torch.randn(2, 2, 3),
+        *list(bad.values())[3:], "cpu"))
+    assert issubclass(got_type, want_type) and got == want, (got, want)
+
+
 @needs_ext
 def test_align_sizes_follow_the_reference_formula(device):
     """The kernels size their outputs themselves (common/moe_align.h), so no length can be too small."""
@@ -241,7 +406,7 @@ def test_cpp_route_backward_matches_python_formula(scoring, renormalize, grouped
 
 
 @needs_ext
-@pytest.mark.parametrize("op", ["moe_topk_route", "topk_select_tokens", "fused_moe", "anyres_pack"])
+@pytest.mark.parametrize("op", ["moe_topk_route", "topk_select_tokens", "fused_moe", "anyres_pack", "attention"])
 def test_autograd_is_registered_in_cpp(op):
     assert library.cpp_kernel(op, "Autograd")
 

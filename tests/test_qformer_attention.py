@@ -10,12 +10,14 @@ import vlmkernels  # noqa: F401  (defines the ops)
 from python_ref.ops.qformer import qformer_attention as ref_attention
 from python_ref.ops.qformer import qformer_attention_backward as ref_attention_backward
 from tests.helpers import assert_close, run_without_interpreter
-from vlmkernels import ops
+from vlmkernels import library, ops
 from vlmkernels.triton import qformer_attention as tri
 
 OP = torch.ops.vlmkernels.attention.default
 BWD = torch.ops.vlmkernels.attention_backward.default
-BACKENDS = ["reference", "triton"]
+HAS_CPU = library.cpp_kernel("attention", "CPU")  # the C++ backend (csrc/ops/attention.cpp) is built
+BACKENDS = ["reference", "triton"] + (["cpu"] if HAS_CPU else [])
+needs_cpu = pytest.mark.skipif(not HAS_CPU, reason="vlmkernels._C (the cpu backend) is not built")
 
 
 def make_qkv(B, Lq, H, d, Lk, dtype=torch.float32, seed=0, total_k=None):
@@ -516,7 +518,8 @@ def test_autocast_region_keeps_the_inputs_dtype(backend):
 def test_registry_preferences():
     from vlmkernels import registry
 
-    assert registry.select("attention", "auto", "cpu")[0] == "reference"
+    assert registry.select("attention", "auto", "cpu")[0] == ("cpu" if HAS_CPU else "reference")
+    assert registry.select("attention_backward", "auto", "cpu")[0] == ("cpu" if HAS_CPU else "reference")
     assert registry._entry("attention").preference["cuda"][0] == "triton"
     assert registry._entry("attention_backward").preference["cuda"][0] == "triton"
 
@@ -566,3 +569,106 @@ def test_cuda_packed_dropout_and_auto_backend():
     (got, got_grads), (want, want_grads) = results["auto"], results["reference"]
     assert_close(got, want, dtype=torch.bfloat16)
     check_grads(got_grads, want_grads, torch.bfloat16, "cuda packed dropout")
+
+
+# ---- the C++ cpu backend (csrc/ops/attention.cpp): flash path, composite path, lse from any backend --
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B", [1, 8])
+def test_cpu_blip2_shapes(B, dtype):
+    """BLIP-2's cross-attention (12 heads, 32 queries, 257 keys, d=64), padded keys with a fully masked
+    image, against the float64 reference."""
+    H, Lq, Lk, d = 12, 32, 257, 64
+    q, k, v = make_qkv(B, Lq, H, d, Lk, dtype=dtype, seed=B)
+    kpm = padding_mask(B, Lk, seed=B)
+    grad = torch.randn(B, Lq, H, d).to(dtype)
+    want, want_grads = ref_with_grads(q, k, v, grad, key_padding_mask=kpm)
+    got, got_grads = run_with_grads(q, k, v, grad, "cpu", key_padding_mask=kpm)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    assert_close(got, want, dtype=dtype, msg=f"cpu {dtype}")
+    assert (got[0] == 0).all()
+    check_grads(got_grads, want_grads, dtype, f"cpu {dtype}")
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("packed,dropout", [(False, False), (False, True), (True, False), (True, True)])
+def test_cpu_lse_and_empty_rows_match_reference(dtype, packed, dropout):
+    """(out, lse) of the cpu op == the reference's (lse +inf on rows without a kept key, same dtype),
+    on the flash path and the composite one, with rows masked by attn_mask alone and by padding."""
+    B, Lq, H, d, Lk = 3, 6, 2, 32, 11
+    q, k, v = make_qkv(B, Lq, H, d, Lk, dtype=dtype, seed=41)
+    kpm = padding_mask(B, Lk, seed=41)  # batch 0: no key
+    am = torch.rand(B, Lq, Lk) > 0.3
+    am[1, 2] = False
+    am[2, :, 0] = True
+    keep = torch.rand(B, H, Lq, Lk) > 0.25 if dropout else None
+    p = 0.25 if dropout else 0.0
+    cu = None
+    if packed:
+        k, v = k.reshape(B * Lk, H, d), v.reshape(B * Lk, H, d)
+        kpm, am = kpm.reshape(-1), am.permute(1, 0, 2).reshape(Lq, B * Lk)
+        kpm[Lk:Lk + 3] = False
+        cu = torch.tensor([0, Lk, 2 * Lk, 3 * Lk], dtype=torch.int32)
+        keep = keep.permute(1, 2, 0, 3).reshape(H, Lq, B * Lk) if dropout else None
+    args = (kpm, am, cu, None, keep, p)
+    out, lse = OP(q, k, v, *args, "cpu")
+    want, want_lse = ref_attention(*f64(q, k, v), key_padding_mask=kpm, attn_mask=am, cu_seqlens_k=cu,
+                                   dropout_mask=keep, dropout_p=p)
+    ref_out, ref_lse = OP(q, k, v, *args, "reference")
+    assert out.dtype == dtype and lse.dtype == ref_lse.dtype and lse.shape == (B, H, Lq)
+    assert out.is_contiguous() and lse.is_contiguous()
+    assert torch.isfinite(out).all()
+    assert_close(out, want, dtype=dtype)
+    assert_close(lse, want_lse.to(lse.dtype), dtype=dtype)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "rows without a kept key: lse = +inf"
+    assert (lse[torch.isinf(lse)] > 0).all()
+    assert (out.transpose(1, 2)[torch.isinf(lse)] == 0).all()
+    # the backward op takes lse from either backend and gives the same gradients, NaN-free
+    grad = torch.randn(B, Lq, H, d).to(dtype)
+    want_g = ref_attention_backward(*f64(grad, q, k, v), want, want_lse, key_padding_mask=kpm, attn_mask=am,
+                                    cu_seqlens_k=cu, dropout_mask=keep, dropout_p=p)
+    for o, l in ((out, lse), (ref_out, ref_lse)):
+        got_g = BWD(grad, q, k, v, o, l, *args, "cpu")
+        check_grads(got_g, want_g, dtype, f"cpu {dtype}")
+        for g in got_g:
+            assert g.is_contiguous()
+    ref_g = BWD(grad, q, k, v, out, lse, *args, "reference")
+    check_grads(ref_g, want_g, dtype, f"reference from cpu lse {dtype}")
+
+
+@needs_cpu
+def test_cpu_float64_gradcheck():
+    for kw in (dict(key_padding_mask=padding_mask(2, 5, empty_rows=(1,)), attn_mask=torch.rand(2, 3, 5) > 0.2),
+               dict(dropout_mask=torch.rand(2, 1, 3, 5) > 0.3, dropout_p=0.3),
+               dict(cu_seqlens_k=torch.tensor([0, 0, 4], dtype=torch.int32))):
+        q, k, v = f64(*make_qkv(2, 3, 1, 8, 5))
+        if "cu_seqlens_k" in kw:
+            k, v = k[0, :4], v[0, :4]
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        drop = kw.pop("dropout_mask", None)
+        p = kw.pop("dropout_p", 0.0)
+
+        def f(a, b, c):
+            return OP(a, b, c, kw.get("key_padding_mask"), kw.get("attn_mask"), kw.get("cu_seqlens_k"), None, drop,
+                      p, "cpu")[0]
+
+        assert f(*leaves).dtype == torch.float64
+        assert torch.autograd.gradcheck(f, leaves)
+
+
+@needs_cpu
+def test_cpu_autograd_saves_backend_and_scale():
+    """The C++ autograd node runs the backward op with the forward's backend and scale."""
+    q, k, v = make_qkv(2, 4, 2, 16, 9, seed=43)
+    grad = torch.randn_like(q)
+    want, want_grads = ref_with_grads(q, k, v, grad, scale=0.21)
+    for backend in ("cpu", "reference", "auto"):
+        got, got_grads = run_with_grads(q, k, v, grad, backend, scale=0.21)
+        assert_close(got, want, msg=backend)
+        check_grads(got_grads, want_grads, torch.float32, backend)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = ops.attention(leaves[0], k, v)  # only q needs a gradient
+    out.sum().backward()
+    assert leaves[0].grad is not None and leaves[1].grad is None

@@ -25,6 +25,20 @@ std::tuple<at::Tensor, at::Tensor> topk_select_tokens_cpu(const at::Tensor& scor
 void anyres_tile_cpu(const std::vector<at::Tensor>& images, const at::Tensor& plan, at::Tensor out, int64_t tile,
                      const std::vector<double>& mean, const std::vector<double>& stdv, bool global_view);
 at::Tensor anyres_plan_llava_cpu(const at::Tensor& sizes, const at::Tensor& pins, int64_t tile);
+// Q-Former attention (python_ref/ops/qformer.py): q [B,Lq,H,d], k/v [B,Lk,H,d] ([total_k,H,d] with
+// cu_seqlens_k), bool masks True = keep, the scale resolved. (out [B,Lq,H,d] in q's dtype, contiguous;
+// lse [B,H,Lq] fp32, fp64 for fp64 q, +inf on rows without a kept key) and (dq, dk, dv) contiguous.
+std::tuple<at::Tensor, at::Tensor> qformer_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                         const std::optional<at::Tensor>& key_padding_mask,
+                                                         const std::optional<at::Tensor>& attn_mask,
+                                                         const std::optional<at::Tensor>& cu_seqlens_k, double scale,
+                                                         const std::optional<at::Tensor>& dropout_mask,
+                                                         double dropout_p);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qformer_attention_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& cu_seqlens_k, double scale,
+    const std::optional<at::Tensor>& dropout_mask, double dropout_p);
 
 #ifdef VLMK_WITH_CUDA
 constexpr int64_t kMaxAlignExpertsCuda = 4096;  // the CUDA align keeps per-expert cursors in shared memory

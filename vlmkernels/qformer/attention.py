@@ -22,8 +22,12 @@ Empty inputs (B, Lq, H or d = 0) give the empty output; no keys at all (Lk = 0, 
 The op ``torch.ops.vlmkernels.attention`` takes the drawn ``dropout_mask`` and returns
 ``(out, lse float32 [B,H,Lq])`` (``lse = +inf`` on rows without a kept key) so that the backward
 op ``attention_backward`` recomputes P from lse. Backends: ``triton`` (CUDA, and CPU tensors under
-``TRITON_INTERPRET=1``; kernels in :mod:`vlmkernels.triton.qformer_attention`) and ``reference``
-(python_ref's math, any device, float64 too). ``auto``: triton on CUDA, the reference on CPU.
+``TRITON_INTERPRET=1``; kernels in :mod:`vlmkernels.triton.qformer_attention`), ``cpu`` (C++,
+``csrc/ops/attention.cpp``: ATen's CPU flash attention, a composite for dropout and packed keys; float64
+too; registered at the dispatcher's CPU key with the same checks, so a CPU call never enters Python)
+and ``reference`` (python_ref's math, any device, float64 too). ``auto``: triton on CUDA, cpu on CPU
+(the reference where vlmkernels._C is not built). The autograd is C++ where the extension is built
+(``csrc/ops/attention.cpp``), the Python formula below otherwise.
 """
 
 from __future__ import annotations
@@ -183,8 +187,9 @@ def _triton_impl(q, k, v, key_padding_mask, attn_mask, cu_seqlens_k, scale, drop
 
 registry.register(OP, "reference", _reference_impl, devices=("cpu", "cuda"))
 registry.register(OP, "triton", _triton_impl, devices=("cuda", "cpu"))
+registry.register(OP, "cpu", library.native_backend(OP, "cpu"), devices=("cpu",))
 registry.set_preference(OP, "cuda", ("triton", "reference"))
-registry.set_preference(OP, "cpu", ("reference",))
+registry.set_preference(OP, "cpu", ("cpu", "reference"))
 
 
 def _lse_dtype(q) -> torch.dtype:
@@ -240,8 +245,9 @@ def _triton_backward(grad, q, k, v, out, lse, key_padding_mask, attn_mask, cu_se
 
 registry.register(BWD, "reference", _reference_backward, devices=("cpu", "cuda"))
 registry.register(BWD, "triton", _triton_backward, devices=("cuda", "cpu"))
+registry.register(BWD, "cpu", library.native_backend(BWD, "cpu"), devices=("cpu",))
 registry.set_preference(BWD, "cuda", ("triton", "reference"))
-registry.set_preference(BWD, "cpu", ("reference",))
+registry.set_preference(BWD, "cpu", ("cpu", "reference"))
 
 
 @library.register_fake(BWD)
