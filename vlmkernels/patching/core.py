@@ -101,6 +101,24 @@ def is_python_ref_class(obj, name: str) -> bool:
     return cls.__name__ == name and cls.__module__.startswith("python_ref")
 
 
+# activation classes (transformers.activations / torch.nn) by the fused activation each computes
+ACT_CLASSES = {
+    "silu": ("SiLUActivation", "SiLU"),
+    "gelu": ("GELUActivation",),
+    "gelu_tanh": ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "FastGELUActivation"),
+    "relu": ("ReLU",),
+}
+
+
+def fused_activation(module) -> str | None:
+    """The fused activation (``"silu"``, ``"gelu"`` = erf, ``"gelu_tanh"``, ``"relu"``) ``module`` computes,
+    or None."""
+    if isinstance(module, torch.nn.GELU):
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(module.approximate)
+    name = type(module).__name__
+    return next((act for act, names in ACT_CLASSES.items() if name in names), None)
+
+
 @dataclass
 class PatchRule:
     """How one family accelerates one kind of object.

@@ -44,9 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import (PatchRule, SkipPatch, is_hf_class, is_python_ref_class, keeps_hf_code, register_rule,
-                   require_backend)
-from .moe import _ACT_CLASSES
+from .core import (PatchRule, SkipPatch, fused_activation, is_hf_class, is_python_ref_class, keeps_hf_code,
+                   register_rule, require_backend)
 
 FAMILY = "gated_fusion"
 # above the MoE family's python_ref ExpertRouter rule: with both families active, vision_router decides
@@ -68,12 +67,8 @@ def _ops():
 
 def _activation(module) -> str | None:
     """The fused activation name (``"gelu"`` erf, ``"gelu_tanh"``, ``"relu"``) computed by ``module``, or None."""
-    if isinstance(module, nn.GELU):
-        return {"none": "gelu", "tanh": "gelu_tanh"}.get(module.approximate)
-    if type(module) is nn.ReLU:
-        return "relu"
-    name = type(module).__name__
-    return next((act for act in ("gelu", "gelu_tanh") if name in _ACT_CLASSES[act]), None)
+    act = fused_activation(module)
+    return act if act in ("gelu", "gelu_tanh", "relu") else None
 
 
 def _is_linear(module) -> bool:

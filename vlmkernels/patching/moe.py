@@ -36,8 +36,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .core import (PatchRule, SkipPatch, is_hf_class, is_python_ref_class, keeps_hf_code, patch_info, register_rule,
-                   require_backend)
+from .core import (ACT_CLASSES, PatchRule, SkipPatch, is_hf_class, is_python_ref_class, keeps_hf_code,
+                   patch_info, register_rule, require_backend)
 
 FAMILY = "moe"
 
@@ -143,14 +143,6 @@ def _build_deepseek_router(router, backend, int32_ids):
 
 # ---- HF experts ---------------------------------------------------------------------------------
 
-# act_fn classes (transformers.activations / torch.nn) computing each fused activation
-_ACT_CLASSES = {
-    "silu": ("SiLUActivation", "SiLU"),
-    "gelu": ("GELUActivation",),
-    "gelu_tanh": ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "FastGELUActivation"),
-}
-
-
 def _activation_name(experts) -> str | None:
     """The fused activation matching the config's ``hidden_act`` *and* the module's ``act_fn``."""
     from python_ref.ops.moe_experts import MOE_ACTIVATIONS
@@ -158,7 +150,7 @@ def _activation_name(experts) -> str | None:
     act = getattr(getattr(experts, "config", None), "hidden_act", None)
     act_cls = type(getattr(experts, "act_fn", None)).__name__
     for name, spellings in MOE_ACTIVATIONS.items():
-        if act in spellings and act_cls in _ACT_CLASSES[name]:
+        if act in spellings and act_cls in ACT_CLASSES[name]:
             return name
     return None
 

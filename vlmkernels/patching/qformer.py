@@ -64,8 +64,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .core import (PatchRule, SkipPatch, is_hf_class, is_python_ref_class, keeps_hf_code, register_rule,
-                   require_backend)
+from .core import (PatchRule, SkipPatch, fused_activation, is_hf_class, is_python_ref_class, keeps_hf_code,
+                   register_rule, require_backend)
 
 FAMILY = "qformer"
 
@@ -115,7 +115,7 @@ def _check_ffn(inter, out, what: str) -> None:
     _check_linear(getattr(inter, "dense", None), f"{what}.dense")
     act = getattr(inter, "intermediate_act_fn", None)
     # GELUActivation is exact erf GELU (its python variant too); anything else is not what linear_gelu computes
-    if type(act).__name__ != "GELUActivation" and not (isinstance(act, torch.nn.GELU) and act.approximate == "none"):
+    if fused_activation(act) != "gelu":
         raise SkipPatch(f"{what} activation {type(act).__name__} is not the exact (erf) GELU")
     _check_output_block(out, what.replace("intermediate", "output"))
 
