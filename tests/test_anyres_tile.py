@@ -324,10 +324,12 @@ def test_cpu_concurrent_callers():
         assert_close(g_, w, atol=0, rtol=0)
 
 
-def test_cpu_portable_loops_match_reference():
-    # VLMKERNELS_CPU_SIMD=0 (read when the extension loads, hence a fresh interpreter) runs the
-    # scalar loops non-x86 builds use: interleaved, planar, gray and RGBA images, up- and
-    # downscales, partial row steps and column tails, exact against the reference
+@pytest.mark.parametrize("simd", ["0", "avx2"])
+def test_cpu_simd_levels_match_reference(simd):
+    # VLMKERNELS_CPU_SIMD (read when the extension loads, hence a fresh interpreter): "0" runs the
+    # scalar loops non-x86 builds use, "avx2" the AVX2 loops an AVX-512 machine skips (the default
+    # path is checked everywhere else): interleaved, planar, gray and RGBA images, up- and
+    # downscales, 16-row blocks and 64-column steps cut short, exact against the reference
     import os
     import subprocess
     import sys
@@ -339,7 +341,8 @@ def test_cpu_portable_loops_match_reference():
         from vlmkernels.anyres.tile import anyres_tile
         g = torch.Generator().manual_seed(21)
         u8 = lambda *s: torch.randint(0, 256, s, dtype=torch.uint8, generator=g)
-        images = [u8(137, 411, 3), u8(3, 97, 301), u8(45, 61), u8(33, 29, 4), u8(3, 251, 23)]
+        images = [u8(137, 411, 3), u8(3, 97, 301), u8(45, 61), u8(33, 29, 4), u8(3, 251, 23), u8(1, 1, 3),
+                  u8(3, 53, 1013)]
         pins = [[28, 56], [56, 28], [84, 28], [28, 84]]
         for dtype in (torch.float32, torch.bfloat16, torch.uint8):
             got, n = anyres_tile(images, pins, 28, (0.48, 0.46, 0.41), (0.27, 0.26, 0.28), out_dtype=dtype, backend="cpu")
@@ -348,7 +351,7 @@ def test_cpu_portable_loops_match_reference():
             assert n == m and torch.equal(got, want), dtype
         print("ok")
     """)
-    env = dict(os.environ, VLMKERNELS_CPU_SIMD="0")
+    env = dict(os.environ, VLMKERNELS_CPU_SIMD=simd)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include <c10/util/Exception.h>
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define VLMK_X86 1
@@ -29,6 +31,15 @@ struct AxisTaps {
   // Pillow's accumulator.
   std::vector<int> xpair;
   std::vector<int32_t> klo, khi;  // [out][npairs]
+  // For 8-bit dot products (vpdpbusd: four u8 x s8 products summed per int32 lane): each weight as
+  // three signed byte digits, k = d0 + d1 * 2^8 + d2 * 2^16, so that sum(x * k) = S0 + (S1 << 8) +
+  // (S2 << 16) with S_d = sum(x * d_d), exact in int32 and wrapping like the exact sum. Horizontal:
+  // output i's taps from column quad xquad[i] = xmin / 4 on (xmin % 4 zero weights first), every
+  // output running maxquads quads; hq[d][i * maxquads + m] holds digit d of tap slots 4m .. 4m + 3
+  // (slot order = byte order). Vertical: tap rows in groups of 4 from xmin, vq[d][i * vgroups + g].
+  int maxquads = 0, vgroups = 0;
+  std::vector<int> xquad;
+  std::vector<int32_t> hq[3], vq[3];
 
   AxisTaps(int in_size, int out_size) : in(in_size), out(out_size) {
     const AxisScale s = axis_scale(in_size, out_size);
@@ -51,6 +62,28 @@ struct AxisTaps {
         const int slot = t + odd, shift = (slot & 1) * 16;
         klo[size_t(i) * npairs + slot / 2] |= int32_t(lo << shift);
         khi[size_t(i) * npairs + slot / 2] |= int32_t(hi << shift);
+      }
+    }
+    for (int i = 0; i < out_size; ++i) maxquads = std::max(maxquads, (count[i] + (xmin[i] & 3) + 3) / 4);
+    vgroups = (ksize + 3) / 4;
+    xquad.resize(out_size);
+    for (int d = 0; d < 3; ++d) {
+      hq[d].assign(size_t(out_size) * maxquads, 0);
+      vq[d].assign(size_t(out_size) * vgroups, 0);
+    }
+    for (int i = 0; i < out_size; ++i) {
+      xquad[i] = xmin[i] >> 2;
+      for (int t = 0; t < count[i]; ++t) {
+        int32_t r = k[size_t(i) * ksize + t];
+        for (int d = 0; d < 3; ++d) {
+          const int8_t digit = d < 2 ? int8_t(uint8_t(r & 0xff)) : int8_t(r);
+          r = (r - digit) >> 8;  // exact: r - digit is a multiple of 256
+          const uint32_t byte = uint32_t(uint8_t(digit));
+          const int hs = t + (xmin[i] & 3);
+          hq[d][size_t(i) * maxquads + hs / 4] |= int32_t(byte << (8 * (hs % 4)));
+          vq[d][size_t(i) * vgroups + t / 4] |= int32_t(byte << (8 * (t % 4)));
+        }
+        TORCH_INTERNAL_ASSERT(r == 0, "anyres: a tap weight does not fit three signed byte digits");
       }
     }
   }

@@ -33,6 +33,7 @@
 #include "common/anyres_tile_args.h"
 #include "common/check.h"
 #include "cpu/anyres_simd.h"
+#include "cpu/anyres_simd512.h"
 #include "ops/kernels.h"
 
 namespace vlmk {
@@ -40,15 +41,16 @@ namespace {
 using namespace vlmk::anyres;
 
 #if VLMK_X86
-// VLMKERNELS_CPU_SIMD=0 (read at load) runs the portable loops that non-x86 builds run, so that
-// the tests check them on this machine too.
-const bool kSimd = [] {
-  const char* e = std::getenv("VLMKERNELS_CPU_SIMD");
-  return !(e && std::strcmp(e, "0") == 0);
-}();
+// VLMKERNELS_CPU_SIMD (read at load): "0" runs the portable loops that non-x86 builds run and
+// "avx2" stops at the AVX2 loops, so that the tests check every path on an AVX-512 machine too.
+const char* const kSimdEnv = std::getenv("VLMKERNELS_CPU_SIMD");
+const bool kSimd = !(kSimdEnv && std::strcmp(kSimdEnv, "0") == 0);
 const bool kHasAvx2 = kSimd && __builtin_cpu_supports("avx2");
 const bool kHasSsse3 = kSimd && __builtin_cpu_supports("ssse3");
 const bool kHasFma = kSimd && __builtin_cpu_supports("fma");
+const bool kHasAvx512 = kHasAvx2 && !(kSimdEnv && std::strcmp(kSimdEnv, "avx2") == 0) &&
+                        __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 #else
 constexpr bool kHasAvx2 = false;
 #endif
@@ -224,18 +226,25 @@ void stage_block(const RgbSrc& s, int64_t y, int nrows, uint8_t* stage) {
 constexpr int64_t kStep = kBlocks * kBlock;
 
 // A thread's staging area for horizontal passes over rows of width w: kBlocks staged 8-row blocks,
-// then one channel of each as tap pairs, each followed by the pairs that zero weights may read
-// (see hconv_column).
+// then one channel of each as tap pairs (AVX2) or of each two as 16-row column quads (AVX-512),
+// each followed by the pairs or quads that zero weights may read (see hconv_column).
 class HStage {
  public:
   HStage(int64_t w, const HTarget* targets, size_t n) : w_(w), stage_bytes_(3 * w * kBlock) {
-    int spare = 1;  // pairs that zero weights may read past the widened ones
-    for (size_t i = 0; i < n; ++i) spare = std::max(spare, targets[i].ax->maxpairs + 1);
+    int spare = 1;  // pairs or quads that zero weights may read past the widened ones
+    for (size_t i = 0; i < n; ++i) spare = std::max({spare, targets[i].ax->maxpairs + 1, targets[i].ax->maxquads + 1});
     pstride_ = (w + 1) / 2 + spare;
-    buf_.emplace(kStage, kBlocks * stage_bytes_ + 2 * kBlock + 32 + 16 * kBlocks * pstride_);
-    std::memset(buf_->get() + kBlocks * stage_bytes_, 0, 2 * kBlock);
-    const uintptr_t end = reinterpret_cast<uintptr_t>(buf_->get() + kBlocks * stage_bytes_ + 2 * kBlock);
-    pairs_ = reinterpret_cast<uint8_t*>((end + 31) & ~uintptr_t(31));
+    qstride_ = (w + 3) / 4 + spare;
+    const int64_t area = std::max(16 * kBlocks * pstride_, 64 * 2 * qstride_);
+    buf_.emplace(kStage, kBlocks * stage_bytes_ + kTail + 64 + area);
+    std::memset(buf_->get() + kBlocks * stage_bytes_, 0, kTail);
+    const uintptr_t end = reinterpret_cast<uintptr_t>(buf_->get() + kBlocks * stage_bytes_ + kTail);
+    pairs_ = reinterpret_cast<uint8_t*>((end + 63) & ~uintptr_t(63));
+#if VLMK_X86
+    if (kHasAvx512)  // the quads zero weights read past the filled ones (0 * x = 0, but defined)
+      for (int b = 0; b < 2; ++b)
+        std::memset(pairs_ + 64 * (b * qstride_ + (w + 3) / 4), 0, 64 * (qstride_ - (w + 3) / 4));
+#endif
   }
 
   // Source rows [y, y + kStep) (fewer at the end) through every target's horizontal pass; target
@@ -245,7 +254,7 @@ class HStage {
     int nrows[kBlocks];
     int nb = 0;  // blocks with rows
 #if VLMK_X86
-    const bool direct = kHasAvx2 && src.px_stride == 1;  // planar rows widen straight to tap pairs
+    const bool direct = kHasAvx2 && !kHasAvx512 && src.px_stride == 1;  // planar rows widen straight to pairs
 #else
     const bool direct = false;
 #endif
@@ -257,6 +266,9 @@ class HStage {
         ++nb;
       }
     }
+#if VLMK_X86
+    if (kHasAvx512) return run512(staged, nrows, targets, n);
+#endif
     for (int c = 0; c < 3; ++c) {
 #if VLMK_X86
       if (kHasAvx2) {
@@ -291,9 +303,33 @@ class HStage {
   }
 
  private:
-  int64_t w_, stage_bytes_, pstride_ = 0;
+  static constexpr int64_t kTail = 4 * kBlock;  // zeroed bytes after the staged blocks (read past w)
+
+#if VLMK_X86
+  // The horizontal passes of the staged blocks as two 16-row blocks of column quads.
+  void run512(uint8_t* const* staged, const int* nrows, const HTarget* targets, size_t n) {
+    static_assert(kBlocks == 2 * kBlock16 / kBlock, "two 16-row blocks per step");
+    __m512i* quads = reinterpret_cast<__m512i*>(pairs_);
+    int rows16[2];
+    for (int b = 0; b < 2; ++b) rows16[b] = nrows[2 * b] + nrows[2 * b + 1];
+    for (int c = 0; c < 3; ++c) {
+      const __m512i* q[2];
+      for (int b = 0; b < 2; ++b) {
+        q[b] = quads + (rows16[b] > 0 ? b * qstride_ : 0);  // an empty block reuses block 0's quads
+        if (rows16[b] == 0) continue;
+        const uint8_t* lo = staged[2 * b] + c * w_ * kBlock;
+        const uint8_t* hi = nrows[2 * b + 1] > 0 ? staged[2 * b + 1] + c * w_ * kBlock : lo;
+        quads_from_staged(lo, hi, w_, quads + b * qstride_);
+      }
+      for (size_t t = 0; t < n; ++t)
+        hconv512(q, *targets[t].ax, targets[t].dst + c * targets[t].plane, targets[t].stride, rows16);
+    }
+  }
+#endif
+
+  int64_t w_, stage_bytes_, pstride_ = 0, qstride_ = 0;
   std::optional<Scratch> buf_;
-  uint8_t* pairs_ = nullptr;  // kBlocks x pstride_ tap pairs of 16 bytes, 32-byte aligned in buf_
+  uint8_t* pairs_ = nullptr;  // tap pairs of 16 bytes or quads of 64, 64-byte aligned in buf_
 };
 
 // Rows [0, src.h) of src through the horizontal pass of every target (planar outputs).
@@ -314,6 +350,7 @@ void hpass(const RgbSrc& src, const std::vector<HTarget>& targets) {
 inline void vconv_rows(const uint8_t* const* rows, int64_t n, const AxisTaps& ax, int64_t y, uint8_t* dst) {
   const int32_t* k = &ax.k[size_t(y) * ax.ksize];
 #if VLMK_X86
+  if (kHasAvx512) return vconv_rows512(rows, n, ax, y, dst);
   if (kHasAvx2) return vconv_rows_avx2(rows, n, k, ax.count[y], dst);
 #endif
   vconv_rows_scalar(rows, 0, n, k, ax.count[y], dst);
