@@ -6,9 +6,10 @@
 #include "cpu/anyres_simd.h"
 
 #if VLMK_X86
-// GCC 12 flags _mm512_undefined_epi32 inside its own intrinsics as maybe-uninitialized
+// GCC 12 flags _mm512_undefined_* inside its own intrinsics as (maybe-)uninitialized
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #define VLMK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
 namespace vlmk {
@@ -162,6 +163,25 @@ VLMK_AVX512 inline void vconv_rows512(const uint8_t* const* rows, int64_t n, con
     const __m512i out = _mm512_packus_epi16(_mm512_packs_epi32(s[0], s[1]), _mm512_packs_epi32(s[2], s[3]));
     _mm512_mask_storeu_epi8(dst + i, m, out);
   }
+}
+
+// ---- normalization ------------------------------------------------------------------------
+
+// normalize8_fma (cpu/anyres_simd.h) for 16 bytes: the same operations per lane, so the same bits;
+// kStream: a non-temporal store of one whole cache line (out 64-byte aligned).
+template <bool kStream = false>
+VLMK_AVX512 inline void normalize16_fma(const uint8_t* in, const FastNorm& k, float* out) {
+  const __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in))));
+  const __m512 c255 = _mm512_set1_ps(255.0f), r255 = _mm512_set1_ps(1.0f / 255.0f);
+  __m512 q = _mm512_mul_ps(x, r255);
+  q = _mm512_fmadd_ps(_mm512_fnmadd_ps(q, c255, x), r255, q);  // x / 255
+  const __m512 d = _mm512_sub_ps(q, _mm512_set1_ps(k.mean)), sd = _mm512_set1_ps(k.stdv), rs = _mm512_set1_ps(k.rstd);
+  __m512 y = _mm512_mul_ps(d, rs);
+  y = _mm512_fmadd_ps(_mm512_fnmadd_ps(y, sd, d), rs, y);  // d / std
+  if constexpr (kStream)
+    _mm512_stream_ps(out, y);
+  else
+    _mm512_storeu_ps(out, y);
 }
 
 }  // namespace anyres

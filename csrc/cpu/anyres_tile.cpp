@@ -512,6 +512,10 @@ struct Normalizer {
           for (int v = 0; v < 256; ++v) bytes[v] = uint8_t(v);
           for (int v = 0; v < 256; v += 8) normalize8_fma(bytes + v, fast[c], got + v);
           fast_ok[c] = std::memcmp(got, lut[c], sizeof(got)) == 0;
+          if (kHasAvx512) {
+            for (int v = 0; v < 256; v += 16) normalize16_fma(bytes + v, fast[c], got + v);
+            fast_ok[c] = fast_ok[c] && std::memcmp(got, lut[c], sizeof(got)) == 0;
+          }
         }
 #endif
     }
@@ -524,7 +528,9 @@ struct Normalizer {
     }
 #if VLMK_X86
     if constexpr (std::is_same_v<out_t, float>) {
-      if (fast_ok[c] && reinterpret_cast<uintptr_t>(out) % 32 == 0)
+      if (fast_ok[c] && kHasAvx512 && reinterpret_cast<uintptr_t>(out) % 64 == 0)
+        for (; i + 16 <= n; i += 16) normalize16_fma<true>(in + i, fast[c], out + i);
+      if (fast_ok[c] && reinterpret_cast<uintptr_t>(out + i) % 32 == 0)
         for (; i + 8 <= n; i += 8) normalize8_fma<true>(in + i, fast[c], out + i);
       else if (fast_ok[c])
         for (; i + 8 <= n; i += 8) normalize8_fma(in + i, fast[c], out + i);
