@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include <c10/util/Exception.h>
@@ -234,21 +235,23 @@ __attribute__((target("avx2"))) void hconv_blocks(const __m128i* const* p, const
   }
 }
 
+// f(std::integral_constant<int, n>{}) for n in [1, kMaxUnroll] (a kernel unrolled for n steps),
+// else f(std::integral_constant<int, 0>{}) (its loop).
+constexpr int kMaxUnroll = 16;
+template <int N = 1, typename F>
+inline void with_unrolled(int n, F&& f) {
+  if constexpr (N > kMaxUnroll) {
+    f(std::integral_constant<int, 0>{});
+  } else {
+    if (n == N) return f(std::integral_constant<int, N>{});
+    with_unrolled<N + 1>(n, f);
+  }
+}
+
 // Unrolled kernels for up to 16 tap pairs (up to ~8x downscales), a loop beyond.
 __attribute__((target("avx2"))) inline void hconv_avx2(const __m128i* const* p, const AxisTaps& ax, uint8_t* dst,
                                                        int64_t dst_stride, const int* nrows) {
-  switch (ax.maxpairs) {
-#define VLMK_HCONV_CASE(n) \
-  case n:                  \
-    return hconv_blocks<n>(p, ax, dst, dst_stride, nrows);
-    VLMK_HCONV_CASE(1) VLMK_HCONV_CASE(2) VLMK_HCONV_CASE(3) VLMK_HCONV_CASE(4) VLMK_HCONV_CASE(5)
-    VLMK_HCONV_CASE(6) VLMK_HCONV_CASE(7) VLMK_HCONV_CASE(8) VLMK_HCONV_CASE(9) VLMK_HCONV_CASE(10)
-    VLMK_HCONV_CASE(11) VLMK_HCONV_CASE(12) VLMK_HCONV_CASE(13) VLMK_HCONV_CASE(14) VLMK_HCONV_CASE(15)
-    VLMK_HCONV_CASE(16)
-#undef VLMK_HCONV_CASE
-    default:
-      return hconv_blocks<0>(p, ax, dst, dst_stride, nrows);
-  }
+  with_unrolled(ax.maxpairs, [&](auto n) { hconv_blocks<decltype(n)::value>(p, ax, dst, dst_stride, nrows); });
 }
 #endif
 

@@ -113,18 +113,7 @@ VLMK_AVX512 void hconv_blocks512(const __m512i* const* q, const AxisTaps& ax, ui
 // Unrolled kernels for up to 16 quads (up to ~12x downscales), a loop beyond.
 VLMK_AVX512 inline void hconv512(const __m512i* const* q, const AxisTaps& ax, uint8_t* dst, int64_t dst_stride,
                                  const int* nrows) {
-  switch (ax.maxquads) {
-#define VLMK_HCONV_CASE(n) \
-  case n:                  \
-    return hconv_blocks512<n>(q, ax, dst, dst_stride, nrows);
-    VLMK_HCONV_CASE(1) VLMK_HCONV_CASE(2) VLMK_HCONV_CASE(3) VLMK_HCONV_CASE(4) VLMK_HCONV_CASE(5)
-    VLMK_HCONV_CASE(6) VLMK_HCONV_CASE(7) VLMK_HCONV_CASE(8) VLMK_HCONV_CASE(9) VLMK_HCONV_CASE(10)
-    VLMK_HCONV_CASE(11) VLMK_HCONV_CASE(12) VLMK_HCONV_CASE(13) VLMK_HCONV_CASE(14) VLMK_HCONV_CASE(15)
-    VLMK_HCONV_CASE(16)
-#undef VLMK_HCONV_CASE
-    default:
-      return hconv_blocks512<0>(q, ax, dst, dst_stride, nrows);
-  }
+  with_unrolled(ax.maxquads, [&](auto n) { hconv_blocks512<decltype(n)::value>(q, ax, dst, dst_stride, nrows); });
 }
 
 // ---- vertical pass: columns in lanes, 4 tap rows per lane ---------------------------------
