@@ -12,7 +12,7 @@
 // >= 13's vertical-first rule, one axis, a copy) produce a planar image that is then written.
 // Multi-MB buffers live in per-thread scratch that outlives the call (fresh ones cost page faults).
 // The per-element math is in common/anyres_resample.h (shared with the CUDA kernel) and the SIMD
-// loops in cpu/anyres_simd.h.
+// loops in cpu/anyres_simd.h (AVX2) and cpu/anyres_simd512.h (AVX-512 VNNI).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
